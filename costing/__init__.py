@@ -1,0 +1,1 @@
+"""The cost domain: usage parsing, pricing, budgets and the ledger. Knows nothing of HTTP."""

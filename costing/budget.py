@@ -1,0 +1,89 @@
+"""Budget rules as pure functions: thresholds, status, worst-case reservations, lease sizing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import StrEnum
+
+from costing.errors import InvalidBudget
+from costing.money import ZERO, quantize
+from costing.pricing import Price, cost
+from costing.usage import RequestFacts, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    warning_usd: Decimal
+    limit_usd: Decimal
+
+
+class BudgetStatus(StrEnum):
+    OK = "ok"
+    WARNING = "warning"
+    EXCEEDED = "exceeded"
+
+
+def make_budget(warning_usd: Decimal, limit_usd: Decimal) -> Budget:
+    """A validated budget: both non-negative, warning not above limit."""
+    if warning_usd < 0:
+        raise InvalidBudget("warning_usd must be zero or more", "warning_usd")
+    if limit_usd < 0:
+        raise InvalidBudget("limit_usd must be zero or more", "limit_usd")
+    if warning_usd > limit_usd:
+        raise InvalidBudget(
+            f"warning_usd ({warning_usd}) must not exceed limit_usd ({limit_usd})", "warning_usd"
+        )
+    return Budget(quantize(warning_usd), quantize(limit_usd))
+
+
+def effective(override_warning: Decimal | None, override_limit: Decimal | None,
+              default: Budget) -> Budget:
+    """The campaign's override where set, else the defaults (a lone limit keeps warning <= limit)."""
+    limit = override_limit if override_limit is not None else default.limit_usd
+    warning = override_warning if override_warning is not None else min(default.warning_usd, limit)
+    return Budget(warning, limit)
+
+
+def status(spent: Decimal, budget: Budget) -> BudgetStatus:
+    if spent >= budget.limit_usd:
+        return BudgetStatus.EXCEEDED
+    if spent >= budget.warning_usd:
+        return BudgetStatus.WARNING
+    return BudgetStatus.OK
+
+
+def remaining(spent: Decimal, budget: Budget) -> Decimal:
+    return max(budget.limit_usd - spent, ZERO)
+
+
+def worst_case_cost(price: Price, facts: RequestFacts, default_max_output: int) -> Decimal:
+    """What a request may cost at most: estimated prompt plus its output cap (or the default cap)."""
+    max_output = facts.max_output_tokens
+    if max_output is None:
+        max_output = default_max_output
+    return cost(price, Usage(input_tokens=facts.prompt_tokens, output_tokens=max_output))
+
+
+def admits(spent: Decimal, outstanding: Decimal, reservation: Decimal, budget: Budget) -> bool:
+    """True when spend is below the limit and the reservation fits under it with what is outstanding."""
+    return spent < budget.limit_usd and spent + outstanding + reservation <= budget.limit_usd
+
+
+def lease_amount(need: Decimal, headroom: Decimal, fraction: Decimal) -> Decimal | None:
+    """How much budget a process should hold: what it needs now plus a fraction of what is left.
+
+    None when `need` does not fit in `headroom` (the limit minus spend and others' leases).
+    Slices shrink as the limit nears, so near the limit every request is checked against the
+    database, while far below it one lease serves many requests.
+    """
+    if need > headroom:
+        return None
+    return quantize(need + (headroom - need) * fraction)
+
+
+def warning_text(campaign_id: str, spent: Decimal, budget: Budget) -> str:
+    """The X-Cost-Warning header: plain ASCII, human-readable."""
+    return (f"Campaign '{campaign_id}' has spent ${spent.quantize(Decimal('0.0001'))} "
+            f"of its ${budget.limit_usd.quantize(Decimal('0.01'))} limit "
+            f"(warning at ${budget.warning_usd.quantize(Decimal('0.01'))})")

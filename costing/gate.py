@@ -1,0 +1,282 @@
+"""The budget gate: admits or refuses a request before it is forwarded, without a database round
+trip while the campaign is far from its limit.
+
+Each process keeps a view per campaign: recorded spend, its own unflushed cost (`pending`),
+reservations of admitted requests still running (`inflight`), and a budget *lease* held in the
+database. A request is admitted locally when `inflight + pending + reservation <= lease`.
+Otherwise the process asks the database for a bigger lease, under a row lock on the campaign:
+granted only if spend + every process's lease stays within the limit. Hence spend never passes
+the limit by more than the excess of real cost over reservations, on one process or many, and
+near the limit leases shrink until every request is checked against the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from costing.budget import Budget
+from costing.errors import BudgetExceeded, LedgerUnavailable
+from costing.money import ZERO
+from costing.records import CampaignSnapshot, UsageEntry
+from costing.store import Store
+
+log = logging.getLogger(__name__)
+
+DB_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+try:  # SQLAlchemy wraps driver errors; treat all of them as "the database is away".
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    DB_ERRORS = (*DB_ERRORS, DBAPIError, OperationalError, InterfaceError)
+except ImportError:  # pragma: no cover
+    pass
+
+IDLE_VIEW_SECONDS = 300.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class CampaignView:
+    budget: Budget
+    spent: Decimal
+    pending: Decimal = ZERO
+    inflight: Decimal = ZERO
+    lease: Decimal = ZERO
+    lease_until: float = 0.0
+    flushed: Decimal = ZERO
+    last_used: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def total_spent(self) -> Decimal:
+        return self.spent + self.pending
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.inflight or self.pending)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request let through: what it reserved, and the campaign view at that moment."""
+
+    campaign_id: str
+    reservation: Decimal
+    verified: bool = True
+
+
+class BudgetGate:
+    def __init__(
+        self, store: Store, holder_id: str, default_budget: Budget, *, lease_seconds: float,
+        lease_fraction: Decimal, fail_closed: bool, db_timeout: float = 3.0,
+        clock: Callable[[], float] = time.monotonic, wall: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.holder_id = holder_id
+        self.default_budget = default_budget
+        self.lease_seconds = lease_seconds
+        self.lease_fraction = lease_fraction
+        self.fail_closed = fail_closed
+        self.db_timeout = db_timeout
+        self.clock = clock
+        self.wall = wall
+        self.views: dict[str, CampaignView] = {}
+        self.in_flight_requests = 0
+
+    # -- request path ----------------------------------------------------------------------------
+
+    async def admit(self, campaign_id: str, reservation: Decimal) -> Admission:
+        """Admit a request reserving `reservation`, or raise BudgetExceeded / LedgerUnavailable."""
+        view = self.views.get(campaign_id)
+        if view is None:
+            view = await self._load(campaign_id)
+        view.last_used = self.clock()
+        if view.total_spent >= view.budget.limit_usd:
+            raise BudgetExceeded(campaign_id, view.total_spent, view.budget.limit_usd, reservation)
+        if not self._fits_lease(view, reservation):
+            async with view.lock:
+                if not self._fits_lease(view, reservation):
+                    verified = await self._grow_lease(campaign_id, view, reservation)
+                    if not verified:
+                        return self._take(view, campaign_id, reservation, verified=False)
+        return self._take(view, campaign_id, reservation, verified=True)
+
+    def _take(self, view: CampaignView, campaign_id: str, reservation: Decimal,
+              *, verified: bool) -> Admission:
+        view.inflight += reservation
+        self.in_flight_requests += 1
+        return Admission(campaign_id, reservation, verified)
+
+    def _fits_lease(self, view: CampaignView, reservation: Decimal) -> bool:
+        return (self.clock() < view.lease_until
+                and view.inflight + view.pending + reservation <= view.lease)
+
+    async def _load(self, campaign_id: str) -> CampaignView:
+        try:
+            async with asyncio.timeout(self.db_timeout):
+                snapshot = (await self.store.refresh([campaign_id], self.holder_id,
+                                                     renew_until=None))[campaign_id]
+        except DB_ERRORS as exc:
+            if self.fail_closed:
+                raise LedgerUnavailable("the cost database is unavailable") from exc
+            log.warning("budget of %r unknown (database unavailable); admitting", campaign_id)
+            snapshot = CampaignSnapshot(ZERO, self.default_budget, ZERO)
+        # Another request may have created the view while this one waited.
+        view = self.views.get(campaign_id)
+        if view is None:
+            view = self.views[campaign_id] = CampaignView(snapshot.budget, snapshot.spent)
+        return view
+
+    async def _grow_lease(self, campaign_id: str, view: CampaignView, reservation: Decimal) -> bool:
+        """Ask the database for a lease covering this request; False = admitted unverified."""
+        held = view.inflight + view.pending
+        flushed_before = view.flushed
+        now = self.wall()
+        try:
+            async with asyncio.timeout(self.db_timeout):
+                grant = await self.store.acquire_lease(
+                    campaign_id, self.holder_id, held=held, need=held + reservation,
+                    fraction=self.lease_fraction, now=now,
+                    expires_at=now + timedelta(seconds=self.lease_seconds))
+        except DB_ERRORS as exc:
+            if self.fail_closed:
+                raise LedgerUnavailable("the cost database is unavailable") from exc
+            return False
+        # Cost flushed while we waited may or may not be inside the grant; assume it is not
+        # (the lease only ever errs on the small side).
+        view.lease = grant.amount - (view.flushed - flushed_before)
+        # Renewed leases expire a little earlier locally than in the database, never later.
+        view.lease_until = self.clock() + self.lease_seconds * 0.9
+        view.budget = grant.budget
+        view.spent = max(view.spent, grant.spent)
+        if not grant.admitted:
+            raise BudgetExceeded(campaign_id, view.total_spent, grant.budget.limit_usd, reservation)
+        return True
+
+    def settle(self, admission: Admission, cost: Decimal) -> None:
+        """The request finished: its reservation becomes its real (unflushed) cost."""
+        view = self.views[admission.campaign_id]
+        view.inflight -= admission.reservation
+        view.pending += cost
+        self.in_flight_requests -= 1
+
+    def view(self, campaign_id: str) -> CampaignView | None:
+        return self.views.get(campaign_id)
+
+    # -- background ------------------------------------------------------------------------------
+
+    def on_flushed(self, batch: Sequence[UsageEntry], inserted: Sequence[UsageEntry],
+                   _seconds: float) -> None:
+        for entry in batch:
+            self.views[entry.campaign_id].pending -= entry.cost_usd
+        for entry in inserted:
+            view = self.views[entry.campaign_id]
+            view.spent += entry.cost_usd
+            view.lease = max(view.lease - entry.cost_usd, ZERO)
+            view.flushed += entry.cost_usd
+
+    async def refresh(self) -> None:
+        """Re-read spend, budget and leases of active campaigns; renew leases still in use.
+
+        This is how budget changes and other replicas' spend reach this process.
+        """
+        now = self.clock()
+        for campaign_id in [c for c, v in self.views.items()
+                            if not v.busy and now - v.last_used > IDLE_VIEW_SECONDS
+                            and now >= v.lease_until]:
+            del self.views[campaign_id]
+        active = {c: v for c, v in self.views.items() if v.busy or now - v.last_used < self.lease_seconds}
+        if not active:
+            return
+        flushed_before = {c: v.flushed for c, v in active.items()}
+        renew = self.wall() + timedelta(seconds=self.lease_seconds)
+        async with asyncio.timeout(self.db_timeout * 2):
+            snapshots = await self.store.refresh(active, self.holder_id, renew_until=renew)
+        renewed_until = now + self.lease_seconds * 0.9
+        for campaign_id, snap in snapshots.items():
+            view = active[campaign_id]
+            view.budget = snap.budget
+            if view.flushed == flushed_before[campaign_id]:
+                view.spent = snap.spent
+            else:
+                view.spent = max(view.spent, snap.spent)
+            # A lease smaller in the database than here was revoked (budget changed): follow it.
+            view.lease = min(view.lease, snap.lease)
+            if snap.lease > 0 and view.lease_until > now:
+                view.lease_until = max(view.lease_until, renewed_until)
+
+    def forget(self, campaign_id: str) -> None:
+        """Drop local lease state after a budget change so the next request re-reads the budget."""
+        view = self.views.get(campaign_id)
+        if view is not None:
+            view.lease = ZERO
+            view.lease_until = 0.0
+
+    async def run(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except DB_ERRORS as exc:
+                log.debug("budget refresh failed: %s", exc)
+
+
+class SessionCosts:
+    """Per-session totals for the X-Session-Cost-USD header: stored total read once per session
+    (in parallel with the upstream call), plus what this process recorded since."""
+
+    def __init__(self, store: Store, max_sessions: int = 50_000) -> None:
+        self.store = store
+        self.max_sessions = max_sessions
+        self._entries: OrderedDict[tuple[str, str], _SessionEntry] = OrderedDict()
+
+    def touch(self, campaign_id: str, session_id: str) -> None:
+        key = (campaign_id, session_id)
+        entry = self._entries.get(key)
+        if entry is None:
+            task = asyncio.ensure_future(self.store.session_cost(campaign_id, session_id))
+            task.add_done_callback(_consume_error)
+            self._entries[key] = _SessionEntry(task)
+            if len(self._entries) > self.max_sessions:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key)
+
+    def add(self, campaign_id: str, session_id: str, cost: Decimal) -> None:
+        entry = self._entries.get((campaign_id, session_id))
+        if entry is not None:
+            entry.added += cost
+
+    async def total(self, campaign_id: str, session_id: str) -> Decimal | None:
+        entry = self._entries.get((campaign_id, session_id))
+        if entry is None:
+            return None
+        try:
+            if entry.task.done():
+                base = entry.task.result()
+            else:
+                base = await asyncio.wait_for(asyncio.shield(entry.task), 2.0)
+        except Exception:
+            self._entries.pop((campaign_id, session_id), None)
+            return None
+        return base + entry.added
+
+
+@dataclass(slots=True)
+class _SessionEntry:
+    task: asyncio.Future[Decimal]
+    added: Decimal = ZERO
+
+
+def _consume_error(task: asyncio.Future[Decimal]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,116 @@
+"""The ledger writer: the request path hands finished usage over without waiting; a background
+task writes it in batches, one transaction per batch, and keeps it until the write succeeds.
+
+Crash window: at most one flush interval of records (LEDGER_FLUSH_INTERVAL_SECONDS) lives only
+in memory. On a database outage records wait in a bounded buffer; the proxy refuses new
+metered requests (503) before that buffer could overflow, so nothing admitted is ever dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from itertools import islice
+
+from costing.records import UsageEntry
+from costing.store import Store
+
+log = logging.getLogger(__name__)
+
+FlushListener = Callable[[Sequence[UsageEntry], Sequence[UsageEntry], float], None]
+"""Called after each committed batch with (batch, inserted, seconds the write took)."""
+
+MAX_BACKOFF_SECONDS = 5.0
+
+
+class Ledger:
+    def __init__(
+        self, store: Store, holder_id: str, *, flush_interval: float, batch_size: int,
+        max_records: int,
+    ) -> None:
+        self.store = store
+        self.holder_id = holder_id
+        self.flush_interval = flush_interval
+        self.batch_size = batch_size
+        self.max_records = max_records
+        self.listeners: list[FlushListener] = []
+        self.error_listeners: list[Callable[[BaseException], None]] = []
+        self._buffer: deque[UsageEntry] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.healthy = True
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def has_room(self, in_flight: int) -> bool:
+        """Whether `in_flight` more records are sure to fit; the admission check for new requests."""
+        return len(self._buffer) + in_flight < self.max_records
+
+    def submit(self, entry: UsageEntry) -> None:
+        """Queue a record; never blocks, never drops (admission keeps the buffer bounded)."""
+        self._buffer.append(entry)
+        if len(self._buffer) >= self.batch_size:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            delay = self.flush_interval if not failures else min(
+                self.flush_interval * 2**failures, MAX_BACKOFF_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()
+            try:
+                while self._buffer:
+                    await self.flush_once()
+                failures = 0
+                self.healthy = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database is away: keep everything, retry with backoff
+                failures += 1
+                self.healthy = False
+                for on_error in self.error_listeners:
+                    on_error(exc)
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("ledger write failed (%d records waiting): %s",
+                                len(self._buffer), exc)
+
+    async def flush_once(self) -> int:
+        """Write one batch from the head of the buffer; it leaves the buffer only once committed."""
+        batch = list(islice(self._buffer, self.batch_size))
+        if not batch:
+            return 0
+        started = time.perf_counter()
+        inserted = await self.store.write_batch(batch, self.holder_id)
+        elapsed = time.perf_counter() - started
+        for _ in batch:
+            self._buffer.popleft()
+        for listener in self.listeners:
+            listener(batch, inserted, elapsed)
+        return len(batch)
+
+    async def close(self, grace_seconds: float = 30.0) -> int:
+        """Stop the loop and write everything still buffered; returns records left unwritten."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        deadline = time.monotonic() + grace_seconds
+        while self._buffer and time.monotonic() < deadline:
+            try:
+                await self.flush_once()
+            except Exception as exc:
+                log.warning("final ledger flush failed, retrying: %s", exc)
+                await asyncio.sleep(0.5)
+        if self._buffer:
+            log.error("%d usage records could not be written before exit", len(self._buffer))
+        return len(self._buffer)

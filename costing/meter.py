@@ -1,0 +1,121 @@
+"""The metering service: from a request's facts to an admission, and from what the upstream
+reported to a priced ledger entry. The HTTP edge calls this; it knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from functools import lru_cache
+
+from costing.budget import Budget, worst_case_cost
+from costing.errors import LedgerUnavailable
+from costing.gate import Admission, BudgetGate, SessionCosts
+from costing.ledger import Ledger
+from costing.money import ZERO
+from costing.pricing import PriceTable, Quote, cost
+from costing.records import UsageEntry
+from costing.usage import Operation, Reported, RequestFacts, Usage, estimate_usage
+
+
+@lru_cache(maxsize=1024)
+def key_hash(authorization: str | None) -> str | None:
+    """A short, non-reversible fingerprint of the API key: enough to tell keys apart in the ledger."""
+    if not authorization:
+        return None
+    key = authorization.removeprefix("Bearer ").strip()
+    return hashlib.sha256(key.encode()).hexdigest()[:12] if key else None
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One admitted metered request, from admission to its ledger entry."""
+
+    campaign_id: str
+    session_id: str
+    operation: Operation
+    facts: RequestFacts
+    quote: Quote
+    admission: Admission
+    api_key_hash: str | None
+    started: float = field(default_factory=time.perf_counter)
+    settled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignStanding:
+    """What the response headers say about the campaign after a request."""
+
+    spent: Decimal
+    budget: Budget
+
+
+class Meter:
+    def __init__(self, prices: PriceTable, gate: BudgetGate, ledger: Ledger,
+                 sessions: SessionCosts, *, default_max_output_tokens: int) -> None:
+        self.prices = prices
+        self.gate = gate
+        self.ledger = ledger
+        self.sessions = sessions
+        self.default_max_output_tokens = default_max_output_tokens
+
+    async def admit(self, campaign_id: str, session_id: str, operation: Operation,
+                    facts: RequestFacts, authorization: str | None) -> Ticket:
+        """Reserve the request's worst-case cost, or raise BudgetExceeded / LedgerUnavailable."""
+        if not self.ledger.has_room(self.gate.in_flight_requests + 1):
+            raise LedgerUnavailable("usage cannot be recorded right now (ledger buffer full)")
+        quote = self.prices.quote(facts.model)
+        reservation = worst_case_cost(quote.price, facts, self.default_max_output_tokens)
+        admission = await self.gate.admit(campaign_id, reservation)
+        self.sessions.touch(campaign_id, session_id)
+        return Ticket(campaign_id, session_id, operation, facts, quote, admission,
+                      key_hash(authorization))
+
+    def record(self, ticket: Ticket, reported: Reported | None, *, status: int, streamed: bool,
+               streamed_chars: int = 0) -> UsageEntry:
+        """Price what the upstream reported (or estimate it) and hand the entry to the ledger.
+
+        Idempotent per ticket: a second call returns without recording twice.
+        """
+        usage: Usage | None = reported.usage if reported else None
+        estimated = False
+        if usage is None:
+            if 200 <= status < 300:
+                usage = estimate_usage(ticket.facts.prompt_tokens, streamed_chars)
+                estimated = True
+            else:
+                usage = Usage()  # OpenAI does not bill failed requests
+        response_model = reported.model if reported else None
+        quote = self.prices.quote(response_model) if response_model else ticket.quote
+        if quote.priced_by_default and not ticket.quote.priced_by_default:
+            quote = ticket.quote
+        amount = cost(quote.price, usage)
+        entry = UsageEntry(
+            campaign_id=ticket.campaign_id, session_id=ticket.session_id,
+            operation=ticket.operation.value, request_model=ticket.facts.model,
+            response_model=response_model, usage=usage, cost_usd=amount,
+            priced_by_default=quote.priced_by_default, estimated=estimated, streamed=streamed,
+            status_code=status,
+            latency_ms=int((time.perf_counter() - ticket.started) * 1000),
+            created_at=datetime.now(UTC),
+            response_id=reported.response_id if reported and 200 <= status < 300 else None,
+            api_key_hash=ticket.api_key_hash,
+        )
+        if not ticket.settled:
+            ticket.settled = True
+            self.gate.settle(ticket.admission, amount)
+            self.sessions.add(ticket.campaign_id, ticket.session_id, amount)
+            self.ledger.submit(entry)
+        return entry
+
+    def standing(self, campaign_id: str) -> CampaignStanding:
+        view = self.gate.view(campaign_id)
+        if view is None:
+            return CampaignStanding(ZERO, self.gate.default_budget)
+        return CampaignStanding(view.total_spent, view.budget)
+
+    async def session_total(self, campaign_id: str, session_id: str) -> Decimal | None:
+        return await self.sessions.total(campaign_id, session_id)

@@ -1,0 +1,45 @@
+"""Money helpers: every amount is a Decimal quantized to 10 decimal places (1e-10 USD).
+
+A fixed quantum makes sums exact and identical on PostgreSQL (NUMERIC) and SQLite (scaled
+integer), so aggregates always equal the sum of the ledger to the last decimal.
+"""
+
+from decimal import ROUND_HALF_EVEN, Decimal
+
+QUANTUM = Decimal("1e-10")
+SCALE = 10**10
+ZERO = Decimal(0)
+
+
+def quantize(amount: Decimal) -> Decimal:
+    """Round to the storage quantum, half-even like banks and the database do."""
+    return amount.quantize(QUANTUM, rounding=ROUND_HALF_EVEN)
+
+
+def to_units(amount: Decimal) -> int:
+    """Decimal USD to integer units of 1e-10 USD (SQLite storage)."""
+    return int(quantize(amount) * SCALE)
+
+
+def from_units(units: int) -> Decimal:
+    return quantize(Decimal(units) / SCALE)
+
+
+def format_usd(amount: Decimal) -> str:
+    """Plain decimal string, at least cents, no exponent or extra zeros: '0.000123', '5.00'."""
+    if amount.as_tuple().exponent != -10:  # sums of stored amounts are already on the quantum
+        amount = quantize(amount)
+    text = format(amount, "f").rstrip("0")
+    whole, _, fraction = text.partition(".")
+    return f"{whole}.{fraction.ljust(2, '0')}"
+
+
+def parse_usd(text: str) -> Decimal:
+    """Parse a user-supplied amount; raises ValueError on anything that is not a finite number."""
+    try:
+        value = Decimal(str(text).strip())
+    except ArithmeticError as exc:
+        raise ValueError(f"not a decimal number: {text!r}") from exc
+    if not value.is_finite():
+        raise ValueError(f"not a finite number: {text!r}")
+    return quantize(value)

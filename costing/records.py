@@ -1,0 +1,112 @@
+"""Plain data passed between the proxy, the ledger writer and the store."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+
+from costing.budget import Budget
+from costing.money import ZERO
+from costing.usage import Usage
+
+
+def new_id() -> uuid.UUID:
+    """A random (version 4) UUID without uuid4's system call: record ids need uniqueness, not secrecy."""
+    return uuid.UUID(int=random.getrandbits(128), version=4)
+
+
+@dataclass(slots=True)
+class UsageEntry:
+    """One metered request, as it will be written to `usage_records`."""
+
+    campaign_id: str
+    session_id: str
+    operation: str
+    request_model: str | None
+    response_model: str | None
+    usage: Usage
+    cost_usd: Decimal
+    priced_by_default: bool
+    estimated: bool
+    streamed: bool
+    status_code: int
+    latency_ms: int
+    created_at: datetime
+    response_id: str | None = None
+    api_key_hash: str | None = None
+    id: uuid.UUID = field(default_factory=new_id)
+
+    @property
+    def model(self) -> str | None:
+        return self.response_model or self.request_model
+
+
+@dataclass(slots=True)
+class Totals:
+    """Summed cost and tokens of a set of ledger rows."""
+
+    cost_usd: Decimal = ZERO
+    requests: int = 0
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    def add(self, entry: UsageEntry) -> None:
+        self.cost_usd += entry.cost_usd
+        self.requests += 1
+        self.input_tokens += entry.usage.input_tokens
+        self.cached_input_tokens += entry.usage.cached_input_tokens
+        self.output_tokens += entry.usage.output_tokens
+        self.reasoning_tokens += entry.usage.reasoning_tokens
+
+
+@dataclass(slots=True)
+class CampaignTotals:
+    campaign_id: str
+    totals: Totals
+    budget: Budget
+    first_seen: datetime | None
+    last_seen: datetime | None
+    session_count: int = 0
+    deleted_session_count: int = 0
+    deleted_sessions_cost_usd: Decimal = ZERO
+    has_budget_override: bool = False
+
+
+@dataclass(slots=True)
+class SessionTotals:
+    campaign_id: str
+    session_id: str
+    totals: Totals
+    first_seen: datetime
+    last_seen: datetime
+    deleted_at: datetime | None
+
+
+@dataclass(slots=True)
+class DayTotals:
+    day: date
+    totals: Totals
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    """Answer of a lease request: whether the need fits, what is held now, and the fresh view."""
+
+    admitted: bool
+    amount: Decimal
+    spent: Decimal
+    budget: Budget
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignSnapshot:
+    """Stored spend and effective budget of one campaign, plus this process's lease."""
+
+    spent: Decimal
+    budget: Budget
+    lease: Decimal

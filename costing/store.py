@@ -1,0 +1,366 @@
+"""Storage: the only code that speaks SQL. A narrow API over the ledger tables: write a batch,
+lease budget, read totals, manage budgets and deleted sessions.
+
+Every aggregate changes only by atomic increments (`SET x = x + excluded.x`) in the same
+transaction that inserts the ledger rows, and only for rows actually inserted (the insert is
+idempotent on the record id and the upstream response id), so retries never double count and
+the aggregates always equal the sum of `usage_records`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Table, and_, bindparam, case, func, literal, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from costing.budget import Budget, effective, lease_amount
+from costing.models import (
+    BudgetLease,
+    CampaignCostAggregate,
+    CampaignDailyCost,
+    Money,
+    SessionCostSnapshot,
+    UsageRecord,
+)
+from costing.money import ZERO
+from costing.records import (
+    CampaignSnapshot,
+    CampaignTotals,
+    DayTotals,
+    LeaseGrant,
+    SessionTotals,
+    Totals,
+    UsageEntry,
+)
+
+RECORDS: Table = UsageRecord.__table__  # type: ignore[assignment]
+SESSIONS: Table = SessionCostSnapshot.__table__  # type: ignore[assignment]
+CAMPAIGNS: Table = CampaignCostAggregate.__table__  # type: ignore[assignment]
+DAILY: Table = CampaignDailyCost.__table__  # type: ignore[assignment]
+LEASES: Table = BudgetLease.__table__  # type: ignore[assignment]
+
+TOTAL_COLUMNS = ("cost_usd", "requests", "input_tokens", "cached_input_tokens", "output_tokens",
+                 "reasoning_tokens")
+
+
+def _totals(row: Any) -> Totals:
+    return Totals(
+        cost_usd=row.cost_usd if row.cost_usd is not None else ZERO,
+        requests=int(row.requests or 0),
+        input_tokens=int(row.input_tokens or 0),
+        cached_input_tokens=int(row.cached_input_tokens or 0),
+        output_tokens=int(row.output_tokens or 0),
+        reasoning_tokens=int(row.reasoning_tokens or 0),
+    )
+
+
+def _totals_values(totals: Totals) -> dict[str, Any]:
+    return {name: getattr(totals, name) for name in TOTAL_COLUMNS}
+
+
+class Store:
+    """Repository over one engine. `default_budget` applies where a campaign has no override."""
+
+    def __init__(self, engine: AsyncEngine, default_budget: Budget) -> None:
+        self.engine = engine
+        self.default_budget = default_budget
+        self._dialect = engine.dialect.name
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def _insert(self, table: Table) -> Any:
+        module: Any = postgresql if self._dialect == "postgresql" else sqlite
+        return module.insert(table)
+
+    def _upsert_adding(self, table: Table, keys: Sequence[str], *, seen: bool) -> Any:
+        """INSERT ... ON CONFLICT (keys) DO UPDATE adding every total (atomic increments)."""
+        stmt = self._insert(table)
+        changes: dict[str, Any] = {
+            name: table.c[name] + stmt.excluded[name] for name in TOTAL_COLUMNS
+        }
+        if seen:
+            first, last = table.c.first_seen, table.c.last_seen
+            changes["first_seen"] = case(
+                (first.is_(None), stmt.excluded.first_seen),
+                (stmt.excluded.first_seen < first, stmt.excluded.first_seen), else_=first)
+            changes["last_seen"] = case(
+                (last.is_(None), stmt.excluded.last_seen),
+                (stmt.excluded.last_seen > last, stmt.excluded.last_seen), else_=last)
+        return stmt.on_conflict_do_update(index_elements=list(keys), set_=changes)
+
+    async def write_batch(self, entries: Sequence[UsageEntry], holder_id: str) -> list[UsageEntry]:
+        """Insert ledger rows and add them to every aggregate in one transaction.
+
+        Returns the entries actually inserted (duplicates of an already-recorded response id or
+        record id are skipped, and so are their increments). Recorded cost is taken off this
+        process's budget lease in the same transaction, since it now counts as spend.
+        """
+        if not entries:
+            return []
+        rows = [
+            {
+                "id": e.id, "created_at": e.created_at, "campaign_id": e.campaign_id,
+                "session_id": e.session_id, "operation": e.operation,
+                "request_model": e.request_model, "response_model": e.response_model,
+                "input_tokens": e.usage.input_tokens,
+                "cached_input_tokens": e.usage.cached_input_tokens,
+                "output_tokens": e.usage.output_tokens,
+                "reasoning_tokens": e.usage.reasoning_tokens,
+                "cost_usd": e.cost_usd, "priced_by_default": e.priced_by_default,
+                "estimated": e.estimated, "streamed": e.streamed, "status_code": e.status_code,
+                "latency_ms": e.latency_ms, "response_id": e.response_id,
+                "api_key_hash": e.api_key_hash,
+            }
+            for e in entries
+        ]
+        insert = self._insert(RECORDS).on_conflict_do_nothing().returning(RECORDS.c.id)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(insert, rows)
+            inserted_ids = {row.id for row in result}
+            inserted = [e for e in entries if e.id in inserted_ids]
+            await self._add_to_aggregates(conn, inserted, holder_id)
+        return inserted
+
+    async def _add_to_aggregates(
+        self, conn: AsyncConnection, entries: Sequence[UsageEntry], holder_id: str
+    ) -> None:
+        if not entries:
+            return
+        campaigns: dict[str, Totals] = defaultdict(Totals)
+        sessions: dict[tuple[str, str], Totals] = defaultdict(Totals)
+        days: dict[tuple[str, date], Totals] = defaultdict(Totals)
+        seen: dict[tuple[str, ...], tuple[datetime, datetime]] = {}
+        for e in entries:
+            for key, bucket in (((e.campaign_id,), campaigns), ((e.campaign_id, e.session_id), sessions)):
+                bucket[key if len(key) > 1 else key[0]].add(e)  # type: ignore[index]
+                first, last = seen.get(key, (e.created_at, e.created_at))
+                seen[key] = (min(first, e.created_at), max(last, e.created_at))
+            days[(e.campaign_id, e.created_at.date())].add(e)
+        # Sorted keys: every writer locks rows in one order, so replicas cannot deadlock.
+        await conn.execute(
+            self._upsert_adding(CAMPAIGNS, ["campaign_id"], seen=True),
+            [
+                {"campaign_id": c, **_totals_values(t), "first_seen": seen[(c,)][0],
+                 "last_seen": seen[(c,)][1]}
+                for c, t in sorted(campaigns.items())
+            ],
+        )
+        await conn.execute(
+            self._upsert_adding(SESSIONS, ["campaign_id", "session_id"], seen=True),
+            [
+                {"campaign_id": c, "session_id": s, **_totals_values(t),
+                 "first_seen": seen[(c, s)][0], "last_seen": seen[(c, s)][1]}
+                for (c, s), t in sorted(sessions.items())
+            ],
+        )
+        await conn.execute(
+            self._upsert_adding(DAILY, ["campaign_id", "day"], seen=False),
+            [{"campaign_id": c, "day": d, **_totals_values(t)} for (c, d), t in sorted(days.items())],
+        )
+        spent = bindparam("spent", type_=Money())
+        await conn.execute(
+            update(LEASES)
+            .where(LEASES.c.campaign_id == bindparam("cid"), LEASES.c.holder_id == holder_id)
+            .values(amount_usd=case((LEASES.c.amount_usd > spent, LEASES.c.amount_usd - spent),
+                                    else_=literal(ZERO, Money()))),
+            [{"cid": c, "spent": t.cost_usd} for c, t in sorted(campaigns.items())],
+        )
+
+    # -- budget leases -------------------------------------------------------------------------
+
+    def _budget(self, row: Any) -> Budget:
+        return effective(row.warning_usd, row.limit_usd, self.default_budget)
+
+    async def acquire_lease(
+        self, campaign_id: str, holder_id: str, *, held: Decimal, need: Decimal,
+        fraction: Decimal, now: datetime, expires_at: datetime,
+    ) -> LeaseGrant:
+        """Grow this process's lease to cover `need` (plus a slice of the headroom), if it fits.
+
+        `held` is what already-admitted work needs; it stays leased even when `need` is refused.
+        The campaign row is locked, so concurrent leases of all replicas are serialized.
+        """
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                self._insert(CAMPAIGNS).values(campaign_id=campaign_id).on_conflict_do_nothing())
+            row = (await conn.execute(
+                select(CAMPAIGNS.c.cost_usd, CAMPAIGNS.c.warning_usd, CAMPAIGNS.c.limit_usd)
+                .where(CAMPAIGNS.c.campaign_id == campaign_id).with_for_update())).one()
+            others = await conn.scalar(
+                select(func.coalesce(func.sum(LEASES.c.amount_usd), literal(ZERO, Money())))
+                .where(LEASES.c.campaign_id == campaign_id, LEASES.c.holder_id != holder_id,
+                       LEASES.c.expires_at > now))
+            budget = self._budget(row)
+            spent: Decimal = row.cost_usd
+            headroom = budget.limit_usd - spent - (others or ZERO)
+            amount = lease_amount(need, headroom, fraction) if spent < budget.limit_usd else None
+            admitted = amount is not None
+            held_amount = amount if amount is not None else held
+            stmt = self._insert(LEASES).values(
+                campaign_id=campaign_id, holder_id=holder_id, amount_usd=held_amount,
+                expires_at=expires_at)
+            await conn.execute(stmt.on_conflict_do_update(
+                index_elements=["campaign_id", "holder_id"],
+                set_={"amount_usd": stmt.excluded.amount_usd, "expires_at": stmt.excluded.expires_at}))
+        return LeaseGrant(admitted, held_amount, spent, budget)
+
+    async def refresh(
+        self, campaign_ids: Iterable[str], holder_id: str, *, renew_until: datetime | None,
+    ) -> dict[str, CampaignSnapshot]:
+        """Current spend, budget and this process's lease of some campaigns; renews the leases."""
+        ids = sorted(set(campaign_ids))
+        if not ids:
+            return {}
+        async with self.engine.begin() as conn:
+            if renew_until is not None:
+                await conn.execute(
+                    update(LEASES)
+                    .where(LEASES.c.holder_id == holder_id, LEASES.c.campaign_id.in_(ids))
+                    .values(expires_at=renew_until))
+            rows = await conn.execute(
+                select(CAMPAIGNS.c.campaign_id, CAMPAIGNS.c.cost_usd, CAMPAIGNS.c.warning_usd,
+                       CAMPAIGNS.c.limit_usd, LEASES.c.amount_usd)
+                .select_from(CAMPAIGNS.outerjoin(LEASES, and_(
+                    LEASES.c.campaign_id == CAMPAIGNS.c.campaign_id,
+                    LEASES.c.holder_id == holder_id)))
+                .where(CAMPAIGNS.c.campaign_id.in_(ids)))
+            found = {
+                row.campaign_id: CampaignSnapshot(row.cost_usd, self._budget(row),
+                                                  row.amount_usd or ZERO)
+                for row in rows
+            }
+        for campaign_id in ids:
+            found.setdefault(campaign_id, CampaignSnapshot(ZERO, self.default_budget, ZERO))
+        return found
+
+    async def purge_expired_leases(self, before: datetime) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(LEASES.delete().where(LEASES.c.expires_at < before))
+
+    # -- budgets -----------------------------------------------------------------------------------
+
+    async def set_budget(self, campaign_id: str, budget: Budget | None) -> None:
+        """Store (or with None, clear) a campaign's override; revokes every replica's lease so the
+        new limit is what the next lease is measured against."""
+        warning = budget.warning_usd if budget else None
+        limit = budget.limit_usd if budget else None
+        async with self.engine.begin() as conn:
+            stmt = self._insert(CAMPAIGNS).values(
+                campaign_id=campaign_id, warning_usd=warning, limit_usd=limit)
+            await conn.execute(stmt.on_conflict_do_update(
+                index_elements=["campaign_id"],
+                set_={"warning_usd": stmt.excluded.warning_usd, "limit_usd": stmt.excluded.limit_usd}))
+            await conn.execute(LEASES.delete().where(LEASES.c.campaign_id == campaign_id))
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def session_cost(self, campaign_id: str, session_id: str) -> Decimal:
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(
+                select(SESSIONS.c.cost_usd).where(SESSIONS.c.campaign_id == campaign_id,
+                                                  SESSIONS.c.session_id == session_id))
+        return value if value is not None else ZERO
+
+    async def campaigns(self, *, limit: int, after: str | None = None,
+                        ids: Sequence[str] | None = None) -> list[CampaignTotals]:
+        """Campaigns ordered by id (keyset pagination after `after`), with session statistics."""
+        query = select(CAMPAIGNS).order_by(CAMPAIGNS.c.campaign_id).limit(limit)
+        if after is not None:
+            query = query.where(CAMPAIGNS.c.campaign_id > after)
+        if ids is not None:
+            query = query.where(CAMPAIGNS.c.campaign_id.in_(list(ids)))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+            if not rows:
+                return []
+            deleted = SESSIONS.c.deleted_at.is_not(None)
+            stats = {
+                r.campaign_id: r
+                for r in await conn.execute(
+                    select(
+                        SESSIONS.c.campaign_id,
+                        func.count().label("sessions"),
+                        func.count(SESSIONS.c.deleted_at).label("deleted"),
+                        func.coalesce(func.sum(case((deleted, SESSIONS.c.cost_usd))),
+                                      literal(ZERO, Money())).label("deleted_cost"),
+                    )
+                    .where(SESSIONS.c.campaign_id.in_([r.campaign_id for r in rows]))
+                    .group_by(SESSIONS.c.campaign_id))
+            }
+        result = []
+        for row in rows:
+            stat = stats.get(row.campaign_id)
+            result.append(CampaignTotals(
+                campaign_id=row.campaign_id, totals=_totals(row), budget=self._budget(row),
+                first_seen=row.first_seen, last_seen=row.last_seen,
+                session_count=int(stat.sessions) if stat else 0,
+                deleted_session_count=int(stat.deleted) if stat else 0,
+                deleted_sessions_cost_usd=stat.deleted_cost if stat else ZERO,
+                has_budget_override=row.warning_usd is not None or row.limit_usd is not None,
+            ))
+        return result
+
+    async def campaign(self, campaign_id: str) -> CampaignTotals | None:
+        found = await self.campaigns(limit=1, ids=[campaign_id])
+        return found[0] if found else None
+
+    async def sessions(self, campaign_id: str, *, include_deleted: bool, order_by: str = "last_seen",
+                       limit: int = 1000, session_id: str | None = None) -> list[SessionTotals]:
+        """Sessions of a campaign, newest (or costliest) first."""
+        order = {"cost": SESSIONS.c.cost_usd.desc(), "last_seen": SESSIONS.c.last_seen.desc(),
+                 "first_seen": SESSIONS.c.first_seen.desc()}[order_by]
+        query = (select(SESSIONS).where(SESSIONS.c.campaign_id == campaign_id)
+                 .order_by(order, SESSIONS.c.session_id).limit(limit))
+        if session_id is not None:
+            query = query.where(SESSIONS.c.session_id == session_id)
+        elif not include_deleted:
+            query = query.where(SESSIONS.c.deleted_at.is_(None))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [SessionTotals(r.campaign_id, r.session_id, _totals(r), r.first_seen, r.last_seen,
+                              r.deleted_at) for r in rows]
+
+    async def session(self, campaign_id: str, session_id: str) -> SessionTotals | None:
+        found = await self.sessions(campaign_id, include_deleted=True, session_id=session_id)
+        return found[0] if found else None
+
+    async def delete_session(self, campaign_id: str, session_id: str, now: datetime) -> bool:
+        """Flag a session deleted (first deletion time kept); False when it does not exist."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(SESSIONS)
+                .where(SESSIONS.c.campaign_id == campaign_id, SESSIONS.c.session_id == session_id)
+                .values(deleted_at=func.coalesce(SESSIONS.c.deleted_at, bindparam(
+                    "now", now, type_=SESSIONS.c.deleted_at.type))))
+        return bool(result.rowcount)
+
+    async def daily(self, campaign_id: str, start: date, end: date) -> list[DayTotals]:
+        """Stored days of [start, end]; days without usage are absent (the caller zero-fills)."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(DAILY).where(DAILY.c.campaign_id == campaign_id, DAILY.c.day >= start,
+                                    DAILY.c.day <= end).order_by(DAILY.c.day))
+            return [DayTotals(r.day, _totals(r)) for r in rows]
+
+    async def budget_gauges(self, limit: int) -> list[tuple[str, Decimal, Budget]]:
+        """(campaign, spent, budget) of the most expensive campaigns, for the metrics gauges."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(CAMPAIGNS.c.campaign_id, CAMPAIGNS.c.cost_usd, CAMPAIGNS.c.warning_usd,
+                       CAMPAIGNS.c.limit_usd)
+                .order_by(CAMPAIGNS.c.cost_usd.desc(), CAMPAIGNS.c.campaign_id).limit(limit))
+            return [(r.campaign_id, r.cost_usd, self._budget(r)) for r in rows]
+
+
+def lease_expiry(now: datetime, seconds: float) -> datetime:
+    return now + timedelta(seconds=seconds)

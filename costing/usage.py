@@ -1,0 +1,236 @@
+"""Token usage: what the upstream reported (pure parsing of OpenAI response bodies and stream
+events) and what a request may cost at most (estimates used for budget reservations).
+
+Shapes handled: chat completions, legacy completions, embeddings (`prompt_tokens` /
+`completion_tokens`) and the Responses API (`input_tokens` / `output_tokens`), with cached
+input and reasoning details; streamed Responses report usage in their terminal event.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class Operation(StrEnum):
+    """Metered operations, named by their OpenAI path."""
+
+    CHAT = "chat.completions"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+    RESPONSES = "responses"
+
+
+_OPERATION_PATHS = {
+    "/v1/chat/completions": Operation.CHAT,
+    "/v1/completions": Operation.COMPLETIONS,
+    "/v1/embeddings": Operation.EMBEDDINGS,
+    "/v1/responses": Operation.RESPONSES,
+}
+
+# Responses API terminal events: each carries the final `response` object with its usage.
+TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+# Characters per token: OpenAI's rule of thumb for English text; used only for estimates.
+CHARS_PER_TOKEN = 4
+# A picture costs at most ~1,100 tokens at high detail on current models; estimate that.
+TOKENS_PER_IMAGE = 1105
+
+
+def operation_for(method: str, path: str) -> Operation | None:
+    """The metered operation of a request, or None when the request is only forwarded."""
+    if method != "POST":
+        return None
+    return _OPERATION_PATHS.get(path.rstrip("/"))
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts as OpenAI reports them: input includes cached, output includes reasoning."""
+
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Reported:
+    """What one response body or terminal stream event tells about the call."""
+
+    usage: Usage | None
+    model: str | None
+    response_id: str | None
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    return max(int(value), 0)
+
+
+def parse_usage(raw: Any) -> Usage | None:
+    """Parse a `usage` object of any metered operation; None when absent or not an object."""
+    if not isinstance(raw, dict):
+        return None
+    if "input_tokens" in raw or "output_tokens" in raw:
+        in_details = raw.get("input_tokens_details") or {}
+        out_details = raw.get("output_tokens_details") or {}
+        input_tokens = _int(raw.get("input_tokens"))
+        output_tokens = _int(raw.get("output_tokens"))
+    else:
+        in_details = raw.get("prompt_tokens_details") or {}
+        out_details = raw.get("completion_tokens_details") or {}
+        input_tokens = _int(raw.get("prompt_tokens"))
+        output_tokens = _int(raw.get("completion_tokens"))
+    cached = _int(in_details.get("cached_tokens")) if isinstance(in_details, dict) else 0
+    reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
+    return Usage(
+        input_tokens=input_tokens,
+        cached_input_tokens=min(cached, input_tokens),
+        output_tokens=output_tokens,
+        reasoning_tokens=min(reasoning, output_tokens),
+    )
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def from_body(body: Any) -> Reported:
+    """Usage, model and id of a non-streamed response body (any metered operation)."""
+    if not isinstance(body, dict):
+        return Reported(None, None, None)
+    return Reported(parse_usage(body.get("usage")), _str(body.get("model")), _str(body.get("id")))
+
+
+def from_event(event: Any) -> Reported:
+    """Usage, model and id carried by one decoded stream event (chat, completions, responses)."""
+    if not isinstance(event, dict):
+        return Reported(None, None, None)
+    kind = event.get("type")
+    if isinstance(kind, str) and kind.startswith("response."):
+        response = event.get("response")
+        if not isinstance(response, dict):
+            return Reported(None, None, None)
+        usage = parse_usage(response.get("usage")) if kind in TERMINAL_RESPONSE_EVENTS else None
+        return Reported(usage, _str(response.get("model")), _str(response.get("id")))
+    return from_body(event)
+
+
+def event_text(event: Any) -> str:
+    """Generated text in one stream event, for estimating output when usage never arrives."""
+    if not isinstance(event, dict):
+        return ""
+    kind = event.get("type")
+    if isinstance(kind, str):
+        delta = event.get("delta")
+        return delta if isinstance(delta, str) and kind.endswith(".delta") else ""
+    parts: list[str] = []
+    for choice in event.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        if isinstance(choice.get("text"), str):
+            parts.append(choice["text"])
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            for key in ("content", "refusal", "reasoning_content"):
+                if isinstance(delta.get(key), str):
+                    parts.append(delta[key])
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    parts.append(function["arguments"])
+    return "".join(parts)
+
+
+def tokens_for_chars(chars: int) -> int:
+    return math.ceil(chars / CHARS_PER_TOKEN)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the proxy needs to know about a metered request body before forwarding it."""
+
+    model: str | None
+    stream: bool
+    include_usage: bool
+    prompt_tokens: int
+    max_output_tokens: int | None
+
+
+def _text_chars(value: Any) -> tuple[int, int]:
+    """Characters of text and number of images in a prompt structure (messages, input...)."""
+    if isinstance(value, str):
+        if value.startswith("data:"):
+            return 0, 1
+        return len(value), 0
+    chars = images = 0
+    if isinstance(value, dict):
+        if value.get("type") in ("image_url", "input_image", "image"):
+            return 0, 1
+        items: Any = value.values()
+    elif isinstance(value, list):
+        items = value
+    else:
+        return 0, 0
+    for item in items:
+        c, i = _text_chars(item)
+        chars += c
+        images += i
+    return chars, images
+
+
+def _prompt_tokens(operation: Operation, body: dict[str, Any]) -> int:
+    fields = {
+        Operation.CHAT: ("messages", "tools"),
+        Operation.COMPLETIONS: ("prompt", "suffix"),
+        Operation.EMBEDDINGS: ("input",),
+        Operation.RESPONSES: ("input", "instructions", "tools"),
+    }[operation]
+    chars = images = 0
+    for field in fields:
+        value = body.get(field)
+        if operation is not Operation.CHAT and isinstance(value, list) and value and all(
+            isinstance(v, int) for v in value
+        ):
+            chars += len(value) * CHARS_PER_TOKEN  # already tokenized input
+            continue
+        c, i = _text_chars(value)
+        chars += c
+        images += i
+    return tokens_for_chars(chars) + images * TOKENS_PER_IMAGE
+
+
+def request_facts(operation: Operation, body: Any) -> RequestFacts:
+    """Facts of a parsed JSON request body; tolerant of any shape (the upstream judges validity)."""
+    if not isinstance(body, dict):
+        return RequestFacts(None, False, False, 0, None)
+    model = _str(body.get("model"))
+    stream = body.get("stream") is True
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    max_output: int | None = None
+    if operation is Operation.EMBEDDINGS:
+        max_output = 0
+    else:
+        for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            value = body.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                max_output = value
+                break
+    choices = body.get("n")
+    if max_output and isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
+        max_output *= choices
+    return RequestFacts(model, stream, include_usage, _prompt_tokens(operation, body), max_output)
+
+
+def estimate_usage(prompt_tokens: int, streamed_chars: int) -> Usage:
+    """Usage of a stream that ended before the upstream reported it."""
+    return Usage(input_tokens=prompt_tokens, output_tokens=tokens_for_chars(streamed_chars))

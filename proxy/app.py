@@ -1,0 +1,141 @@
+"""Application factory: builds the aiohttp app from one Settings object.
+
+Long-lived resources (database engine, upstream client, ledger writer, budget refresh) are
+created and closed in cleanup contexts, in dependency order: on shutdown the ledger is flushed
+before the engine is disposed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from costing import schema
+from costing.budget import make_budget
+from costing.db import create_engine
+from costing.gate import BudgetGate, SessionCosts
+from costing.ledger import Ledger
+from costing.meter import Meter
+from costing.pricing import PriceTable
+from costing.settings import Settings
+from costing.store import Store
+from proxy import costs_api, health
+from proxy.errors import error_middleware
+from proxy.forward import forward
+from proxy.metrics import Metrics
+from proxy.state import ENGINE, GATE, LEDGER, METER, METRICS, SETTINGS, STORE, UPSTREAM, Upstream
+
+log = logging.getLogger(__name__)
+
+BUDGET_REFRESH_SECONDS = 1.0
+GAUGE_REFRESH_SECONDS = 5.0
+
+
+class SchemaNotCurrent(RuntimeError):
+    """The database is behind the code and AUTO_MIGRATE=false."""
+
+
+def holder_id() -> str:
+    """Identifies this process's budget leases: host, pid and a random part (pids get reused)."""
+    return f"{socket.gethostname()[:30]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if settings.auto_migrate:
+        await schema.upgrade(settings)
+    engine = create_engine(settings.database)
+    try:
+        if not settings.auto_migrate:
+            current, revision, head = await schema.is_current(settings, engine)
+            if not current:
+                raise SchemaNotCurrent(
+                    f"the database schema is at {revision or 'nothing'}, the code needs {head}: "
+                    "run `llm-cost-proxy migrate` (or set AUTO_MIGRATE=true)")
+        app[ENGINE] = engine
+        app[STORE] = Store(engine, make_budget(settings.cost_warning_threshold_usd,
+                                               settings.cost_limit_threshold_usd))
+        yield
+    finally:
+        await engine.dispose()
+
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    timeout = aiohttp.ClientTimeout(total=None, connect=settings.upstream_connect_timeout_seconds,
+                                    sock_read=settings.upstream_read_timeout_seconds)
+    client = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
+        timeout=timeout, auto_decompress=True, skip_auto_headers=("User-Agent",),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+    app[UPSTREAM] = Upstream(client, settings.upstream_base_url)
+    yield
+    await client.close()
+
+
+async def _metering(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store = app[STORE]
+    metrics = app[METRICS]
+    holder = holder_id()
+    ledger = Ledger(store, holder, flush_interval=settings.ledger_flush_interval_seconds,
+                    batch_size=settings.ledger_batch_size,
+                    max_records=settings.ledger_buffer_max_records)
+    gate = BudgetGate(store, holder, store.default_budget, lease_seconds=settings.budget_lease_seconds,
+                      lease_fraction=settings.budget_lease_fraction,
+                      fail_closed=settings.budget_fail_closed)
+    prices = PriceTable.load(default_per_1k_prompt=settings.openai_price_per_1k_prompt_tokens,
+                             default_per_1k_completion=settings.openai_price_per_1k_completion_tokens,
+                             prices_file=settings.prices_file)
+    ledger.listeners += [gate.on_flushed, metrics.on_flushed]
+    ledger.error_listeners.append(metrics.on_flush_error)
+    metrics.queue_depth.set_function(lambda: len(ledger))
+    app[LEDGER] = ledger
+    app[GATE] = gate
+    app[METER] = Meter(prices, gate, ledger, SessionCosts(store),
+                       default_max_output_tokens=settings.budget_default_max_output_tokens)
+    ledger.start()
+    tasks = [asyncio.create_task(gate.run(BUDGET_REFRESH_SECONDS), name="budget-refresh"),
+             asyncio.create_task(_refresh_gauges(app), name="budget-gauges")]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    left = await ledger.close(settings.shutdown_timeout_seconds)
+    if left:
+        metrics.dropped.inc(left)
+
+
+async def _refresh_gauges(app: web.Application) -> None:
+    metrics = app[METRICS]
+    while True:
+        try:
+            metrics.budgets.rows = await app[STORE].budget_gauges(metrics.campaign.limit)
+        except Exception as exc:
+            log.debug("budget gauges not refreshed: %s", exc)
+        await asyncio.sleep(GAUGE_REFRESH_SECONDS)
+
+
+def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
+    app = web.Application(middlewares=[error_middleware],
+                          client_max_size=settings.max_request_body_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics(registry if registry is not None else CollectorRegistry(),
+                           settings.metrics_max_campaigns)
+    app.cleanup_ctx.extend([_database, _upstream, _metering])
+    app.router.add_route("*", "/v1/{tail:.*}", forward)
+    health.setup(app)
+    costs_api.setup(app)
+    return app

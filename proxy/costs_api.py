@@ -1,0 +1,296 @@
+"""The /costs JSON API for the app's Cost Analytics tab: request parsing and JSON rendering only;
+the work is done by `costing.reports`.
+
+Access: with COSTS_API_TOKEN set, `Authorization: Bearer <token>` (constant-time compare);
+unset, loopback clients only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from importlib import resources
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from costing import budget as rules
+from costing.errors import InvalidBudget
+from costing.money import format_usd
+from costing.records import CampaignTotals, DayTotals, SessionTotals, Totals
+from costing.reports import MAX_DAYS, SESSION_ORDERS, CostReports
+from proxy.errors import ProxyError
+from proxy.state import GATE, SETTINGS, STORE
+from proxy.tags import validate_tag
+
+DEFAULT_PAGE, MAX_PAGE = 50, 500
+DEFAULT_SESSIONS, MAX_SESSIONS = 1000, 5000
+DEFAULT_DAYS = 30
+
+# -- rendering -------------------------------------------------------------------------------------
+
+
+def timestamp(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def tokens_json(t: Totals) -> dict[str, int]:
+    return {"input": t.input_tokens, "cached_input": t.cached_input_tokens,
+            "output": t.output_tokens, "reasoning": t.reasoning_tokens}
+
+
+def campaign_json(c: CampaignTotals) -> dict[str, Any]:
+    spent = c.totals.cost_usd
+    return {
+        "campaign_id": c.campaign_id,
+        "cost_usd": format_usd(spent),
+        "requests": c.totals.requests,
+        "tokens": tokens_json(c.totals),
+        "session_count": c.session_count,
+        "deleted_session_count": c.deleted_session_count,
+        "deleted_sessions_cost_usd": format_usd(c.deleted_sessions_cost_usd),
+        "budget": {
+            "warning_usd": format_usd(c.budget.warning_usd),
+            "limit_usd": format_usd(c.budget.limit_usd),
+            "spent_usd": format_usd(spent),
+            "remaining_usd": format_usd(rules.remaining(spent, c.budget)),
+            "status": rules.status(spent, c.budget).value,
+            "source": "override" if c.has_budget_override else "default",
+        },
+        "first_seen": timestamp(c.first_seen),
+        "last_seen": timestamp(c.last_seen),
+    }
+
+
+def session_json(s: SessionTotals) -> dict[str, Any]:
+    return {
+        "campaign_id": s.campaign_id,
+        "session_id": s.session_id,
+        "cost_usd": format_usd(s.totals.cost_usd),
+        "requests": s.totals.requests,
+        "tokens": tokens_json(s.totals),
+        "first_seen": timestamp(s.first_seen),
+        "last_seen": timestamp(s.last_seen),
+        "deleted_at": timestamp(s.deleted_at),
+    }
+
+
+def day_json(d: DayTotals) -> dict[str, Any]:
+    return {"date": d.day.isoformat(), "cost_usd": format_usd(d.totals.cost_usd),
+            "requests": d.totals.requests, "tokens": tokens_json(d.totals)}
+
+
+def ok(body: dict[str, Any]) -> web.Response:
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+# -- parameters ------------------------------------------------------------------------------------
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ProxyError(400, f"Query parameter '{name}' must be a whole number", code="invalid_parameter",
+                         param=name) from None
+    if not low <= value <= high:
+        raise ProxyError(400, f"Query parameter '{name}' must be between {low} and {high}",
+                         code="invalid_parameter", param=name)
+    return value
+
+
+def _bool_param(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise ProxyError(400, f"Query parameter '{name}' must be true or false", code="invalid_parameter",
+                         param=name)
+    return raw in ("true", "1")
+
+
+def _date_param(request: web.Request, name: str, default: date) -> date:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise ProxyError(400, f"Query parameter '{name}' must be a date as YYYY-MM-DD",
+                         code="invalid_parameter", param=name) from None
+
+
+def encode_cursor(campaign_id: str) -> str:
+    return base64.urlsafe_b64encode(campaign_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        return validate_tag(value, "cursor")
+    except (binascii.Error, UnicodeDecodeError, ValueError, ProxyError):
+        raise ProxyError(400, "Query parameter 'cursor' is not a cursor this API returned",
+                         code="invalid_parameter", param="cursor") from None
+
+
+def _campaign_id(request: web.Request) -> str:
+    return validate_tag(request.match_info["campaign_id"], "campaign_id")
+
+
+def _session_id(request: web.Request) -> str:
+    return validate_tag(request.match_info["session_id"], "session_id")
+
+
+def _reports(request: web.Request) -> CostReports:
+    return CostReports(request.config_dict[STORE])
+
+
+# -- handlers --------------------------------------------------------------------------------------
+
+
+async def list_campaigns(request: web.Request) -> web.Response:
+    limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    cursor = request.query.get("cursor")
+    after = decode_cursor(cursor) if cursor else None
+    page, next_after = await _reports(request).campaigns(limit=limit, after=after)
+    return ok({"campaigns": [campaign_json(c) for c in page],
+               "next_cursor": encode_cursor(next_after) if next_after else None})
+
+
+async def get_campaign(request: web.Request) -> web.Response:
+    return ok(campaign_json(await _reports(request).campaign(_campaign_id(request))))
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    campaign_id = _campaign_id(request)
+    order = request.query.get("order", "last_seen")
+    if order not in SESSION_ORDERS:
+        raise ProxyError(400, f"Query parameter 'order' must be one of {', '.join(SESSION_ORDERS)}",
+                         code="invalid_parameter", param="order")
+    sessions = await _reports(request).sessions(
+        campaign_id, include_deleted=_bool_param(request, "include_deleted"), order_by=order,
+        limit=_int_param(request, "limit", DEFAULT_SESSIONS, 1, MAX_SESSIONS))
+    return ok({"campaign_id": campaign_id, "sessions": [session_json(s) for s in sessions]})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return ok(session_json(await _reports(request).session(_campaign_id(request), _session_id(request))))
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    session = await _reports(request).delete_session(_campaign_id(request), _session_id(request))
+    return ok(session_json(session))
+
+
+async def daily(request: web.Request) -> web.Response:
+    campaign_id = _campaign_id(request)
+    today = datetime.now(UTC).date()
+    end = _date_param(request, "to", today)
+    start = _date_param(request, "from", end - timedelta(days=DEFAULT_DAYS - 1))
+    if start > end:
+        raise ProxyError(400, "'from' must not be after 'to'", code="invalid_parameter", param="from")
+    if (end - start).days >= MAX_DAYS:
+        raise ProxyError(400, f"A range covers at most {MAX_DAYS} days", code="invalid_parameter",
+                         param="from")
+    days = await _reports(request).daily(campaign_id, start, end)
+    return ok({"campaign_id": campaign_id, "from": start.isoformat(), "to": end.isoformat(),
+               "days": [day_json(d) for d in days]})
+
+
+def _amount(body: dict[str, Any], name: str) -> Decimal:
+    if name not in body:
+        raise InvalidBudget(f"'{name}' is required (a decimal number of USD, e.g. \"5.00\")", name)
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
+        raise InvalidBudget(f"'{name}' must be a decimal number of USD, e.g. \"5.00\"", name)
+    try:
+        amount = Decimal(str(value).strip())
+    except ArithmeticError:
+        raise InvalidBudget(f"'{name}' must be a decimal number of USD, e.g. \"5.00\"", name) from None
+    if not amount.is_finite() or amount.adjusted() > 9:
+        raise InvalidBudget(f"'{name}' must be a finite amount below one billion USD", name)
+    return amount
+
+
+async def put_budget(request: web.Request) -> web.Response:
+    campaign_id = _campaign_id(request)
+    try:
+        body = json.loads(await request.read(), parse_float=Decimal, parse_int=Decimal)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProxyError(400, f"The body must be JSON like {{\"warning_usd\": \"1.00\", \"limit_usd\": "
+                              f"\"5.00\"}} ({exc})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ProxyError(400, "The body must be a JSON object with warning_usd and limit_usd",
+                         code="invalid_json")
+    campaign = await _reports(request).set_budget(campaign_id, _amount(body, "warning_usd"),
+                                                  _amount(body, "limit_usd"))
+    request.config_dict[GATE].forget(campaign_id)
+    return ok(campaign_json(campaign))
+
+
+async def delete_budget(request: web.Request) -> web.Response:
+    campaign_id = _campaign_id(request)
+    campaign = await _reports(request).clear_budget(campaign_id)
+    request.config_dict[GATE].forget(campaign_id)
+    return ok(campaign_json(campaign))
+
+
+async def openapi(_request: web.Request) -> web.Response:
+    document = resources.files("proxy").joinpath("openapi.json").read_bytes()
+    return web.Response(body=document, content_type="application/json")
+
+
+# -- access ----------------------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_loopback(remote: str | None) -> bool:
+    if not remote:
+        return False
+    try:
+        return ipaddress.ip_address(remote.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.config_dict[SETTINGS].costs_api_token
+    if token is not None:
+        sent = request.headers.get("Authorization", "")
+        expected = f"Bearer {token.get_secret_value()}"
+        if not hmac.compare_digest(sent.encode(), expected.encode()):
+            raise ProxyError(401, "Send Authorization: Bearer <COSTS_API_TOKEN> to use /costs",
+                             type="authentication_error", code="invalid_costs_token")
+    elif not is_loopback(request.remote):
+        raise ProxyError(403, "/costs answers loopback clients only; set COSTS_API_TOKEN to allow "
+                              "remote clients with a bearer token", type="permission_error",
+                         code="costs_loopback_only")
+    return await handler(request)
+
+
+def setup(app: web.Application) -> None:
+    """Mount /costs as a sub-application: its access rule never touches the /v1 hot path."""
+    costs = web.Application(middlewares=[access_middleware])
+    r = costs.router
+    r.add_get("/openapi.json", openapi)
+    r.add_get("/campaigns", list_campaigns)
+    r.add_get("/campaigns/{campaign_id}", get_campaign)
+    r.add_get("/campaigns/{campaign_id}/sessions", list_sessions)
+    r.add_get("/campaigns/{campaign_id}/sessions/{session_id}", get_session)
+    r.add_delete("/campaigns/{campaign_id}/sessions/{session_id}", delete_session)
+    r.add_get("/campaigns/{campaign_id}/daily", daily)
+    r.add_put("/campaigns/{campaign_id}/budget", put_budget)
+    r.add_delete("/campaigns/{campaign_id}/budget", delete_budget)
+    app.add_subapp("/costs", costs)

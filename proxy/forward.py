@@ -1,0 +1,260 @@
+"""Forwarding of everything under /v1/: headers, query and body as sent, responses streamed back.
+
+Metered operations are parsed, gated, tapped for usage and recorded; everything else passes
+through untouched. Upstream bodies are decoded (gzip/deflate/br) by the client session, so the
+proxy meters the real JSON and the client receives a body that matches its headers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from costing import budget as rules
+from costing.errors import BudgetExceeded
+from costing.meter import Meter, Ticket
+from costing.money import format_usd
+from costing.settings import Settings
+from costing.usage import Operation, Reported, from_body, operation_for, request_facts
+from proxy.errors import ProxyError
+from proxy.metrics import Metrics
+from proxy.sse import SSETap
+from proxy.state import METER, METRICS, SETTINGS, UPSTREAM
+from proxy.tags import tag_value
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+})
+# The client session decodes upstream bodies, so their encoding and length no longer apply.
+RESPONSE_DROPPED = HOP_BY_HOP | {"content-encoding"}
+STREAMED_USAGE_OPERATIONS = (Operation.CHAT, Operation.COMPLETIONS)
+
+
+@dataclass(slots=True)
+class Timing:
+    """Where a request's time went: overhead = total - waiting on upstream - waiting on client."""
+
+    started: float = field(default_factory=time.perf_counter)
+    waiting: float = 0.0
+
+    def overhead(self) -> float:
+        return max(time.perf_counter() - self.started - self.waiting, 0.0)
+
+
+def upstream_headers(request: web.Request, settings: Settings) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones (and those its Connection header names) and tags."""
+    dropped = HOP_BY_HOP | {settings.campaign_header.lower(), settings.session_header.lower()}
+    if "Connection" in request.headers:
+        dropped = dropped | {token.strip().lower() for value in request.headers.getall("Connection")
+                             for token in value.split(",")}
+    headers = CIMultiDict((name, value) for name, value in request.headers.items()
+                          if name.lower() not in dropped)
+    if "Authorization" not in headers and settings.openai_api_key is not None:
+        headers["Authorization"] = f"Bearer {settings.openai_api_key.get_secret_value()}"
+    return headers
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in RESPONSE_DROPPED)
+
+
+def campaign_headers(meter: Meter, campaign_id: str) -> dict[str, str]:
+    standing = meter.standing(campaign_id)
+    headers = {
+        "X-Campaign-Cost-USD": format_usd(standing.spent),
+        "X-Campaign-Limit-USD": format_usd(standing.budget.limit_usd),
+        "X-Campaign-Remaining-USD": format_usd(rules.remaining(standing.spent, standing.budget)),
+    }
+    if standing.spent >= standing.budget.warning_usd:
+        headers["X-Cost-Warning"] = rules.warning_text(campaign_id, standing.spent, standing.budget)
+    return headers
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    """Handler for every method and path under /v1/."""
+    timing = Timing()
+    settings = request.app[SETTINGS]
+    campaign_id = tag_value(request.headers, settings.campaign_header)
+    session_id = tag_value(request.headers, settings.session_header)
+    operation = operation_for(request.method, request.path)
+    headers = upstream_headers(request, settings)
+    if request.content_length is not None and request.content_length > settings.max_request_body_bytes:
+        raise ProxyError(413, f"Request body too large: {request.content_length} bytes, the limit "
+                              f"is {settings.max_request_body_bytes} (MAX_REQUEST_BODY_BYTES)",
+                         code="request_too_large")
+    if operation is None:
+        return await _pass_through(request, headers, timing)
+    return await _metered(request, headers, operation, campaign_id, session_id, timing)
+
+
+def _target(request: web.Request) -> URL:
+    return URL(request.app[UPSTREAM].base_url + request.raw_path, encoded=True)
+
+
+async def _send(request: web.Request, headers: CIMultiDict[str], body: object,
+                timing: Timing) -> aiohttp.ClientResponse:
+    """Open the upstream request; connection failures become 502 and timeouts 504."""
+    client = request.app[UPSTREAM].client
+    sent = time.perf_counter()
+    try:
+        response = await client.request(request.method, _target(request), headers=headers,
+                                        data=body, allow_redirects=False)
+    except TimeoutError as exc:
+        raise ProxyError(504, "The upstream API did not answer in time", type="server_error",
+                         code="upstream_timeout") from exc
+    except aiohttp.ClientError as exc:
+        raise ProxyError(502, f"The upstream API is unreachable: {type(exc).__name__}",
+                         type="server_error", code="upstream_unreachable") from exc
+    finally:
+        timing.waiting += time.perf_counter() - sent
+    return response
+
+
+async def _body_stream(request: web.Request, limit: int):  # type: ignore[no-untyped-def]
+    seen = 0
+    async for chunk in request.content.iter_any():
+        seen += len(chunk)
+        if seen > limit:
+            raise ProxyError(413, f"Request body too large: the limit is {limit} bytes "
+                                  "(MAX_REQUEST_BODY_BYTES)", code="request_too_large")
+        yield chunk
+
+
+async def _pass_through(request: web.Request, headers: CIMultiDict[str],
+                        timing: Timing) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    body = _body_stream(request, settings.max_request_body_bytes) if request.body_exists else None
+    if request.content_length is not None:
+        headers["Content-Length"] = str(request.content_length)
+    upstream = await _send(request, headers, body, timing)
+    async with upstream:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                      headers=response_headers(upstream.headers))
+        await response.prepare(request)
+        await _relay(upstream, response, timing, None)
+        return response
+
+
+async def _relay(upstream: aiohttp.ClientResponse, response: web.StreamResponse, timing: Timing,
+                 tap: SSETap | None) -> bool:
+    """Copy the upstream body to the client as it arrives; False if either side broke off."""
+    complete = True
+    try:
+        while True:
+            waited = time.perf_counter()
+            try:
+                chunk = await upstream.content.readany()
+            except (aiohttp.ClientError, TimeoutError):
+                complete = False
+                break
+            finally:
+                timing.waiting += time.perf_counter() - waited
+            if not chunk:
+                break
+            out = tap.feed(chunk) if tap is not None else chunk
+            if out:
+                waited = time.perf_counter()
+                await response.write(out)
+                timing.waiting += time.perf_counter() - waited
+        if tap is not None:
+            rest = tap.finish()
+            if rest:
+                await response.write(rest)
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        complete = False  # the client went away; leaving the block closes the upstream request
+    return complete
+
+
+async def _metered(request: web.Request, headers: CIMultiDict[str], operation: Operation,
+                   campaign_id: str, session_id: str, timing: Timing) -> web.StreamResponse:
+    meter = request.app[METER]
+    metrics = request.app[METRICS]
+    raw = await request.read()
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProxyError(400, f"The request body must be a JSON object ({exc})",
+                         code="invalid_json") from exc
+    if not isinstance(parsed, dict):
+        raise ProxyError(400, "The request body must be a JSON object", code="invalid_json")
+    facts = request_facts(operation, parsed)
+    strip_usage = facts.stream and operation in STREAMED_USAGE_OPERATIONS and not facts.include_usage
+    if strip_usage:
+        options = parsed.get("stream_options")
+        parsed["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                    "include_usage": True}
+        raw = orjson.dumps(parsed)
+    try:
+        ticket = await meter.admit(campaign_id, session_id, operation, facts,
+                                   request.headers.get("Authorization"))
+    except BudgetExceeded:
+        metrics.on_blocked(campaign_id)
+        raise
+    status = 502
+    reported: Reported | None = None
+    tap: SSETap | None = None
+    try:
+        upstream = await _send(request, headers, raw, timing)
+        status = upstream.status
+        async with upstream:
+            if upstream.content_type == "text/event-stream":
+                tap = SSETap(strip_usage=strip_usage)
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                              headers=response_headers(upstream.headers))
+                response.headers.update(campaign_headers(meter, campaign_id))
+                await response.prepare(request)
+                await _relay(upstream, response, timing, tap)
+                return response
+            waited = time.perf_counter()
+            try:
+                body = await upstream.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise ProxyError(502, "The upstream API broke off its answer",
+                                 type="server_error", code="upstream_incomplete") from exc
+            finally:
+                timing.waiting += time.perf_counter() - waited
+            reported = _reported(body)
+            entry = meter.record(ticket, reported, status=status, streamed=False)
+            response = web.Response(status=upstream.status, reason=upstream.reason, body=body,
+                                    headers=response_headers(upstream.headers))
+            response.headers.update(campaign_headers(meter, campaign_id))
+            response.headers["X-Request-Cost-USD"] = format_usd(entry.cost_usd)
+            session_total = await meter.session_total(campaign_id, session_id)
+            if session_total is not None:
+                response.headers["X-Session-Cost-USD"] = format_usd(session_total)
+            return response
+    except ProxyError as exc:
+        status = exc.status
+        raise
+    finally:
+        if tap is not None:
+            reported = tap.result()
+        if not ticket.settled:
+            entry = meter.record(ticket, reported, status=status, streamed=tap is not None,
+                                 streamed_chars=tap.streamed_chars() if tap and not tap.usage_seen
+                                 else 0)
+        _observe(metrics, ticket, reported, status, timing)
+
+
+def _reported(body: bytes) -> Reported | None:
+    try:
+        return from_body(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _observe(metrics: Metrics, ticket: Ticket, reported: Reported | None, status: int,
+             timing: Timing) -> None:
+    seconds = time.perf_counter() - ticket.started
+    error_type = "" if status < 400 else str(status)
+    metrics.observe_operation(ticket.operation.value, ticket.facts.model,
+                              reported.model if reported else None, seconds, error_type)
+    metrics.overhead.observe(timing.overhead())

@@ -1,0 +1,50 @@
+"""Liveness, readiness (database reachable and schema current) and the Prometheus endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from costing import schema
+from proxy.state import ENGINE, LEDGER, METRICS, SETTINGS
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks: dict[str, str] = {}
+    ready = True
+    try:
+        async with asyncio.timeout(3):
+            current, revision, head = await schema.is_current(request.app[SETTINGS], request.app[ENGINE])
+        checks["database"] = "ok"
+        if current:
+            checks["schema"] = f"current ({head})"
+        else:
+            ready = False
+            checks["schema"] = (f"migrations pending: database at {revision or 'nothing'}, code needs "
+                                f"{head}; run `llm-cost-proxy migrate`")
+    except Exception as exc:
+        ready = False
+        checks["database"] = f"unreachable: {type(exc).__name__}"
+    ledger = request.app[LEDGER]
+    checks["ledger"] = f"{len(ledger)} records waiting" + ("" if ledger.healthy else ", writes failing")
+    body = {"status": "ready" if ready else "not ready", "checks": checks}
+    return web.Response(status=200 if ready else 503, body=orjson.dumps(body),
+                        content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    payload = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

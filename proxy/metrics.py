@@ -1,0 +1,166 @@
+"""Prometheus metrics. The registry is a parameter, so every app (and every test) has its own.
+
+Ledger-derived series (cost, tokens, requests) are counted when the ledger commits a batch,
+from the rows actually inserted, so they always agree with `usage_records`. Budget gauges are
+read from the stored aggregates, so they are right after a restart and agree across replicas
+(aggregate them with max(), not sum()). Campaign label values are capped; the rest are `_other`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Counter_
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from decimal import Decimal
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from costing.budget import Budget
+from costing.records import UsageEntry
+
+OTHER = "_other"
+PROVIDER = "openai"
+# OpenTelemetry GenAI semantic conventions' recommended bucket boundaries.
+TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1, 4, 16, ... 67108864
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96, 81.92)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+GEN_AI_OPERATION = {"chat.completions": "chat", "completions": "text_completion",
+                    "embeddings": "embeddings", "responses": "chat"}
+TOKEN_TYPES = ("input", "cached_input", "output", "reasoning")
+
+
+class CampaignLabels:
+    """Caps distinct campaign label values: the first `limit` seen keep their name."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._known: set[str] = set()
+
+    def __call__(self, campaign_id: str) -> str:
+        if campaign_id in self._known:
+            return campaign_id
+        if len(self._known) < self.limit:
+            self._known.add(campaign_id)
+            return campaign_id
+        return OTHER
+
+
+class BudgetCollector(Collector):
+    """Budget gauges from the last read of the stored aggregates."""
+
+    def __init__(self, labels: CampaignLabels) -> None:
+        self.labels = labels
+        self.rows: list[tuple[str, Decimal, Budget]] = []
+
+    def collect(self) -> Iterable[Metric]:
+        limit = GaugeMetricFamily("llm_budget_limit_usd", "Campaign cost limit (USD)",
+                                  labels=["campaign"])
+        warning = GaugeMetricFamily("llm_budget_warning_usd", "Campaign warning threshold (USD)",
+                                    labels=["campaign"])
+        spent = GaugeMetricFamily("llm_budget_spent_usd", "Campaign recorded spend (USD)",
+                                  labels=["campaign"])
+        for campaign_id, amount, budget in self.rows:
+            label = self.labels(campaign_id)
+            if label == OTHER:
+                continue
+            limit.add_metric([label], float(budget.limit_usd))
+            warning.add_metric([label], float(budget.warning_usd))
+            spent.add_metric([label], float(amount))
+        yield from (limit, warning, spent)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, max_campaigns: int = 1000) -> None:
+        self.registry = registry
+        self.campaign = CampaignLabels(max_campaigns)
+        gen_ai = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
+                  "gen_ai_response_model"]
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage", "Tokens used per operation (OpenTelemetry GenAI)",
+            ["gen_ai_token_type", *gen_ai], buckets=TOKEN_BUCKETS, registry=registry)
+        self.operation_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "Duration of GenAI operations as the client sees them (OpenTelemetry GenAI)",
+            [*gen_ai, "error_type"], buckets=DURATION_BUCKETS, registry=registry)
+        self.cost = Counter("llm_cost_usd", "Recorded cost (USD)", ["campaign", "model"],
+                            registry=registry)
+        self.tokens = Counter("llm_tokens", "Recorded tokens by type", ["campaign", "model", "type"],
+                              registry=registry)
+        self.requests = Counter("llm_requests", "Metered requests by upstream status",
+                                ["campaign", "operation", "status"], registry=registry)
+        self.blocked = Counter("llm_requests_blocked", "Requests refused by the budget gate",
+                               ["campaign"], registry=registry)
+        self.overhead = Histogram("llm_proxy_overhead_seconds",
+                                  "Time spent in the proxy itself (excludes waiting on upstream)",
+                                  buckets=OVERHEAD_BUCKETS, registry=registry)
+        self.queue_depth = Gauge("llm_ledger_queue_depth", "Usage records waiting to be written",
+                                 registry=registry)
+        self.flush_duration = Histogram("llm_ledger_flush_duration_seconds",
+                                        "Time to write one ledger batch", registry=registry)
+        self.written = Counter("llm_ledger_records_written", "Usage records written",
+                               registry=registry)
+        self.dropped = Counter("llm_ledger_records_dropped",
+                               "Usage records that could not be kept (stays 0 by design)",
+                               registry=registry)
+        self.flush_errors = Counter("llm_ledger_flush_errors", "Failed ledger batch writes",
+                                    registry=registry)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self.budgets = BudgetCollector(self.campaign)
+        registry.register(self.budgets)
+
+    def on_flushed(self, _batch: Sequence[UsageEntry], inserted: Sequence[UsageEntry],
+                   seconds: float) -> None:
+        """Count a committed batch: summed per label set first, so a batch costs few updates."""
+        self.flush_duration.observe(seconds)
+        self.written.inc(len(inserted))
+        requests: Counter_[tuple[str, ...]] = Counter_()
+        costs: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
+        tokens: Counter_[tuple[str, ...]] = Counter_()
+        for e in inserted:
+            campaign = self.campaign(e.campaign_id)
+            model = e.model or "unknown"
+            requests[(campaign, e.operation, str(e.status_code))] += 1
+            if e.cost_usd:
+                costs[(campaign, model)] += e.cost_usd
+            usage = e.usage
+            for kind, count in zip(TOKEN_TYPES, (usage.input_tokens, usage.cached_input_tokens,
+                                                 usage.output_tokens, usage.reasoning_tokens),
+                                   strict=True):
+                if count:
+                    tokens[(campaign, model, kind)] += count
+            if e.status_code < 400:
+                names = (GEN_AI_OPERATION.get(e.operation, e.operation), PROVIDER,
+                         e.request_model or "unknown", e.response_model or "unknown")
+                self._child(self.token_usage, ("input", *names)).observe(usage.input_tokens)
+                if e.operation != "embeddings":
+                    self._child(self.token_usage, ("output", *names)).observe(usage.output_tokens)
+        for key, count in requests.items():
+            self._child(self.requests, key).inc(count)
+        for key, amount in costs.items():
+            self._child(self.cost, key).inc(float(amount))
+        for key, count in tokens.items():
+            self._child(self.tokens, key).inc(count)
+
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """Labelled child, cached: `labels()` is the costliest part of an update."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def on_flush_error(self, _exc: BaseException) -> None:
+        self.flush_errors.inc()
+
+    def observe_operation(self, operation: str, request_model: str | None,
+                          response_model: str | None, seconds: float, error_type: str) -> None:
+        self._child(self.operation_duration, (
+            GEN_AI_OPERATION.get(operation, operation), PROVIDER, request_model or "unknown",
+            response_model or "unknown", error_type)).observe(seconds)
+
+    def on_blocked(self, campaign_id: str) -> None:
+        self.blocked.labels(self.campaign(campaign_id)).inc()

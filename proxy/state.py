@@ -1,0 +1,34 @@
+"""Typed application state keys: everything long-lived lives here, created in cleanup contexts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from costing.gate import BudgetGate
+from costing.ledger import Ledger
+from costing.meter import Meter
+from costing.settings import Settings
+from costing.store import Store
+from proxy.metrics import Metrics
+
+
+@dataclass(slots=True)
+class Upstream:
+    """The pooled upstream client and where it points."""
+
+    client: aiohttp.ClientSession
+    base_url: str
+
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+ENGINE = web.AppKey("engine", AsyncEngine)
+STORE = web.AppKey("store", Store)
+UPSTREAM = web.AppKey("upstream", Upstream)
+LEDGER = web.AppKey("ledger", Ledger)
+GATE = web.AppKey("gate", BudgetGate)
+METER = web.AppKey("meter", Meter)
