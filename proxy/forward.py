@@ -138,22 +138,29 @@ async def _pass_through(request: web.Request, headers: CIMultiDict[str],
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers=response_headers(upstream.headers))
         await response.prepare(request)
-        await _relay(upstream, response, timing, None)
+        await _relay(request, upstream, response, timing, None)
         return response
 
 
-async def _relay(upstream: aiohttp.ClientResponse, response: web.StreamResponse, timing: Timing,
-                 tap: SSETap | None) -> bool:
-    """Copy the upstream body to the client as it arrives; False if either side broke off."""
-    complete = True
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse,
+                 timing: Timing, tap: SSETap | None) -> bool:
+    """Copy the upstream body to the client as it arrives; False if either side broke off.
+
+    An upstream that breaks off mid-body breaks the client's connection too (after passing on
+    what arrived), so the client sees a truncated answer as truncated, as it would from OpenAI.
+    A client that goes away ends the copy; leaving the caller's block closes the upstream request.
+    """
     try:
         while True:
             waited = time.perf_counter()
             try:
                 chunk = await upstream.content.readany()
             except (aiohttp.ClientError, TimeoutError):
-                complete = False
-                break
+                if tap is not None:
+                    await response.write(tap.finish())
+                if request.transport is not None:
+                    request.transport.abort()
+                return False
             finally:
                 timing.waiting += time.perf_counter() - waited
             if not chunk:
@@ -169,8 +176,8 @@ async def _relay(upstream: aiohttp.ClientResponse, response: web.StreamResponse,
                 await response.write(rest)
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        complete = False  # the client went away; leaving the block closes the upstream request
-    return complete
+        return False
+    return True
 
 
 async def _metered(request: web.Request, headers: CIMultiDict[str], operation: Operation,
@@ -211,7 +218,7 @@ async def _metered(request: web.Request, headers: CIMultiDict[str], operation: O
                                               headers=response_headers(upstream.headers))
                 response.headers.update(campaign_headers(meter, campaign_id))
                 await response.prepare(request)
-                await _relay(upstream, response, timing, tap)
+                await _relay(request, upstream, response, timing, tap)
                 return response
             waited = time.perf_counter()
             try:

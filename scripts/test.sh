@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The README's test command: creates .venv, installs with test extras, makes sure a PostgreSQL is
+# there (the local server, started if installed but down; else the tests start a throwaway cluster
+# with initdb/pg_ctl), installs Prometheus's promtool/server if apt can, then runs lint, types and
+# the whole suite on SQLite and PostgreSQL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e ".[test]"
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  command -v prometheus >/dev/null || missing+=(prometheus)
+  command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+  if [ ${#missing[@]} -gt 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null \
+      || echo "note: could not apt-get install ${missing[*]}"
+  fi
+fi
+if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ] && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+fi
+
+.venv/bin/ruff check proxy costing migrations tests
+.venv/bin/mypy
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,267 @@
+"""Shared fixtures: real databases (SQLite file and PostgreSQL), a real proxy on a loopback port,
+a real fake-OpenAI upstream on loopback, and the real `openai` SDK as the client.
+
+PostgreSQL: the server at 127.0.0.1:5432 (user postgres) when it answers, else a throwaway
+cluster started with initdb/pg_ctl in a temp dir. With CI=true a missing PostgreSQL fails the
+tests that need it instead of skipping them. Each test gets its own database, built with
+`alembic upgrade head` and dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import web
+from openai import AsyncOpenAI
+from prometheus_client import CollectorRegistry
+
+from costing import schema
+from costing.settings import Settings
+from fakeupstream import FakeUpstream
+from proxy.app import create_app
+from proxy.state import ENGINE, GATE, LEDGER, METRICS, STORE
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("TEST_PG_USER", "postgres")
+BACKENDS = os.environ.get("TEST_BACKENDS", "sqlite,postgresql").split(",")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pg_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
+        return str(candidate)
+    return None
+
+
+@dataclass
+class PgCluster:
+    """A PostgreSQL server tests may create databases on; `stop`/`start` only for owned clusters."""
+
+    host: str
+    port: int
+    user: str
+    data_dir: Path | None = None
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
+
+    def _ctl(self, *args: str) -> None:
+        assert self.data_dir is not None, "only a throwaway cluster can be stopped"
+        run_as_postgres([_pg_bin("pg_ctl") or "pg_ctl", "-D", str(self.data_dir), "-w", *args])
+
+    def stop(self) -> None:
+        self._ctl("-m", "fast", "stop")
+
+    def start(self) -> None:
+        self._ctl("-o", f"-p {self.port} -k {self.data_dir} -c listen_addresses=127.0.0.1",
+                  "-l", str(self.data_dir / "log"), "start")
+
+
+def run_as_postgres(cmd: list[str]) -> None:
+    """initdb and pg_ctl refuse to run as root: drop to the postgres user when we are root."""
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+
+def start_throwaway_cluster() -> PgCluster:
+    initdb = _pg_bin("initdb")
+    if initdb is None or _pg_bin("pg_ctl") is None:
+        raise RuntimeError("no PostgreSQL server answers and no initdb/pg_ctl binaries are installed")
+    data_dir = Path(tempfile.mkdtemp(prefix="pgtest-"))
+    if os.geteuid() == 0:
+        shutil.chown(data_dir, "postgres", "postgres")
+    run_as_postgres([initdb, "-D", str(data_dir), "-U", "postgres", "-A", "trust", "--no-sync"])
+    cluster = PgCluster("127.0.0.1", free_port(), "postgres", data_dir)
+    cluster.start()
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """The machine's PostgreSQL, or a throwaway one; skip (fail in CI) when neither is possible."""
+    if _pg_answers(PG_HOST, PG_PORT):
+        yield PgCluster(PG_HOST, PG_PORT, PG_USER)
+        return
+    try:
+        cluster = start_throwaway_cluster()
+    except Exception as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.data_dir or "", ignore_errors=True)
+
+
+@asynccontextmanager
+async def pg_database(cluster: PgCluster) -> AsyncIterator[str]:
+    """A fresh, empty database; dropped afterwards."""
+    name = f"llmcost_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(cluster.dsn())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield cluster.dsn(name) + "?schema=public"
+    finally:
+        admin = await asyncpg.connect(cluster.dsn())
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+def make_settings(**values: Any) -> Settings:
+    """Settings for tests: nothing from the machine's environment or a .env file."""
+    defaults: dict[str, Any] = {
+        "database_url": "sqlite+aiosqlite:///:memory:", "upstream_base_url": "http://127.0.0.1:9",
+        "openai_api_key": None, "costs_api_token": None, "prices_file": None,
+        "ledger_flush_interval_seconds": 0.05, "log_level": "WARNING",
+    }
+    defaults.update(values)
+    return Settings(_env_file=None, **defaults)  # type: ignore[call-arg]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """An empty database of the parametrized backend, migrated with `alembic upgrade head`."""
+    if backend == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'costs.db'}"
+        await schema.upgrade(make_settings(database_url=url))
+        yield url
+        return
+    cluster: PgCluster = request.getfixturevalue("pg_cluster")
+    async with pg_database(cluster) as url:
+        await schema.upgrade(make_settings(database_url=url))
+        yield url
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as upstream:
+        yield upstream
+
+
+class Proxy:
+    """A real proxy app on a loopback port."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.app = create_app(settings, registry=registry)
+        self.runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=5)
+        self.port = settings.proxy_port
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    @property
+    def store(self) -> Any:
+        return self.app[STORE]
+
+    @property
+    def engine(self) -> Any:
+        return self.app[ENGINE]
+
+    @property
+    def ledger(self) -> Any:
+        return self.app[LEDGER]
+
+    @property
+    def gate(self) -> Any:
+        return self.app[GATE]
+
+    @property
+    def metrics(self) -> Any:
+        return self.app[METRICS]
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every record handed to the ledger is committed."""
+        deadline = time.monotonic() + timeout
+        while len(self.ledger) or self.gate.in_flight_requests:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"ledger still holds {len(self.ledger)} records")
+            await asyncio.sleep(0.02)
+
+    def client(self, campaign: str | None = "c1", session: str | None = "s1", **kwargs: Any) -> AsyncOpenAI:
+        headers = {}
+        if campaign is not None:
+            headers["X-Campaign-Id"] = campaign
+        if session is not None:
+            headers["X-Session-Id"] = session
+        return AsyncOpenAI(base_url=f"{self.url}/v1", api_key="sk-test-key", max_retries=0,
+                           default_headers=headers, **kwargs)
+
+
+ProxyFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def start_proxy(database_url: str, fake: FakeUpstream) -> AsyncIterator[ProxyFactory]:
+    """Start proxies (several may share the database); all stopped at teardown."""
+    started: list[Proxy] = []
+
+    async def factory(**values: Any) -> Proxy:
+        values.setdefault("database_url", database_url)
+        values.setdefault("upstream_base_url", fake.url)
+        values.setdefault("proxy_port", free_port())
+        proxy = Proxy(make_settings(**values), CollectorRegistry())
+        await proxy.start()
+        started.append(proxy)
+        return proxy
+
+    yield factory
+    for proxy in reversed(started):
+        await proxy.stop()
+
+
+@pytest.fixture
+async def proxy(start_proxy: ProxyFactory) -> Proxy:
+    result: Proxy = await start_proxy()
+    return result

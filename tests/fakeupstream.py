@@ -1,0 +1,290 @@
+"""A fake OpenAI API on a real loopback port: the upstream of the proxy in tests.
+
+Answers chat completions, legacy completions, embeddings and responses (streamed and not) with
+bodies shaped like OpenAI's, and can misbehave on request: delays, error statuses, compressed
+bodies, streams cut off mid-way, half-written SSE lines, resets. Every request is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import struct
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import brotli
+import orjson
+from aiohttp import web
+
+ERRORS = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
+          404: ("invalid_request_error", "model_not_found"), 429: ("requests", "rate_limit_exceeded"),
+          500: ("server_error", None), 503: ("server_error", None)}
+
+
+@dataclass
+class Behaviour:
+    prompt_tokens: int = 12
+    completion_tokens: int | None = None  # None: one per streamed word
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    model: str | None = None
+    reply: str = "The goblin king grins."
+    delay: float = 0.0
+    chunk_delay: float = 0.0
+    status: int = 200
+    error_body: dict[str, Any] | None = None
+    encoding: str | None = None  # gzip, deflate or br for JSON bodies
+    disconnect_after_chunks: int | None = None
+    omit_usage: bool = False
+    half_line_then_close: bool = False
+    reset_before_response: bool = False
+    response_id: str | None = None
+    hold: asyncio.Event | None = None
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    json: Any = None
+
+
+@dataclass
+class FakeUpstream:
+    path_prefix: str = ""
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    requests: list[Recorded] = field(default_factory=list)
+    url: str = ""
+
+    async def __aenter__(self) -> FakeUpstream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=100 * 1024 * 1024)
+        app.router.add_route("*", self.path_prefix + "/v1/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}{self.path_prefix}"
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+    def hits(self, suffix: str) -> int:
+        return sum(1 for r in self.requests if r.path.endswith(suffix))
+
+    # -- handling --------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        path = request.path.removeprefix(self.path_prefix)
+        query = request.raw_path.partition("?")[2]
+        recorded = Recorded(request.method, path, query, dict(request.headers), body)
+        try:
+            recorded.json = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            recorded.json = None
+        self.requests.append(recorded)
+        b = self.behaviour
+        if b.hold is not None:
+            await b.hold.wait()
+        if b.delay:
+            await asyncio.sleep(b.delay)
+        if b.reset_before_response:
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        if b.status != 200:
+            kind, code = ERRORS.get(b.status, ("server_error", None))
+            error = b.error_body or {"error": {"message": f"fake error {b.status}", "type": kind,
+                                               "param": None, "code": code}}
+            return web.json_response(error, status=b.status)
+        if path == "/v1/models" and request.method == "GET":
+            return web.json_response({"object": "list", "data": [
+                {"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "system"}]})
+        handlers = {"/v1/chat/completions": self._chat, "/v1/completions": self._completions,
+                    "/v1/embeddings": self._embeddings, "/v1/responses": self._responses}
+        handler = handlers.get(path) if request.method == "POST" else None
+        if handler is None:
+            return web.json_response({"method": request.method, "path": path,
+                                      "query": query,
+                                      "headers": dict(request.headers), "body": body.decode("latin-1")})
+        if not isinstance(recorded.json, dict):
+            return web.json_response({"error": {"message": "We could not parse the JSON body of your "
+                                                "request.", "type": "invalid_request_error",
+                                                "param": None, "code": None}}, status=400)
+        return await handler(request, recorded.json)
+
+    def _model(self, body: dict[str, Any]) -> str:
+        if self.behaviour.model:
+            return self.behaviour.model
+        model = str(body.get("model") or "gpt-4o-mini")
+        return model + "-2024-07-18" if model == "gpt-4o-mini" else model
+
+    def _id(self, prefix: str) -> str:
+        return self.behaviour.response_id or f"{prefix}{uuid.uuid4().hex}"
+
+    def _words(self) -> list[str]:
+        words = self.behaviour.reply.split(" ")
+        return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+    def _completion_tokens(self) -> int:
+        b = self.behaviour
+        return b.completion_tokens if b.completion_tokens is not None else len(self._words())
+
+    def _chat_usage(self) -> dict[str, Any]:
+        b = self.behaviour
+        out = self._completion_tokens()
+        return {"prompt_tokens": b.prompt_tokens, "completion_tokens": out,
+                "total_tokens": b.prompt_tokens + out,
+                "prompt_tokens_details": {"cached_tokens": b.cached_tokens, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": b.reasoning_tokens, "audio_tokens": 0,
+                                              "accepted_prediction_tokens": 0,
+                                              "rejected_prediction_tokens": 0}}
+
+    def _json(self, payload: dict[str, Any]) -> web.Response:
+        data = orjson.dumps(payload)
+        headers = {"Content-Type": "application/json", "x-request-id": f"req_{uuid.uuid4().hex[:12]}"}
+        encoding = self.behaviour.encoding
+        if encoding:
+            data = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress}[encoding](data)
+            headers["Content-Encoding"] = encoding
+        return web.Response(body=data, headers=headers)
+
+    async def _stream(self, request: web.Request, events: list[bytes]) -> web.StreamResponse:
+        b = self.behaviour
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        for index, event in enumerate(events):
+            if b.disconnect_after_chunks is not None and index >= b.disconnect_after_chunks:
+                if b.half_line_then_close:
+                    await response.write(b'data: {"id":"chatc')
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            await response.write(event)
+            if b.chunk_delay:
+                await asyncio.sleep(b.chunk_delay)
+        await response.write_eof()
+        return response
+
+    async def _chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        return await self._choices(request, body, chat=True)
+
+    async def _completions(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        return await self._choices(request, body, chat=False)
+
+    async def _choices(self, request: web.Request, body: dict[str, Any], *, chat: bool) -> web.StreamResponse:
+        b = self.behaviour
+        rid, model, created = self._id("chatcmpl-" if chat else "cmpl-"), self._model(body), int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        if not body.get("stream"):
+            choice: dict[str, Any] = (
+                {"index": 0, "message": {"role": "assistant", "content": b.reply, "refusal": None},
+                 "logprobs": None, "finish_reason": "stop"} if chat else
+                {"index": 0, "text": b.reply, "logprobs": None, "finish_reason": "stop"})
+            payload: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model,
+                                       "choices": [choice], "system_fingerprint": "fp_fake"}
+            if not b.omit_usage:
+                payload["usage"] = self._chat_usage()
+            return self._json(payload)
+        include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list[dict[str, Any]], usage: Any = None, final: bool = False) -> bytes:
+            event: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model,
+                                     "system_fingerprint": "fp_fake", "choices": choices}
+            if include_usage:
+                event["usage"] = usage
+            return b"data: " + orjson.dumps(event) + b"\n\n"
+
+        def piece(text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+            if not chat:
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
+                {"content": text} if text is not None else {})
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        events = [chunk([piece(None, role=True)])] if chat else []
+        events += [chunk([piece(word)]) for word in self._words()]
+        events.append(chunk([piece(None if chat else "", "stop")]))
+        if include_usage and not b.omit_usage:
+            events.append(chunk([], self._chat_usage(), final=True))
+        events.append(b"data: [DONE]\n\n")
+        return await self._stream(request, events)
+
+    async def _embeddings(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        inputs = body.get("input")
+        count = len(inputs) if isinstance(inputs, list) and not all(isinstance(i, int) for i in inputs) else 1
+        vector = [0.1 * (i + 1) for i in range(8)]
+        encoded: Any = vector
+        if body.get("encoding_format") == "base64":
+            encoded = base64.b64encode(struct.pack("<8f", *vector)).decode()
+        payload = {"object": "list", "model": self._model(body),
+                   "data": [{"object": "embedding", "index": i, "embedding": encoded} for i in range(count)],
+                   "usage": {"prompt_tokens": self.behaviour.prompt_tokens,
+                             "total_tokens": self.behaviour.prompt_tokens}}
+        if self.behaviour.omit_usage:
+            del payload["usage"]
+        return self._json(payload)
+
+    def _response(self, rid: str, model: str, status: str, text: str | None) -> dict[str, Any]:
+        b = self.behaviour
+        out = self._completion_tokens()
+        output = [] if text is None else [{
+            "id": "msg_fake", "type": "message", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}]
+        usage = None if status != "completed" or b.omit_usage else {
+            "input_tokens": b.prompt_tokens, "input_tokens_details": {"cached_tokens": b.cached_tokens},
+            "output_tokens": out, "output_tokens_details": {"reasoning_tokens": b.reasoning_tokens},
+            "total_tokens": b.prompt_tokens + out}
+        return {"id": rid, "object": "response", "created_at": int(time.time()), "status": status,
+                "model": model, "output": output, "parallel_tool_calls": True, "tool_choice": "auto",
+                "tools": [], "temperature": 1.0, "top_p": 1.0, "error": None,
+                "incomplete_details": None, "instructions": None, "metadata": {}, "usage": usage}
+
+    async def _responses(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        rid, model = self._id("resp_"), self._model(body)
+        if not body.get("stream"):
+            return self._json(self._response(rid, model, "completed", self.behaviour.reply))
+        seq = iter(range(10_000))
+
+        def event(kind: str, **fields: Any) -> bytes:
+            data = {"type": kind, "sequence_number": next(seq), **fields}
+            return f"event: {kind}\n".encode() + b"data: " + orjson.dumps(data) + b"\n\n"
+
+        item = {"id": "msg_fake", "type": "message", "status": "in_progress", "role": "assistant",
+                "content": []}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        done_part = {**part, "text": self.behaviour.reply}
+        done_item = {**item, "status": "completed", "content": [done_part]}
+        events = [event("response.created", response=self._response(rid, model, "in_progress", None)),
+                  event("response.in_progress", response=self._response(rid, model, "in_progress", None)),
+                  event("response.output_item.added", output_index=0, item=item),
+                  event("response.content_part.added", item_id="msg_fake", output_index=0,
+                        content_index=0, part=part)]
+        events += [event("response.output_text.delta", item_id="msg_fake", output_index=0,
+                         content_index=0, delta=word, logprobs=[]) for word in self._words()]
+        events += [event("response.output_text.done", item_id="msg_fake", output_index=0,
+                         content_index=0, text=self.behaviour.reply, logprobs=[]),
+                   event("response.content_part.done", item_id="msg_fake", output_index=0,
+                         content_index=0, part=done_part),
+                   event("response.output_item.done", output_index=0, item=done_item),
+                   event("response.completed",
+                         response=self._response(rid, model, "completed", self.behaviour.reply))]
+        return await self._stream(request, events)

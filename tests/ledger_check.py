@@ -1,0 +1,53 @@
+"""Recomputes every aggregate from `usage_records` and compares, to the last decimal."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from costing.models import CampaignCostAggregate, CampaignDailyCost, SessionCostSnapshot, UsageRecord
+
+R = UsageRecord
+SUMS = (func.sum(R.cost_usd), func.count(), func.sum(R.input_tokens), func.sum(R.cached_input_tokens),
+        func.sum(R.output_tokens), func.sum(R.reasoning_tokens))
+
+
+def _norm(values: Any) -> tuple[Any, ...]:
+    cost, *counts = values
+    return (Decimal(cost or 0).quantize(Decimal("1e-10")), *(int(c or 0) for c in counts))
+
+
+def _stored(row: Any) -> tuple[Any, ...]:
+    return _norm((row.cost_usd, row.requests, row.input_tokens, row.cached_input_tokens,
+                  row.output_tokens, row.reasoning_tokens))
+
+
+async def ledger_rows(engine: AsyncEngine) -> list[Any]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(select(R).order_by(R.created_at))).all())
+
+
+async def assert_aggregates_match_ledger(engine: AsyncEngine) -> dict[str, tuple[Any, ...]]:
+    """Campaign, session and daily totals equal the ledger's sums exactly; returns campaign sums."""
+    async with engine.connect() as conn:
+        by_campaign = {r[0]: _norm(r[1:]) for r in await conn.execute(
+            select(R.campaign_id, *SUMS).group_by(R.campaign_id))}
+        by_session = {(r[0], r[1]): _norm(r[2:]) for r in await conn.execute(
+            select(R.campaign_id, R.session_id, *SUMS).group_by(R.campaign_id, R.session_id))}
+        campaigns = {r.campaign_id: _stored(r) for r in await conn.execute(
+            select(CampaignCostAggregate).where(CampaignCostAggregate.requests > 0))}
+        sessions = {(r.campaign_id, r.session_id): _stored(r)
+                    for r in await conn.execute(select(SessionCostSnapshot))}
+        daily_rows = list(await conn.execute(select(CampaignDailyCost)))
+        records = list(await conn.execute(select(R.campaign_id, R.created_at, R.cost_usd)))
+    assert campaigns == by_campaign
+    assert sessions == by_session
+    by_day: dict[tuple[str, Any], Decimal] = {}
+    for campaign_id, created, cost in records:
+        key = (campaign_id, created.date())
+        by_day[key] = by_day.get(key, Decimal(0)) + cost
+    assert {(r.campaign_id, r.day): r.cost_usd for r in daily_rows} == by_day
+    return by_campaign
