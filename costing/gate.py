@@ -53,6 +53,7 @@ class CampaignView:
     lease: Decimal = ZERO
     lease_until: float = 0.0
     flushed: Decimal = ZERO
+    stale: bool = False
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -100,9 +101,9 @@ class BudgetGate:
         if view is None:
             view = await self._load(campaign_id)
         view.last_used = self.clock()
-        if view.total_spent >= view.budget.limit_usd:
+        if not view.stale and view.total_spent >= view.budget.limit_usd:
             raise BudgetExceeded(campaign_id, view.total_spent, view.budget.limit_usd, reservation)
-        if not self._fits_lease(view, reservation):
+        if view.stale or not self._fits_lease(view, reservation):
             async with view.lock:
                 if not self._fits_lease(view, reservation):
                     verified = await self._grow_lease(campaign_id, view, reservation)
@@ -157,6 +158,7 @@ class BudgetGate:
         # Renewed leases expire a little earlier locally than in the database, never later.
         view.lease_until = self.clock() + self.lease_seconds * 0.9
         view.budget = grant.budget
+        view.stale = False
         view.spent = max(view.spent, grant.spent)
         if not grant.admitted:
             raise BudgetExceeded(campaign_id, view.total_spent, grant.budget.limit_usd, reservation)
@@ -215,11 +217,12 @@ class BudgetGate:
                 view.lease_until = max(view.lease_until, renewed_until)
 
     def forget(self, campaign_id: str) -> None:
-        """Drop local lease state after a budget change so the next request re-reads the budget."""
+        """After a budget change: the next request re-reads the budget and leases anew."""
         view = self.views.get(campaign_id)
         if view is not None:
             view.lease = ZERO
             view.lease_until = 0.0
+            view.stale = True
 
     async def run(self, interval: float) -> None:
         while True:

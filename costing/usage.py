@@ -37,6 +37,9 @@ TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete
 CHARS_PER_TOKEN = 4
 # A picture costs at most ~1,100 tokens at high detail on current models; estimate that.
 TOKENS_PER_IMAGE = 1105
+# OpenAI's chat format adds a few tokens per message and to prime the reply.
+TOKENS_PER_MESSAGE = 4
+TOKENS_PER_REPLY = 3
 
 
 def operation_for(method: str, path: str) -> Operation | None:
@@ -205,7 +208,11 @@ def _prompt_tokens(operation: Operation, body: dict[str, Any]) -> int:
         c, i = _text_chars(value)
         chars += c
         images += i
-    return tokens_for_chars(chars) + images * TOKENS_PER_IMAGE
+    overhead = 0
+    messages = body.get("messages") if operation is Operation.CHAT else None
+    if isinstance(messages, list):
+        overhead = TOKENS_PER_MESSAGE * len(messages) + TOKENS_PER_REPLY
+    return tokens_for_chars(chars) + images * TOKENS_PER_IMAGE + overhead
 
 
 def request_facts(operation: Operation, body: Any) -> RequestFacts:

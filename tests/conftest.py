@@ -235,8 +235,9 @@ class Proxy:
             headers["X-Campaign-Id"] = campaign
         if session is not None:
             headers["X-Session-Id"] = session
-        return AsyncOpenAI(base_url=f"{self.url}/v1", api_key="sk-test-key", max_retries=0,
-                           default_headers=headers, **kwargs)
+        kwargs.setdefault("max_retries", 0)
+        return AsyncOpenAI(base_url=f"{self.url}/v1", api_key="sk-test-key", default_headers=headers,
+                           **kwargs)
 
 
 ProxyFactory = Callable[..., Any]

@@ -1,0 +1,185 @@
+"""Per-campaign budgets at the HTTP edge: thresholds, refusals the SDK understands, reservations
+under concurrency, several proxy processes on one database, overrides."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import aiohttp
+import openai
+import pytest
+
+from costing.budget import worst_case_cost
+from costing.pricing import PriceTable
+from costing.usage import Operation, request_facts
+from ledger_check import assert_aggregates_match_ledger, ledger_rows
+
+PRICES = PriceTable.load(default_per_1k_prompt=Decimal("0.00015"),
+                         default_per_1k_completion=Decimal("0.0006"))
+MESSAGES = [{"role": "user", "content": "Roll a d20 for the goblin."}]
+
+
+def call_cost(prompt_tokens: int, completion_tokens: int, model: str = "gpt-4o-mini") -> Decimal:
+    price = PRICES.quote(model).price
+    return (prompt_tokens * price.input + completion_tokens * price.output) / Decimal(1_000_000)
+
+
+async def test_warning_and_block_at_exactly_the_thresholds(start_proxy, fake):
+    fake.behaviour.prompt_tokens, fake.behaviour.completion_tokens = 1000, 1000
+    one = call_cost(1000, 1000)
+    proxy = await start_proxy(cost_warning_threshold_usd=one, cost_limit_threshold_usd=2 * one,
+                              budget_default_max_output_tokens=0)
+    client = proxy.client()
+    first = await client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
+    # Spent == warning after the first call (Decimal equality at the boundary): warned.
+    assert Decimal(first.headers["X-Campaign-Cost-USD"]) == one
+    assert "X-Cost-Warning" in first.headers
+    assert Decimal(first.headers["X-Campaign-Limit-USD"]) == 2 * one
+    assert Decimal(first.headers["X-Campaign-Remaining-USD"]) == one
+    second = await client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert Decimal(second.headers["X-Campaign-Cost-USD"]) == 2 * one
+    assert Decimal(second.headers["X-Campaign-Remaining-USD"]) == 0
+    upstream_calls = fake.hits("/chat/completions")
+    with pytest.raises(openai.RateLimitError) as caught:
+        await proxy.client(max_retries=3).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    error = caught.value
+    assert error.status_code == 429
+    assert error.body["code"] == "budget_exceeded" and error.body["type"] == "insufficient_quota"
+    assert error.response.headers["x-should-retry"] == "false"
+    assert 2 * one == Decimal("0.0015")  # 2 x (1000 x 0.15 + 1000 x 0.60) / 1M
+    assert error.body["message"] == "Campaign 'c1' reached its cost limit: $0.0015 spent of $0.0015"
+    # Not forwarded, and the SDK did not retry (max_retries=3 honoured x-should-retry: false).
+    assert fake.hits("/chat/completions") == upstream_calls
+
+
+async def test_one_quantum_below_the_warning_has_no_warning(start_proxy, fake):
+    fake.behaviour.prompt_tokens, fake.behaviour.completion_tokens = 1000, 1000
+    one = call_cost(1000, 1000)
+    proxy = await start_proxy(cost_warning_threshold_usd=one + Decimal("1e-10"),
+                              cost_limit_threshold_usd=10 * one)
+    raw = await proxy.client().chat.completions.with_raw_response.create(model="gpt-4o-mini",
+                                                                       messages=MESSAGES)
+    assert "X-Cost-Warning" not in raw.headers
+
+
+async def test_streamed_responses_carry_the_campaign_headers_and_warning(start_proxy, fake):
+    proxy = await start_proxy(cost_warning_threshold_usd=Decimal(0), cost_limit_threshold_usd=Decimal(1))
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(f"{proxy.url}/v1/chat/completions", headers={"X-Campaign-Id": "c1"},
+                                   json={"model": "gpt-4o-mini", "stream": True, "messages": MESSAGES})
+        await response.read()
+    for name in ("X-Campaign-Cost-USD", "X-Campaign-Limit-USD", "X-Campaign-Remaining-USD",
+                 "X-Cost-Warning"):
+        assert name in response.headers
+
+
+async def test_concurrent_requests_reserve_and_exactly_the_affordable_ones_pass(start_proxy, fake):
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 100}
+    facts = request_facts(Operation.CHAT, body)
+    reservation = worst_case_cost(PRICES.quote("gpt-4o-mini").price, facts, 4096)
+    # The upstream counts the prompt as the proxy estimated it and answers with max_tokens.
+    fake.behaviour.prompt_tokens = facts.prompt_tokens
+    proxy = await start_proxy(cost_warning_threshold_usd=Decimal(0),
+                              cost_limit_threshold_usd=50 * reservation)
+    # Hold every upstream answer until all 200 requests were decided.
+    fake.behaviour.hold = asyncio.Event()
+    fake.behaviour.completion_tokens = 100
+    client = proxy.client()
+
+    async def call() -> str:
+        try:
+            await client.chat.completions.create(**body)
+            return "ok"
+        except openai.RateLimitError as exc:
+            assert exc.body["code"] == "budget_exceeded"
+            return "refused"
+
+    tasks = [asyncio.create_task(call()) for _ in range(200)]
+    for _ in range(200):
+        if sum(t.done() for t in tasks) == 150:
+            break
+        await asyncio.sleep(0.05)
+    fake.behaviour.hold.set()
+    results = await asyncio.gather(*tasks)
+    assert results.count("ok") == 50 and results.count("refused") == 150
+    assert fake.hits("/chat/completions") == 50
+    await proxy.flush()
+    totals = await assert_aggregates_match_ledger(proxy.engine)
+    assert totals["c1"][0] <= 50 * reservation
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_two_proxy_processes_on_one_database_enforce_one_budget(start_proxy, fake):
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 100}
+    facts = request_facts(Operation.CHAT, body)
+    reservation = worst_case_cost(PRICES.quote("gpt-4o-mini").price, facts, 4096)
+    fake.behaviour.prompt_tokens = facts.prompt_tokens
+    limit = 40 * reservation
+    settings = {"cost_warning_threshold_usd": Decimal(0), "cost_limit_threshold_usd": limit}
+    replicas = [await start_proxy(**settings), await start_proxy(**settings)]
+    fake.behaviour.completion_tokens = 100
+    clients = [r.client() for r in replicas]
+
+    async def call(i: int) -> bool:
+        try:
+            await clients[i % 2].chat.completions.create(**body)
+            return True
+        except openai.RateLimitError:
+            return False
+
+    results = await asyncio.gather(*(call(i) for i in range(200)))
+    for replica in replicas:
+        await replica.flush()
+    rows = await ledger_rows(replicas[0].engine)
+    spent = sum(r.cost_usd for r in rows)
+    assert spent <= limit
+    assert sum(results) == len(rows) == fake.hits("/chat/completions")
+    assert sum(results) > 0
+    await assert_aggregates_match_ledger(replicas[0].engine)
+
+
+async def test_budget_override_revert_and_validation(proxy, fake):
+    async with aiohttp.ClientSession() as http:
+        url = f"{proxy.url}/costs/campaigns/c1/budget"
+        put = await http.put(url, json={"warning_usd": "0", "limit_usd": "0"})
+        assert put.status == 200
+        assert (await put.json())["budget"]["limit_usd"] == "0.00"
+        # The next request already sees the new budget.
+        with pytest.raises(openai.RateLimitError):
+            await proxy.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert fake.hits("/chat/completions") == 0
+        reverted = await http.delete(url)
+        assert reverted.status == 200
+        budget = (await reverted.json())["budget"]
+        assert (budget["warning_usd"], budget["limit_usd"], budget["source"]) == ("1.00", "5.00", "default")
+        await proxy.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert fake.hits("/chat/completions") == 1
+        for bad, status, param in [
+            ({"warning_usd": "-1", "limit_usd": "5"}, 422, "warning_usd"),
+            ({"warning_usd": "6", "limit_usd": "5"}, 422, "warning_usd"),
+            ({"warning_usd": "1"}, 422, "limit_usd"),
+            ({"warning_usd": "abc", "limit_usd": "5"}, 422, "warning_usd"),
+            ({"warning_usd": True, "limit_usd": "5"}, 422, "warning_usd"),
+            ({"warning_usd": "NaN", "limit_usd": "5"}, 422, "warning_usd"),
+        ]:
+            response = await http.put(url, json=bad)
+            assert response.status == status, bad
+            error = (await response.json())["error"]
+            assert error["param"] == param and error["message"]
+        malformed = await http.put(url, data=b"{nope", headers={"Content-Type": "application/json"})
+        assert malformed.status == 400
+        assert (await malformed.json())["error"]["code"] == "invalid_json"
+        numbers = await http.put(url, data=b'{"warning_usd": 0.5, "limit_usd": 2}')
+        assert (await numbers.json())["budget"]["warning_usd"] == "0.50"
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_a_budget_change_reaches_the_other_replica(start_proxy, fake):
+    a, b = await start_proxy(), await start_proxy()
+    await b.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    async with aiohttp.ClientSession() as http:
+        await http.put(f"{a.url}/costs/campaigns/c1/budget", json={"warning_usd": "0", "limit_usd": "0"})
+    await asyncio.sleep(1.5)  # one budget refresh interval of replica b
+    with pytest.raises(openai.RateLimitError):
+        await b.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
