@@ -117,7 +117,7 @@ async def _send(request: web.Request, headers: CIMultiDict[str], body: object,
     return response
 
 
-async def _body_stream(request: web.Request, limit: int):  # type: ignore[no-untyped-def]
+async def _body_stream(request: web.Request, limit: int):
     seen = 0
     async for chunk in request.content.iter_any():
         seen += len(chunk)

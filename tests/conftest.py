@@ -26,12 +26,12 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
+from fakeupstream import FakeUpstream
 from openai import AsyncOpenAI
 from prometheus_client import CollectorRegistry
 
 from costing import schema
 from costing.settings import Settings
-from fakeupstream import FakeUpstream
 from proxy.app import create_app
 from proxy.state import ENGINE, GATE, LEDGER, METRICS, STORE
 
@@ -221,9 +221,9 @@ class Proxy:
     def metrics(self) -> Any:
         return self.app[METRICS]
 
-    async def flush(self, timeout: float = 10.0) -> None:
+    async def flush(self, within: float = 10.0) -> None:
         """Wait until every record handed to the ledger is committed."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while len(self.ledger) or self.gate.in_flight_requests:
             if time.monotonic() > deadline:
                 raise AssertionError(f"ledger still holds {len(self.ledger)} records")

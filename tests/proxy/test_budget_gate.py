@@ -9,11 +9,11 @@ from decimal import Decimal
 import aiohttp
 import openai
 import pytest
+from ledger_check import assert_aggregates_match_ledger, ledger_rows
 
 from costing.budget import worst_case_cost
 from costing.pricing import PriceTable
 from costing.usage import Operation, request_facts
-from ledger_check import assert_aggregates_match_ledger, ledger_rows
 
 PRICES = PriceTable.load(default_per_1k_prompt=Decimal("0.00015"),
                          default_per_1k_completion=Decimal("0.0006"))

@@ -10,9 +10,9 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from ledger_check import assert_aggregates_match_ledger, ledger_rows
 
 from costing.pricing import PriceTable
-from ledger_check import assert_aggregates_match_ledger, ledger_rows
 
 PRICES = PriceTable.load(default_per_1k_prompt=Decimal("0.00015"),
                          default_per_1k_completion=Decimal("0.0006"))
@@ -276,7 +276,7 @@ async def test_client_disconnect_mid_stream_still_records_usage(proxy, fake):
         if seen == 5:
             break
     await stream.close()
-    await proxy.flush(timeout=15)
+    await proxy.flush(within=15)
     [row] = await ledger_rows(proxy.engine)
     assert row.estimated and row.output_tokens > 0
     await assert_aggregates_match_ledger(proxy.engine)

@@ -1,0 +1,103 @@
+"""/metrics: values equal the ledger, the exposition passes promtool, cardinality is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from asyncio.subprocess import PIPE
+from decimal import Decimal
+
+import aiohttp
+import openai
+import pytest
+from conftest import IN_CI
+from ledger_check import ledger_rows
+from prometheus_client.parser import text_string_to_metric_families
+
+
+async def _scrape(proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+async def test_metrics_equal_the_ledger(proxy, fake):
+    fake.behaviour.cached_tokens, fake.behaviour.reasoning_tokens = 4, 3
+    for i in range(5):
+        await proxy.client(campaign=f"m{i % 2}").chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    fake.behaviour.status = 500
+    with pytest.raises(openai.InternalServerError):
+        await proxy.client(campaign="m0").chat.completions.create(model="gpt-4o-mini", messages=[])
+    await proxy.flush()
+    rows = await ledger_rows(proxy.engine)
+    samples = await _scrape(proxy)
+    for campaign in ("m0", "m1"):
+        mine = [r for r in rows if r.campaign_id == campaign]
+        cost = sum((float(v) for (n, labels), v in samples.items()
+                    if n == "llm_cost_usd_total" and ("campaign", campaign) in labels), 0.0)
+        assert cost == pytest.approx(float(sum(r.cost_usd for r in mine)), rel=1e-12)
+        for kind, column in [("input", "input_tokens"), ("cached_input", "cached_input_tokens"),
+                             ("output", "output_tokens"), ("reasoning", "reasoning_tokens")]:
+            tokens = sum(v for (n, labels), v in samples.items() if n == "llm_tokens_total"
+                         and ("campaign", campaign) in labels and ("type", kind) in labels)
+            assert tokens == sum(getattr(r, column) for r in mine)
+        for status in {r.status_code for r in mine}:
+            count = sum(v for (n, labels), v in samples.items() if n == "llm_requests_total"
+                        and ("campaign", campaign) in labels and ("status", str(status)) in labels)
+            assert count == sum(1 for r in mine if r.status_code == status)
+    assert not any("session" in k for (_, labels) in samples for k, _ in labels)
+    assert samples[("llm_ledger_records_dropped_total", ())] == 0
+    assert any(n == "gen_ai_client_token_usage_bucket" for n, _ in samples)
+    assert any(n == "gen_ai_client_operation_duration_seconds_count" and ("error_type", "500") in labels
+               for n, labels in samples)
+
+
+async def test_budget_gauges_come_from_the_stored_aggregates(proxy, fake):
+    await proxy.client(campaign="g1").chat.completions.create(model="gpt-4o", messages=[])
+    await proxy.flush()
+    [row] = await ledger_rows(proxy.engine)
+    proxy.metrics.budgets.rows = await proxy.store.budget_gauges(10)
+    samples = await _scrape(proxy)
+    assert Decimal(str(samples[("llm_budget_spent_usd", (("campaign", "g1"),))])) == row.cost_usd
+    assert samples[("llm_budget_limit_usd", (("campaign", "g1"),))] == 5.0
+
+
+async def test_exposition_passes_promtool(proxy, fake):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if IN_CI:
+            pytest.fail("promtool (Debian package prometheus) is required in CI")
+        pytest.skip("promtool not installed")
+    await proxy.client().chat.completions.create(model="gpt-4o", messages=[])
+    await proxy.flush()
+    async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/metrics") as response:
+        text = await response.read()
+    check = await asyncio.create_subprocess_exec(promtool, "check", "metrics", stdin=PIPE, stdout=PIPE,
+                                                 stderr=PIPE)
+    out, err = await check.communicate(text)
+    assert check.returncode == 0, err
+    assert out == b"" and err == b""  # not even a lint hint
+
+
+async def test_5000_campaigns_keep_the_scrape_bounded(start_proxy, fake):
+    proxy = await start_proxy(metrics_max_campaigns=50)
+    from datetime import UTC, datetime
+
+    from costing.records import UsageEntry
+    from costing.usage import Usage
+
+    entries = [UsageEntry(f"camp-{i}", "s", "chat.completions", "gpt-4o", "gpt-4o", Usage(1, 0, 1, 0),
+                          Decimal("0.00001"), False, False, False, 200, 1, datetime.now(UTC))
+               for i in range(5000)]
+    proxy.metrics.on_flushed(entries, entries, 0.01)
+    samples = await _scrape(proxy)
+    campaigns = {dict(labels).get("campaign") for _, labels in samples} - {None}
+    assert len(campaigns) == 51 and "_other" in campaigns
+    series = sum(1 for name, _ in samples if name.startswith("llm_cost_usd"))
+    assert series <= 2 * 51
