@@ -15,7 +15,6 @@ import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from importlib import resources
 from typing import Any
 
 import orjson
@@ -245,11 +244,6 @@ async def delete_budget(request: web.Request) -> web.Response:
     return ok(campaign_json(campaign))
 
 
-async def openapi(_request: web.Request) -> web.Response:
-    document = resources.files("proxy").joinpath("openapi.json").read_bytes()
-    return web.Response(body=document, content_type="application/json")
-
-
 # -- access ----------------------------------------------------------------------------------------
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -284,7 +278,6 @@ def setup(app: web.Application) -> None:
     """Mount /costs as a sub-application: its access rule never touches the /v1 hot path."""
     costs = web.Application(middlewares=[access_middleware])
     r = costs.router
-    r.add_get("/openapi.json", openapi)
     r.add_get("/campaigns", list_campaigns)
     r.add_get("/campaigns/{campaign_id}", get_campaign)
     r.add_get("/campaigns/{campaign_id}/sessions", list_sessions)
