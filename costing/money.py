@@ -9,6 +9,9 @@ from decimal import ROUND_HALF_EVEN, Decimal
 QUANTUM = Decimal("1e-10")
 SCALE = 10**10
 ZERO = Decimal(0)
+# The largest amount a NUMERIC(20,10) column holds is just under 1e10; a billion dollars is
+# plenty for any budget and keeps sums of many amounts storable.
+MAX_USD = Decimal(10**9)
 
 
 def quantize(amount: Decimal) -> Decimal:
@@ -42,4 +45,6 @@ def parse_usd(text: str) -> Decimal:
         raise ValueError(f"not a decimal number: {text!r}") from exc
     if not value.is_finite():
         raise ValueError(f"not a finite number: {text!r}")
+    if abs(value) > MAX_USD:
+        raise ValueError(f"too large: {text!r} (at most {MAX_USD})")
     return quantize(value)

@@ -134,6 +134,8 @@ def parse_prices(raw: Any) -> dict[str, Price]:
     if not isinstance(raw, dict):
         raise PriceTableError("a price table is an object of model -> {input, cached_input, output}")
     table = raw.get("models", raw)
+    if not isinstance(table, dict):
+        raise PriceTableError("'models' in a price table must be an object of model -> prices")
     prices: dict[str, Price] = {}
     for model, entry in table.items():
         if model.startswith("_"):

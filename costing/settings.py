@@ -14,6 +14,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from costing.money import MAX_USD
+
 TAG_HEADER_PATTERN = r"^[A-Za-z][A-Za-z0-9-]{0,63}$"
 
 
@@ -66,12 +68,12 @@ class Settings(BaseSettings):
     proxy_host: str = "127.0.0.1"
     proxy_port: int = Field(8080, ge=0, le=65535)
 
-    openai_price_per_1k_prompt_tokens: Decimal = Field(Decimal("0.00015"), ge=0)
-    openai_price_per_1k_completion_tokens: Decimal = Field(Decimal("0.0006"), ge=0)
+    openai_price_per_1k_prompt_tokens: Decimal = Field(Decimal("0.00015"), ge=0, le=MAX_USD)
+    openai_price_per_1k_completion_tokens: Decimal = Field(Decimal("0.0006"), ge=0, le=MAX_USD)
     prices_file: Path | None = None
 
-    cost_warning_threshold_usd: Decimal = Field(Decimal("1.00"), ge=0)
-    cost_limit_threshold_usd: Decimal = Field(Decimal("5.00"), ge=0)
+    cost_warning_threshold_usd: Decimal = Field(Decimal("1.00"), ge=0, le=MAX_USD)
+    cost_limit_threshold_usd: Decimal = Field(Decimal("5.00"), ge=0, le=MAX_USD)
     budget_default_max_output_tokens: int = Field(4096, ge=0)
     budget_fail_closed: bool = False
     budget_lease_seconds: float = Field(30.0, gt=0)
@@ -107,7 +109,7 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL such as https://api.openai.com")
         return value.strip().rstrip("/")
 
-    @field_validator("openai_api_key", "costs_api_token", mode="before")
+    @field_validator("openai_api_key", "costs_api_token", "prices_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value

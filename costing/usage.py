@@ -75,6 +75,8 @@ class Reported:
 def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0
     return max(int(value), 0)
 
 
@@ -136,7 +138,8 @@ def event_text(event: Any) -> str:
         delta = event.get("delta")
         return delta if isinstance(delta, str) and kind.endswith(".delta") else ""
     parts: list[str] = []
-    for choice in event.get("choices") or ():
+    choices = event.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
         if not isinstance(choice, dict):
             continue
         if isinstance(choice.get("text"), str):
@@ -146,11 +149,16 @@ def event_text(event: Any) -> str:
             for key in ("content", "refusal", "reasoning_content"):
                 if isinstance(delta.get(key), str):
                     parts.append(delta[key])
-            for call in delta.get("tool_calls") or ():
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict) and isinstance(function.get("arguments"), str):
                     parts.append(function["arguments"])
     return "".join(parts)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def tokens_for_chars(chars: int) -> int:
@@ -169,25 +177,38 @@ class RequestFacts:
 
 
 def _text_chars(value: Any) -> tuple[int, int]:
-    """Characters of text and number of images in a prompt structure (messages, input...)."""
-    if isinstance(value, str):
-        if value.startswith("data:"):
-            return 0, 1
-        return len(value), 0
+    """Characters of text and number of images in a prompt structure (messages, input...).
+
+    Iterative, so a body nested as deep as the JSON decoder allows cannot exhaust the stack.
+    """
     chars = images = 0
-    if isinstance(value, dict):
-        if value.get("type") in ("image_url", "input_image", "image"):
-            return 0, 1
-        items: Any = value.values()
-    elif isinstance(value, list):
-        items = value
-    else:
-        return 0, 0
-    for item in items:
-        c, i = _text_chars(item)
-        chars += c
-        images += i
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if item.startswith("data:"):
+                images += 1
+            else:
+                chars += len(item)
+        elif isinstance(item, dict):
+            if item.get("type") in ("image_url", "input_image", "image"):
+                images += 1
+            else:
+                pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
     return chars, images
+
+
+def _token_ids(value: Any) -> int | None:
+    """Number of token ids in an already tokenized input (one array or a batch), else None."""
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(v, int) for v in value):
+        return len(value)
+    if all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value):
+        return sum(len(v) for v in value)
+    return None
 
 
 def _prompt_tokens(operation: Operation, body: dict[str, Any]) -> int:
@@ -200,10 +221,9 @@ def _prompt_tokens(operation: Operation, body: dict[str, Any]) -> int:
     chars = images = 0
     for field in fields:
         value = body.get(field)
-        if operation is not Operation.CHAT and isinstance(value, list) and value and all(
-            isinstance(v, int) for v in value
-        ):
-            chars += len(value) * CHARS_PER_TOKEN  # already tokenized input
+        token_ids = _token_ids(value) if operation is not Operation.CHAT else None
+        if token_ids is not None:
+            chars += token_ids * CHARS_PER_TOKEN
             continue
         c, i = _text_chars(value)
         chars += c
@@ -232,9 +252,10 @@ def request_facts(operation: Operation, body: Any) -> RequestFacts:
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 max_output = value
                 break
-    choices = body.get("n")
-    if max_output and isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
-        max_output *= choices
+    # Every candidate is billed: `n` choices, and for legacy completions `best_of` (>= n) of them.
+    candidates = max(_count(body.get("n")), _count(body.get("best_of")), 1)
+    if max_output:
+        max_output *= candidates
     return RequestFacts(model, stream, include_usage, _prompt_tokens(operation, body), max_output)
 
 

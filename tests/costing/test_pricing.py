@@ -1,0 +1,319 @@
+"""Pricing: the shipped table (USD per 1M tokens), snapshot resolution, the default price for
+unknown models, PRICES_FILE overrides, and the exact Decimal cost of a call.
+
+Specification of `costing.pricing`. Expected costs are computed here, by hand, from the
+table's published numbers, never by calling the code under test twice.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from costing.money import QUANTUM
+from costing.pricing import Price, PriceTable, PriceTableError, Quote, base_model, cost, parse_prices
+from costing.usage import Usage
+
+MILLION = Decimal(1_000_000)
+SHIPPED = json.loads(Path(__file__).resolve().parents[2].joinpath("costing", "prices.json").read_text())
+
+
+def load(prices_file: Path | None = None, prompt: str = "0.00015", completion: str = "0.0006") -> PriceTable:
+    return PriceTable.load(default_per_1k_prompt=Decimal(prompt),
+                           default_per_1k_completion=Decimal(completion), prices_file=prices_file)
+
+
+@pytest.fixture(scope="module")
+def table() -> PriceTable:
+    return load()
+
+
+# -- the cost of a call --------------------------------------------------------------------------
+
+
+def test_cost_of_a_known_call_by_hand(table):
+    """gpt-4o-mini: $0.15 input, $0.075 cached input, $0.60 output per 1M tokens."""
+    usage = Usage(input_tokens=1000, cached_input_tokens=400, output_tokens=500, reasoning_tokens=200)
+    by_hand = (600 * Decimal("0.15") + 400 * Decimal("0.075") + 500 * Decimal("0.60")) / MILLION
+    assert by_hand == Decimal("0.00042")
+    assert cost(table.quote("gpt-4o-mini").price, usage) == by_hand
+
+
+def test_cost_of_a_reasoning_model_call_by_hand(table):
+    """o3: $2.00 input, $0.50 cached input, $8.00 output per 1M tokens."""
+    usage = Usage(input_tokens=12_345, cached_input_tokens=10_000,
+                  output_tokens=6_789, reasoning_tokens=6_000)
+    by_hand = (2_345 * Decimal("2.00") + 10_000 * Decimal("0.50") + 6_789 * Decimal("8.00")) / MILLION
+    assert cost(table.quote("o3").price, usage) == by_hand == Decimal("0.064002")
+
+
+def test_cost_of_an_embeddings_call_by_hand(table):
+    usage = Usage(input_tokens=8_000)
+    assert cost(table.quote("text-embedding-3-small").price, usage) == 8_000 * Decimal("0.02") / MILLION
+
+
+def test_reasoning_tokens_are_billed_as_output_and_not_on_top_of_it(table):
+    price = table.quote("o4-mini").price
+    with_reasoning = Usage(input_tokens=100, output_tokens=500, reasoning_tokens=450)
+    without = Usage(input_tokens=100, output_tokens=500, reasoning_tokens=0)
+    assert cost(price, with_reasoning) == cost(price, without)
+
+
+def test_cached_input_is_billed_at_the_cached_price_instead_of_the_input_price(table):
+    price = table.quote("gpt-4.1").price
+    all_cached = cost(price, Usage(input_tokens=1_000_000, cached_input_tokens=1_000_000))
+    none_cached = cost(price, Usage(input_tokens=1_000_000))
+    assert (all_cached, none_cached) == (Decimal("0.50"), Decimal("2.00"))
+
+
+def test_a_call_without_tokens_costs_nothing(table):
+    assert cost(table.quote("gpt-5").price, Usage()) == 0
+
+
+def test_cached_tokens_above_the_input_never_make_a_negative_uncached_part():
+    price = Price(input=Decimal(10), cached_input=Decimal(1), output=Decimal(0))
+    assert cost(price, Usage(input_tokens=5, cached_input_tokens=8)) == 8 * Decimal(1) / MILLION
+
+
+def test_a_cost_is_a_decimal_on_the_storage_quantum(table):
+    amount = cost(table.quote("gpt-4o").price, Usage(input_tokens=1, output_tokens=1))
+    assert isinstance(amount, Decimal)
+    assert amount.as_tuple().exponent == QUANTUM.as_tuple().exponent == -10
+    assert amount == Decimal("0.0000125")
+
+
+def test_a_cost_below_the_quantum_is_rounded_half_even():
+    def one_token(per_million: str) -> Decimal:
+        return cost(Price(Decimal(per_million), Decimal(per_million), Decimal(0)), Usage(input_tokens=1))
+
+    assert one_token("0.00015") == Decimal("2E-10")  # 1.5e-10 -> 2e-10
+    assert one_token("0.00025") == Decimal("2E-10")  # 2.5e-10 -> 2e-10 (to even)
+    assert one_token("0.00004") == Decimal(0)
+
+
+def test_costs_are_exact_so_many_small_calls_add_up_to_one_big_one(table):
+    price = table.quote("gpt-4o-mini").price
+    small = cost(price, Usage(input_tokens=3, cached_input_tokens=1, output_tokens=7))
+    big = cost(price, Usage(input_tokens=3_000, cached_input_tokens=1_000, output_tokens=7_000))
+    assert small * 1000 == big
+
+
+# -- the shipped table ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [
+    "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o1", "o3", "o3-mini", "o4-mini",
+    "gpt-5", "gpt-5-mini", "gpt-5-nano", "text-embedding-3-small", "text-embedding-3-large",
+])
+def test_the_shipped_table_prices_current_models(table, model):
+    quote = table.quote(model)
+    assert not quote.priced_by_default
+    assert model in table
+    published = SHIPPED[model]
+    assert quote.price == Price(Decimal(published["input"]), Decimal(published["cached_input"]),
+                                Decimal(published["output"]))
+
+
+@pytest.mark.parametrize(("model", "inp", "cached", "out"), [
+    ("gpt-4o", "2.50", "1.25", "10.00"),
+    ("gpt-4o-mini", "0.15", "0.075", "0.60"),
+    ("gpt-4.1", "2.00", "0.50", "8.00"),
+    ("o4-mini", "1.10", "0.275", "4.40"),
+    ("gpt-5", "1.25", "0.125", "10.00"),
+    ("text-embedding-3-large", "0.13", "0.13", "0"),
+])
+def test_shipped_prices_are_openai_list_prices_per_million_tokens(table, model, inp, cached, out):
+    assert table.quote(model).price == Price(Decimal(inp), Decimal(cached), Decimal(out))
+
+
+def test_every_shipped_price_is_sane():
+    prices = parse_prices(SHIPPED)
+    assert len(prices) >= 30
+    for model, price in prices.items():
+        assert 0 <= price.cached_input <= price.input, model
+        assert price.output >= 0, model
+
+
+def test_embedding_models_have_no_output_price(table):
+    for model in ("text-embedding-3-small", "text-embedding-3-large", "text-embedding-ada-002"):
+        assert table.quote(model).price.output == 0
+
+
+# -- model names ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("snapshot", "base"), [
+    ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+    ("gpt-4-0613", "gpt-4"),
+    ("gpt-5-2025-08-07", "gpt-5"),
+    ("gpt-4.1-nano-2025-04-14", "gpt-4.1-nano"),
+    ("o3-mini-2025-01-31", "o3-mini"),
+    ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"),
+    ("gpt-4o", "gpt-4o"),
+    ("o1", "o1"),
+    ("gpt-4o-mini-realtime", "gpt-4o-mini-realtime"),
+])
+def test_base_model_strips_a_snapshot_date(snapshot, base):
+    assert base_model(snapshot) == base
+
+
+@pytest.mark.parametrize(("snapshot", "base"), [
+    ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+    ("gpt-4-0613", "gpt-4"),
+    ("gpt-5-2025-08-07", "gpt-5"),
+    ("gpt-4o-2024-08-06", "gpt-4o"),
+    ("o4-mini-2025-04-16", "o4-mini"),
+    ("gpt-4o-audio-preview-2024-12-17", "gpt-4o-audio-preview"),
+])
+def test_a_dated_snapshot_is_priced_as_its_base_model(table, snapshot, base):
+    assert table.quote(snapshot) == table.quote(base) == Quote(table.quote(base).price, False)
+
+
+def test_an_exact_snapshot_entry_wins_over_its_base_model(table):
+    assert table.quote("gpt-4o-2024-05-13").price == Price(Decimal("5.00"), Decimal("5.00"), Decimal("15.00"))
+    assert table.quote("gpt-4o").price.input == Decimal("2.50")
+
+
+def test_model_names_are_matched_case_insensitively_and_without_an_openai_prefix(table):
+    expected = table.quote("gpt-4o-mini")
+    assert table.quote("GPT-4o-Mini") == expected
+    assert table.quote("openai/gpt-4o-mini-2024-07-18") == expected
+
+
+# -- the default price ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["my-local-llama", "ft:gpt-4o-mini-2024-07-18:org::abc", "", None])
+def test_an_unknown_model_uses_the_default_price_and_is_marked(table, model):
+    quote = table.quote(model)
+    assert quote.priced_by_default
+    assert quote.price == Price(input=Decimal("0.15"), cached_input=Decimal("0.15"), output=Decimal("0.60"))
+    if model:
+        assert model not in table
+
+
+def test_the_default_price_is_the_per_1k_env_price_times_1000_per_million():
+    table = load(prompt="0.002", completion="0.0035")
+    assert table.default == Price(Decimal("2"), Decimal("2"), Decimal("3.5"))
+    by_hand = (1000 * Decimal("2") + 2000 * Decimal("3.5")) / MILLION
+    assert cost(table.quote("house-model").price, Usage(input_tokens=1000, output_tokens=2000)) == by_hand
+
+
+def test_the_default_price_does_not_change_known_models():
+    assert load(prompt="9", completion="9").quote("gpt-4o-mini").price.input == Decimal("0.15")
+
+
+# -- PRICES_FILE ---------------------------------------------------------------------------------
+
+
+def test_a_json_prices_file_adds_models_and_overrides_shipped_ones(tmp_path):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({
+        "_comment": "ignored",
+        "house-model": {"input": "3", "cached_input": "1.5", "output": "4"},
+        "gpt-4o": {"input": 1.25, "output": 5},
+    }))
+    table = load(path)
+    assert table.quote("house-model") == Quote(Price(Decimal(3), Decimal("1.5"), Decimal(4)), False)
+    assert table.quote("gpt-4o").price == Price(Decimal("1.25"), Decimal("1.25"), Decimal(5))
+    assert table.quote("gpt-4o-2024-08-06").price.input == Decimal("1.25")  # snapshots follow the override
+    assert table.quote("gpt-4o-mini").price.input == Decimal("0.15")  # the rest is still shipped
+
+
+def test_json_numbers_in_a_prices_file_are_read_as_exact_decimals(tmp_path):
+    path = tmp_path / "prices.json"
+    path.write_text('{"house-model": {"input": 0.1, "output": 0.3}}')
+    price = load(path).quote("house-model").price
+    assert (price.input, price.output) == (Decimal("0.1"), Decimal("0.3"))
+
+
+def test_cached_input_defaults_to_the_input_price(tmp_path):
+    path = tmp_path / "prices.json"
+    path.write_text('{"house-model": {"input": "2", "output": "8"}}')
+    assert load(path).quote("house-model").price.cached_input == Decimal(2)
+
+
+def test_a_prices_file_may_wrap_its_models_in_a_models_object(tmp_path):
+    path = tmp_path / "prices.json"
+    path.write_text('{"models": {"house-model": {"input": "2", "output": "8"}}}')
+    assert "house-model" in load(path)
+
+
+def test_a_toml_prices_file_adds_and_overrides(tmp_path):
+    path = tmp_path / "prices.toml"
+    path.write_text(
+        '["gpt-4.1"]\ninput = 1.1\ncached_input = 0.3\noutput = 4.4\n\n'
+        '[house-model]\ninput = "3"\noutput = 4\n'
+    )
+    table = load(path)
+    assert table.quote("gpt-4.1-2025-04-14").price == Price(Decimal("1.1"), Decimal("0.3"), Decimal("4.4"))
+    assert table.quote("house-model").price == Price(Decimal(3), Decimal(3), Decimal(4))
+
+
+def test_a_prices_file_model_name_is_matched_case_insensitively(tmp_path):
+    path = tmp_path / "prices.json"
+    path.write_text('{"House-Model": {"input": "2", "output": "8"}}')
+    assert not load(path).quote("house-model").priced_by_default
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("bad.json", '{"m": {"input": 1, "output": '),
+    ("bad.toml", "[m\ninput = 1\n"),
+])
+def test_a_prices_file_that_does_not_parse_is_named_in_the_error(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(PriceTableError, match=name):
+        load(path)
+
+
+def test_a_missing_prices_file_is_named_in_the_error(tmp_path):
+    path = tmp_path / "nowhere.json"
+    with pytest.raises(PriceTableError, match=r"cannot read .*nowhere\.json"):
+        load(path)
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    ({"input": "1"}, "needs 'input' and 'output'"),
+    ({"output": "1"}, "needs 'input' and 'output'"),
+    ("1.00", "needs 'input' and 'output'"),
+    ({"input": "-0.01", "output": "1"}, "input must be a non-negative number"),
+    ({"input": "1", "output": -2}, "output must be a non-negative number"),
+    ({"input": "1", "cached_input": "-1", "output": "1"}, "cached_input must be a non-negative number"),
+    ({"input": "one", "output": "1"}, "input is not a number"),
+    ({"input": [1], "output": "1"}, "input must be a number"),
+    ({"input": True, "output": "1"}, "input must be a number"),
+    ({"input": None, "output": "1"}, "input must be a number"),
+    ({"input": "1", "cached_input": None, "output": "1"}, "cached_input must be a number"),
+    ({"input": "NaN", "output": "1"}, "input must be a non-negative number"),
+    ({"input": "Infinity", "output": "1"}, "input must be a non-negative number"),
+])
+def test_an_invalid_entry_is_refused_naming_the_model_and_the_field(tmp_path, entry, problem):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"fine-model": {"input": "1", "output": "1"}, "broken-model": entry}))
+    with pytest.raises(PriceTableError) as caught:
+        load(path)
+    assert "'broken-model'" in str(caught.value)
+    assert problem in str(caught.value)
+
+
+def test_a_prices_file_that_is_not_an_object_is_refused(tmp_path):
+    path = tmp_path / "prices.json"
+    path.write_text('[{"input": 1, "output": 1}]')
+    with pytest.raises(PriceTableError, match="object of model"):
+        load(path)
+
+
+@pytest.mark.parametrize("models", [[{"input": 1, "output": 1}], "gpt-4o", 3])
+def test_a_models_key_that_is_not_an_object_is_refused(tmp_path, models):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"models": models}))
+    with pytest.raises(PriceTableError):
+        load(path)
+
+
+def test_price_table_error_is_a_value_error():
+    assert issubclass(PriceTableError, ValueError)

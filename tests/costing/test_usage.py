@@ -1,0 +1,621 @@
+"""Token usage: what OpenAI reports (response bodies, stream events) and what a request may use.
+
+Specification of `costing.usage`: every shape a metered operation can answer with, the
+stream events that carry usage and text, the facts read from a request body before it is
+forwarded, and tolerance of anything malformed (zeros or None, never an exception).
+"""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from costing.usage import (
+    CHARS_PER_TOKEN,
+    TOKENS_PER_IMAGE,
+    TOKENS_PER_MESSAGE,
+    TOKENS_PER_REPLY,
+    Operation,
+    Reported,
+    RequestFacts,
+    Usage,
+    estimate_usage,
+    event_text,
+    from_body,
+    from_event,
+    operation_for,
+    parse_usage,
+    request_facts,
+    tokens_for_chars,
+)
+
+# -- parse_usage: chat / completions / embeddings shape ------------------------------------------
+
+
+def test_chat_usage_reads_prompt_and_completion_tokens_with_their_details():
+    raw = {
+        "prompt_tokens": 1200, "completion_tokens": 300, "total_tokens": 1500,
+        "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 128, "audio_tokens": 0,
+                                      "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+    }
+    assert parse_usage(raw) == Usage(input_tokens=1200, cached_input_tokens=1024,
+                                     output_tokens=300, reasoning_tokens=128)
+
+
+def test_chat_usage_without_details_has_no_cached_or_reasoning_tokens():
+    raw = {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
+    assert parse_usage(raw) == Usage(9, 0, 12, 0)
+
+
+def test_embeddings_usage_has_only_prompt_tokens():
+    assert parse_usage({"prompt_tokens": 8, "total_tokens": 8}) == Usage(8, 0, 0, 0)
+
+
+def test_total_tokens_is_input_plus_output_whatever_the_upstream_says():
+    usage = parse_usage({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 999})
+    assert usage is not None and usage.total_tokens == 15
+
+
+# -- parse_usage: Responses shape ----------------------------------------------------------------
+
+
+def test_responses_usage_reads_input_and_output_tokens_with_their_details():
+    raw = {
+        "input_tokens": 2000, "output_tokens": 700, "total_tokens": 2700,
+        "input_tokens_details": {"cached_tokens": 1500},
+        "output_tokens_details": {"reasoning_tokens": 512},
+    }
+    assert parse_usage(raw) == Usage(2000, 1500, 700, 512)
+
+
+def test_responses_shape_is_recognised_by_output_tokens_alone():
+    assert parse_usage({"output_tokens": 4}) == Usage(0, 0, 4, 0)
+
+
+def test_responses_shape_ignores_chat_field_names():
+    """A Responses usage object is read with Responses names only: no mixing of the two shapes."""
+    raw = {"input_tokens": 3, "output_tokens": 2,
+           "prompt_tokens_details": {"cached_tokens": 3},
+           "completion_tokens_details": {"reasoning_tokens": 2}}
+    assert parse_usage(raw) == Usage(3, 0, 2, 0)
+
+
+# -- parse_usage: missing, null and garbage fields ------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [None, "usage", 42, 1.5, True, [], [{"prompt_tokens": 1}]])
+def test_a_usage_that_is_not_an_object_is_absent(raw):
+    assert parse_usage(raw) is None
+
+
+def test_an_empty_usage_object_is_zero_usage_not_absent():
+    assert parse_usage({}) == Usage(0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("garbage", [None, "12", "", [], {}, True, False, -7, -0.5])
+def test_a_token_count_that_is_not_a_non_negative_number_counts_as_zero(garbage):
+    assert parse_usage({"prompt_tokens": garbage, "completion_tokens": 3}) == Usage(0, 0, 3, 0)
+    assert parse_usage({"input_tokens": garbage, "output_tokens": 3}) == Usage(0, 0, 3, 0)
+
+
+def test_a_fractional_token_count_is_truncated():
+    assert parse_usage({"prompt_tokens": 10.9, "completion_tokens": 2.0}) == Usage(10, 0, 2, 0)
+
+
+@pytest.mark.parametrize("details", [None, "x", 3, [], [{"cached_tokens": 5}], {"cached_tokens": None},
+                                     {"cached_tokens": "5"}, {}])
+def test_null_or_garbage_details_mean_no_cached_or_reasoning_tokens(details):
+    chat = {"prompt_tokens": 10, "completion_tokens": 10,
+            "prompt_tokens_details": details, "completion_tokens_details": details}
+    responses = {"input_tokens": 10, "output_tokens": 10,
+                 "input_tokens_details": details, "output_tokens_details": details}
+    assert parse_usage(chat) == Usage(10, 0, 10, 0)
+    assert parse_usage(responses) == Usage(10, 0, 10, 0)
+
+
+def test_cached_tokens_are_clamped_to_the_input_tokens():
+    chat = {"prompt_tokens": 7, "prompt_tokens_details": {"cached_tokens": 9}}
+    responses = {"input_tokens": 7, "input_tokens_details": {"cached_tokens": 9}}
+    assert parse_usage(chat) == Usage(7, 7, 0, 0)
+    assert parse_usage(responses) == Usage(7, 7, 0, 0)
+
+
+def test_reasoning_tokens_are_clamped_to_the_output_tokens():
+    chat = {"completion_tokens": 3, "completion_tokens_details": {"reasoning_tokens": 50}}
+    responses = {"output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 50}}
+    assert parse_usage(chat) == Usage(0, 0, 3, 3)
+    assert parse_usage(responses) == Usage(0, 0, 3, 3)
+
+
+def test_details_without_their_total_are_clamped_to_zero():
+    raw = {"prompt_tokens_details": {"cached_tokens": 5},
+           "completion_tokens_details": {"reasoning_tokens": 5}}
+    assert parse_usage(raw) == Usage(0, 0, 0, 0)
+
+
+# -- from_body ----------------------------------------------------------------------------------
+
+
+def test_from_body_reads_usage_model_and_id_of_a_chat_completion():
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini-2024-07-18",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
+    assert from_body(body) == Reported(Usage(5, 0, 1, 0), "gpt-4o-mini-2024-07-18", "chatcmpl-1")
+
+
+def test_from_body_reads_a_responses_object():
+    body = {"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4.1",
+            "usage": {"input_tokens": 11, "output_tokens": 22,
+                      "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens_details": {"reasoning_tokens": 0}}}
+    assert from_body(body) == Reported(Usage(11, 0, 22, 0), "gpt-4.1", "resp_1")
+
+
+def test_from_body_of_an_embeddings_list_has_no_id():
+    body = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}],
+            "model": "text-embedding-3-small", "usage": {"prompt_tokens": 4, "total_tokens": 4}}
+    assert from_body(body) == Reported(Usage(4, 0, 0, 0), "text-embedding-3-small", None)
+
+
+@pytest.mark.parametrize("body", [None, "text", 1, [], [{"usage": {"prompt_tokens": 1}}]])
+def test_from_body_of_something_that_is_not_an_object_reports_nothing(body):
+    assert from_body(body) == Reported(None, None, None)
+
+
+@pytest.mark.parametrize("value", [None, "", 7, ["m"], {"m": 1}])
+def test_from_body_treats_an_empty_or_non_string_model_and_id_as_absent(value):
+    assert from_body({"model": value, "id": value}) == Reported(None, None, None)
+
+
+def test_an_error_body_reports_no_usage():
+    body = {"error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None}}
+    assert from_body(body) == Reported(None, None, None)
+
+
+# -- from_event: chat and legacy completion chunks -----------------------------------------------
+
+
+def _chat_chunk(content: str | None = None, *, usage=None, choices=True):
+    chunk = {"id": "chatcmpl-9", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06",
+             "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]
+             if choices else []}
+    if usage is not ...:
+        chunk["usage"] = usage
+    return chunk
+
+
+def test_chat_chunks_before_the_last_carry_model_and_id_but_no_usage():
+    assert from_event(_chat_chunk("Hel", usage=None)) == Reported(None, "gpt-4o-2024-08-06", "chatcmpl-9")
+    assert from_event(_chat_chunk("lo", usage=...)).usage is None
+
+
+def test_the_final_chat_chunk_carries_the_usage():
+    final = _chat_chunk(usage={"prompt_tokens": 8, "completion_tokens": 2,
+                               "prompt_tokens_details": {"cached_tokens": 0},
+                               "completion_tokens_details": {"reasoning_tokens": 0}}, choices=False)
+    assert from_event(final) == Reported(Usage(8, 0, 2, 0), "gpt-4o-2024-08-06", "chatcmpl-9")
+
+
+def test_a_legacy_completion_chunk_with_usage_is_read_like_a_body():
+    chunk = {"id": "cmpl-1", "object": "text_completion", "model": "gpt-3.5-turbo-instruct",
+             "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 16}}
+    assert from_event(chunk) == Reported(Usage(3, 0, 16, 0), "gpt-3.5-turbo-instruct", "cmpl-1")
+
+
+# -- from_event: Responses stream events ---------------------------------------------------------
+
+
+_RESPONSE = {"id": "resp_42", "object": "response", "model": "o4-mini-2025-04-16",
+             "usage": {"input_tokens": 30, "output_tokens": 90,
+                       "input_tokens_details": {"cached_tokens": 10},
+                       "output_tokens_details": {"reasoning_tokens": 64}}}
+
+
+def test_response_created_gives_id_and_model_without_usage():
+    created = {"type": "response.created", "sequence_number": 0,
+               "response": {**_RESPONSE, "status": "in_progress", "usage": None}}
+    assert from_event(created) == Reported(None, "o4-mini-2025-04-16", "resp_42")
+
+
+@pytest.mark.parametrize("kind", ["response.created", "response.in_progress", "response.queued",
+                                  "response.output_item.done"])
+def test_non_terminal_response_events_never_give_usage_even_if_one_is_present(kind):
+    reported = from_event({"type": kind, "response": _RESPONSE})
+    assert reported == Reported(None, "o4-mini-2025-04-16", "resp_42")
+
+
+@pytest.mark.parametrize("kind", ["response.completed", "response.incomplete", "response.failed"])
+def test_terminal_response_events_give_the_usage(kind):
+    assert from_event({"type": kind, "response": _RESPONSE}) == Reported(
+        Usage(30, 10, 90, 64), "o4-mini-2025-04-16", "resp_42")
+
+
+def test_a_failed_response_without_usage_gives_none():
+    failed = {"type": "response.failed", "response": {**_RESPONSE, "status": "failed", "usage": None}}
+    assert from_event(failed) == Reported(None, "o4-mini-2025-04-16", "resp_42")
+
+
+@pytest.mark.parametrize("event", [
+    {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "Hi"},
+    {"type": "response.completed"},
+    {"type": "response.completed", "response": "resp_42"},
+    {"type": "response.completed", "response": None},
+])
+def test_response_events_without_a_response_object_report_nothing(event):
+    assert from_event(event) == Reported(None, None, None)
+
+
+def test_response_event_usage_lives_inside_the_response_not_on_the_event():
+    event = {"type": "response.completed", "usage": {"input_tokens": 1, "output_tokens": 1},
+             "response": {"id": "resp_1", "model": "gpt-5"}}
+    assert from_event(event) == Reported(None, "gpt-5", "resp_1")
+
+
+@pytest.mark.parametrize("event", [None, "data", 0, [], ["response.completed"]])
+def test_from_event_of_something_that_is_not_an_object_reports_nothing(event):
+    assert from_event(event) == Reported(None, None, None)
+
+
+# -- event_text ---------------------------------------------------------------------------------
+
+
+def test_event_text_of_a_chat_delta_is_its_content():
+    assert event_text(_chat_chunk("Hello")) == "Hello"
+
+
+def test_event_text_of_a_chat_delta_includes_tool_call_arguments():
+    chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "roll", "arguments": ""}},
+        {"index": 1, "function": {"arguments": '{"dice":'}},
+        {"index": 2, "function": {"arguments": '"2d6"}'}},
+    ]}}]}
+    assert event_text(chunk) == '{"dice":"2d6"}'
+
+
+def test_event_text_includes_refusals_and_reasoning_content():
+    chunk = {"choices": [{"delta": {"refusal": "I can't"}}, {"delta": {"reasoning_content": " think"}}]}
+    assert event_text(chunk) == "I can't think"
+
+
+def test_event_text_joins_every_choice_of_an_n_greater_than_one_stream():
+    chunk = {"choices": [{"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}]}
+    assert event_text(chunk) == "ab"
+
+
+def test_event_text_of_a_legacy_completion_chunk_is_its_text():
+    chunk = {"id": "cmpl-1", "object": "text_completion",
+             "choices": [{"index": 0, "text": "Once upon", "finish_reason": None}]}
+    assert event_text(chunk) == "Once upon"
+
+
+def test_event_text_of_a_responses_output_text_delta_is_its_delta():
+    event = {"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0,
+             "content_index": 0, "delta": "Greetings"}
+    assert event_text(event) == "Greetings"
+
+
+def test_event_text_of_a_responses_function_call_arguments_delta_is_its_delta():
+    assert event_text({"type": "response.function_call_arguments.delta", "delta": '{"a":1}'}) == '{"a":1}'
+
+
+@pytest.mark.parametrize("event", [
+    {"type": "response.output_text.done", "text": "Greetings"},
+    {"type": "response.completed", "response": _RESPONSE},
+    {"type": "response.output_text.delta", "delta": None},
+    {"type": "response.output_text.delta", "delta": ["x"]},
+    {"choices": []},
+    {"choices": None},
+    {"choices": [{"delta": {"role": "assistant"}}]},
+    {"choices": [{"delta": {"content": None}, "finish_reason": "stop"}]},
+    {"choices": [{"delta": {"tool_calls": [{"function": {"arguments": None}}, "x", None]}}]},
+    {"choices": ["x", None, 3]},
+    None, "text", [],
+])
+def test_events_without_generated_text_give_the_empty_string(event):
+    assert event_text(event) == ""
+
+
+@pytest.mark.parametrize("event", [
+    {"choices": 5},
+    {"choices": True},
+    {"choices": [{"delta": {"tool_calls": 7}}]},
+])
+def test_event_text_never_raises_on_a_non_list_choices_or_tool_calls(event):
+    assert event_text(event) == ""
+
+
+# -- request_facts -------------------------------------------------------------------------------
+
+
+def _chat(**fields):
+    messages = [{"role": "user", "content": "Roll for initiative"}]
+    return {"model": "gpt-4o-mini", "messages": messages, **fields}
+
+
+def test_request_facts_read_model_stream_and_include_usage():
+    facts = request_facts(Operation.CHAT, _chat(stream=True, stream_options={"include_usage": True}))
+    assert (facts.model, facts.stream, facts.include_usage) == ("gpt-4o-mini", True, True)
+
+
+def test_a_request_streams_only_when_stream_is_exactly_true():
+    for value in (False, None, "true", 1, []):
+        assert request_facts(Operation.CHAT, _chat(stream=value)).stream is False
+    assert request_facts(Operation.CHAT, _chat()).stream is False
+
+
+def test_include_usage_is_true_only_when_stream_options_says_so_exactly():
+    for options in (None, {}, {"include_usage": False}, {"include_usage": "true"}, {"include_usage": 1},
+                    [{"include_usage": True}], "include_usage"):
+        facts = request_facts(Operation.CHAT, _chat(stream=True, stream_options=options))
+        assert facts.include_usage is False, options
+
+
+def test_a_missing_or_non_string_model_is_none():
+    assert request_facts(Operation.CHAT, {"messages": []}).model is None
+    assert request_facts(Operation.CHAT, {"model": 4}).model is None
+    assert request_facts(Operation.CHAT, {"model": ""}).model is None
+
+
+def test_max_completion_tokens_wins_over_max_tokens():
+    facts = request_facts(Operation.CHAT, _chat(max_tokens=500, max_completion_tokens=200))
+    assert facts.max_output_tokens == 200
+
+
+def test_max_tokens_is_the_cap_when_max_completion_tokens_is_absent():
+    assert request_facts(Operation.CHAT, _chat(max_tokens=500)).max_output_tokens == 500
+    assert request_facts(Operation.COMPLETIONS, {"prompt": "x", "max_tokens": 16}).max_output_tokens == 16
+
+
+def test_max_output_tokens_is_the_cap_of_a_responses_request():
+    facts = request_facts(Operation.RESPONSES, {"model": "gpt-5", "input": "hi", "max_output_tokens": 300})
+    assert facts.max_output_tokens == 300
+
+
+def test_max_tokens_wins_over_max_output_tokens():
+    facts = request_facts(Operation.RESPONSES, {"input": "hi", "max_tokens": 50, "max_output_tokens": 300})
+    assert facts.max_output_tokens == 50
+
+
+def test_an_unusable_cap_is_skipped_for_the_next_one():
+    for bad in (None, -1, "100", 1.5, True):
+        facts = request_facts(Operation.CHAT, _chat(max_completion_tokens=bad, max_tokens=70))
+        assert facts.max_output_tokens == 70, bad
+
+
+def test_without_a_cap_the_output_is_unbounded():
+    assert request_facts(Operation.CHAT, _chat()).max_output_tokens is None
+    assert request_facts(Operation.RESPONSES, {"input": "hi"}).max_output_tokens is None
+
+
+def test_a_zero_cap_is_a_cap():
+    assert request_facts(Operation.CHAT, _chat(max_tokens=0)).max_output_tokens == 0
+
+
+def test_embeddings_produce_no_output_tokens():
+    facts = request_facts(Operation.EMBEDDINGS, {"model": "text-embedding-3-small", "input": "abc",
+                                                 "max_tokens": 99})
+    assert facts.max_output_tokens == 0
+
+
+def test_n_choices_multiply_the_output_cap():
+    assert request_facts(Operation.CHAT, _chat(max_tokens=100, n=3)).max_output_tokens == 300
+    completion = request_facts(Operation.COMPLETIONS, {"prompt": "x", "max_tokens": 10, "n": 2})
+    assert completion.max_output_tokens == 20
+
+
+@pytest.mark.parametrize("n", [1, 0, -2, "3", 2.0, True, None])
+def test_an_n_that_is_not_an_integer_above_one_does_not_multiply(n):
+    assert request_facts(Operation.CHAT, _chat(max_tokens=100, n=n)).max_output_tokens == 100
+
+
+def test_n_does_not_invent_a_cap():
+    assert request_facts(Operation.CHAT, _chat(n=4)).max_output_tokens is None
+
+
+def test_best_of_candidates_multiply_the_output_cap_of_a_legacy_completion():
+    facts = request_facts(Operation.COMPLETIONS, {"prompt": "x", "max_tokens": 100, "best_of": 5})
+    assert facts.max_output_tokens == 500
+
+
+# -- request_facts: prompt token estimate --------------------------------------------------------
+
+
+def _prompt(operation: Operation, body) -> int:
+    return request_facts(operation, body).prompt_tokens
+
+
+def test_a_chat_prompt_is_estimated_at_four_characters_per_token_plus_message_overhead():
+    messages = [{"role": "system", "content": "s" * 94}, {"role": "user", "content": "u" * 40}]
+    chars = len("system") + 94 + len("user") + 40  # every string of the messages counts
+    expected = math.ceil(chars / CHARS_PER_TOKEN) + 2 * TOKENS_PER_MESSAGE + TOKENS_PER_REPLY
+    assert _prompt(Operation.CHAT, {"messages": messages}) == expected == 36 + 8 + 3
+
+
+def test_the_estimate_grows_by_one_token_per_four_characters():
+    short = _prompt(Operation.CHAT, _chat())
+    longer = _chat(messages=[{"role": "user", "content": "Roll for initiative" + "x" * 400}])
+    assert _prompt(Operation.CHAT, longer) == short + 100
+
+
+def test_tools_count_toward_a_chat_prompt():
+    tools = [{"type": "function", "function": {"name": "roll", "description": "d" * 400}}]
+    assert _prompt(Operation.CHAT, _chat(tools=tools)) > _prompt(Operation.CHAT, _chat()) + 100
+
+
+def test_a_completion_prompt_counts_prompt_and_suffix():
+    assert _prompt(Operation.COMPLETIONS, {"prompt": "p" * 40, "suffix": "s" * 40}) == 20
+    assert _prompt(Operation.COMPLETIONS, {"prompt": ["a" * 20, "b" * 20]}) == 10
+
+
+def test_an_embeddings_input_counts_every_string_without_chat_overhead():
+    assert _prompt(Operation.EMBEDDINGS, {"input": "x" * 8}) == 2
+    assert _prompt(Operation.EMBEDDINGS, {"input": ["x" * 8, "y" * 8]}) == 4
+
+
+def test_an_already_tokenized_input_counts_one_token_per_token_id():
+    assert _prompt(Operation.EMBEDDINGS, {"input": [101, 2023, 2003, 102]}) == 4
+    assert _prompt(Operation.COMPLETIONS, {"prompt": [1, 2, 3, 4, 5]}) == 5
+
+
+def test_a_batch_of_token_arrays_counts_one_token_per_token_id():
+    assert _prompt(Operation.EMBEDDINGS, {"input": [[101, 2023, 102], [101, 102]]}) == 5
+
+
+def test_a_responses_prompt_counts_input_instructions_and_tools():
+    base = _prompt(Operation.RESPONSES, {"input": "i" * 40})
+    assert base == 10
+    assert _prompt(Operation.RESPONSES, {"input": "i" * 40, "instructions": "n" * 40}) == 20
+    assert _prompt(Operation.RESPONSES, {"input": "i" * 40, "tools": [{"type": "web_search"}]}) > base
+
+
+def test_fields_that_are_not_prompt_do_not_count():
+    body = _chat()
+    assert _prompt(Operation.CHAT, {**body, "user": "u" * 4000, "metadata": {"k": "v" * 4000}}) == _prompt(
+        Operation.CHAT, body)
+
+
+def test_an_image_in_a_chat_message_counts_as_tokens_per_image():
+    text = {"role": "user", "content": [{"type": "text", "text": "What is this?"}]}
+    with_image = {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                              {"type": "image_url",
+                                               "image_url": {"url": "https://example.com/map.png"}}]}
+    assert _prompt(Operation.CHAT, {"messages": [with_image]}) == (
+        _prompt(Operation.CHAT, {"messages": [text]}) + TOKENS_PER_IMAGE)
+
+
+def test_an_input_image_in_a_responses_request_counts_as_tokens_per_image():
+    def body(*extra):
+        return {"input": [{"role": "user", "content": [{"type": "input_text", "text": "Describe"}, *extra]}]}
+
+    image = {"type": "input_image", "image_url": "https://example.com/a-very-long-url/" + "p" * 400}
+    assert _prompt(Operation.RESPONSES, body(image, image)) == _prompt(Operation.RESPONSES, body()) + (
+        2 * TOKENS_PER_IMAGE)
+
+
+def test_a_data_url_is_an_image_not_text():
+    def body(url):
+        return {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, url]}]}
+
+    small = _prompt(Operation.CHAT, body("data:image/png;base64," + "A" * 10))
+    huge = _prompt(Operation.CHAT, body("data:image/png;base64," + "A" * 400_000))
+    without = _prompt(Operation.CHAT, body(""))
+    assert small == huge == without + TOKENS_PER_IMAGE
+
+
+@pytest.mark.parametrize("operation", list(Operation))
+def test_a_body_that_is_not_an_object_has_no_facts(operation):
+    for body in (None, [], "x", 3):
+        assert request_facts(operation, body) == RequestFacts(None, False, False, 0, None)
+
+
+def test_a_deeply_nested_body_that_orjson_accepts_does_not_raise():
+    depth = 1020
+    body = orjson.loads(b'{"model":"m","messages":' + b"[" * depth + b"]" * depth + b"}")
+    facts = request_facts(Operation.CHAT, body)
+    assert facts.model == "m"
+
+
+# -- operation_for -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "operation"), [
+    ("/v1/chat/completions", Operation.CHAT),
+    ("/v1/completions", Operation.COMPLETIONS),
+    ("/v1/embeddings", Operation.EMBEDDINGS),
+    ("/v1/responses", Operation.RESPONSES),
+    ("/v1/chat/completions/", Operation.CHAT),
+    ("/v1/responses/", Operation.RESPONSES),
+])
+def test_posting_to_a_metered_path_is_a_metered_operation(path, operation):
+    assert operation_for("POST", path) is operation
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+def test_other_methods_on_metered_paths_are_only_forwarded(method):
+    assert operation_for(method, "/v1/chat/completions") is None
+    assert operation_for(method, "/v1/responses") is None
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/files", "/v1/chat/completions/chatcmpl-1",
+                                  "/v1/responses/resp_1", "/v1/responses/resp_1/cancel",
+                                  "/v1/images/generations", "/chat/completions", "/v2/chat/completions", "/"])
+def test_other_paths_are_only_forwarded(path):
+    assert operation_for("POST", path) is None
+
+
+def test_operations_are_named_by_their_openai_path():
+    assert [str(o) for o in Operation] == ["chat.completions", "completions", "embeddings", "responses"]
+
+
+# -- estimate_usage ------------------------------------------------------------------------------
+
+
+def test_an_interrupted_stream_is_estimated_from_its_prompt_and_streamed_characters():
+    assert estimate_usage(120, 401) == Usage(input_tokens=120, cached_input_tokens=0,
+                                             output_tokens=101, reasoning_tokens=0)
+
+
+def test_a_stream_interrupted_before_any_text_has_no_output():
+    assert estimate_usage(50, 0) == Usage(50, 0, 0, 0)
+
+
+def test_characters_round_up_to_whole_tokens():
+    assert [tokens_for_chars(c) for c in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+
+
+# -- never an exception --------------------------------------------------------------------------
+
+_KEYS = st.sampled_from([
+    "usage", "prompt_tokens", "completion_tokens", "input_tokens", "output_tokens",
+    "prompt_tokens_details", "completion_tokens_details", "input_tokens_details",
+    "output_tokens_details", "cached_tokens", "reasoning_tokens", "type", "response", "model", "id",
+    "choices", "delta", "messages", "content", "input", "prompt", "suffix", "instructions", "tools",
+    "max_tokens", "max_completion_tokens", "max_output_tokens", "n", "stream", "stream_options",
+    "include_usage", "image_url",
+]) | st.text(max_size=8)
+_TYPES = st.sampled_from(["response.created", "response.completed", "response.incomplete", "response.failed",
+                          "response.output_text.delta", "image_url", "input_image", "text"])
+_SCALARS = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+            | st.text(max_size=12) | _TYPES | st.just("data:image/png;base64,AAAA"))
+JSON_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=6),
+    max_leaves=30,
+)
+
+
+@settings(deadline=None)
+@given(JSON_VALUES)
+def test_parse_usage_never_raises_and_keeps_its_invariants(value):
+    usage = parse_usage(value)
+    if usage is not None:
+        assert 0 <= usage.cached_input_tokens <= usage.input_tokens
+        assert 0 <= usage.reasoning_tokens <= usage.output_tokens
+
+
+@settings(deadline=None)
+@given(JSON_VALUES)
+def test_from_body_and_from_event_never_raise(value):
+    for reported in (from_body(value), from_event(value), from_event({"type": "response.completed",
+                                                                       "response": value})):
+        assert reported.model is None or isinstance(reported.model, str)
+        assert reported.response_id is None or isinstance(reported.response_id, str)
+
+
+@settings(deadline=None)
+@given(JSON_VALUES)
+def test_request_facts_never_raise_and_are_well_formed(value):
+    for operation in Operation:
+        facts = request_facts(operation, value)
+        assert isinstance(facts.prompt_tokens, int) and facts.prompt_tokens >= 0
+        assert facts.max_output_tokens is None or facts.max_output_tokens >= 0
+
+
+@pytest.mark.parametrize("number", [math.nan, math.inf, -math.inf])
+def test_a_nan_or_infinite_token_count_counts_as_zero(number):
+    assert parse_usage({"prompt_tokens": number, "completion_tokens": 1}) == Usage(0, 0, 1, 0)
