@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from datetime import date, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -28,7 +29,7 @@ from costing.models import (
     SessionCostSnapshot,
     UsageRecord,
 )
-from costing.money import ZERO
+from costing.money import ZERO, to_units
 from costing.records import (
     CampaignSnapshot,
     CampaignTotals,
@@ -103,27 +104,12 @@ class Store:
         """
         if not entries:
             return []
-        rows = [
-            {
-                "id": e.id, "created_at": e.created_at, "campaign_id": e.campaign_id,
-                "session_id": e.session_id, "operation": e.operation,
-                "request_model": e.request_model, "response_model": e.response_model,
-                "input_tokens": e.usage.input_tokens,
-                "cached_input_tokens": e.usage.cached_input_tokens,
-                "output_tokens": e.usage.output_tokens,
-                "reasoning_tokens": e.usage.reasoning_tokens,
-                "cost_usd": e.cost_usd, "priced_by_default": e.priced_by_default,
-                "estimated": e.estimated, "streamed": e.streamed, "status_code": e.status_code,
-                "latency_ms": e.latency_ms, "response_id": e.response_id,
-                "api_key_hash": e.api_key_hash,
-            }
-            for e in entries
-        ]
-        insert = self._insert(RECORDS).on_conflict_do_nothing().returning(RECORDS.c.id)
         async with self.engine.begin() as conn:
-            result = await conn.execute(insert, rows)
-            inserted_ids = {row.id for row in result}
-            inserted = [e for e in entries if e.id in inserted_ids]
+            if self._dialect == "postgresql":
+                inserted_ids = await _insert_records_postgresql(conn, entries)
+            else:
+                inserted_ids = await _insert_records_sqlite(conn, entries)
+            inserted = [e for e in entries if e.id.int in inserted_ids]
             await self._add_to_aggregates(conn, inserted, holder_id)
         return inserted
 
@@ -132,32 +118,27 @@ class Store:
     ) -> None:
         if not entries:
             return
-        campaigns: dict[str, Totals] = defaultdict(Totals)
-        sessions: dict[tuple[str, str], Totals] = defaultdict(Totals)
-        days: dict[tuple[str, date], Totals] = defaultdict(Totals)
-        seen: dict[tuple[str, ...], tuple[datetime, datetime]] = {}
+        # Group once by the finest key, then roll the few groups up: per-row work stays minimal.
+        groups: dict[tuple[str, str, date], list[UsageEntry]] = defaultdict(list)
         for e in entries:
-            for key, bucket in (((e.campaign_id,), campaigns), ((e.campaign_id, e.session_id), sessions)):
-                bucket[key if len(key) > 1 else key[0]].add(e)  # type: ignore[index]
-                first, last = seen.get(key, (e.created_at, e.created_at))
-                seen[key] = (min(first, e.created_at), max(last, e.created_at))
-            days[(e.campaign_id, e.created_at.date())].add(e)
+            groups[(e.campaign_id, e.session_id, e.created_at.date())].append(e)
+        campaigns: dict[str, _Span] = {}
+        sessions: dict[tuple[str, str], _Span] = {}
+        days: dict[tuple[str, date], Totals] = defaultdict(Totals)
+        for (c, s, d), group in groups.items():
+            span = _Span.of(group)
+            _merge_span(campaigns, c, span)
+            _merge_span(sessions, (c, s), span)
+            days[(c, d)].merge(span.totals)
         # Sorted keys: every writer locks rows in one order, so replicas cannot deadlock.
         await conn.execute(
             self._upsert_adding(CAMPAIGNS, ["campaign_id"], seen=True),
-            [
-                {"campaign_id": c, **_totals_values(t), "first_seen": seen[(c,)][0],
-                 "last_seen": seen[(c,)][1]}
-                for c, t in sorted(campaigns.items())
-            ],
+            [{"campaign_id": c, **span.values()} for c, span in sorted(campaigns.items())],
         )
         await conn.execute(
             self._upsert_adding(SESSIONS, ["campaign_id", "session_id"], seen=True),
-            [
-                {"campaign_id": c, "session_id": s, **_totals_values(t),
-                 "first_seen": seen[(c, s)][0], "last_seen": seen[(c, s)][1]}
-                for (c, s), t in sorted(sessions.items())
-            ],
+            [{"campaign_id": c, "session_id": s, **span.values()}
+             for (c, s), span in sorted(sessions.items())],
         )
         await conn.execute(
             self._upsert_adding(DAILY, ["campaign_id", "day"], seen=False),
@@ -169,7 +150,7 @@ class Store:
             .where(LEASES.c.campaign_id == bindparam("cid"), LEASES.c.holder_id == holder_id)
             .values(amount_usd=case((LEASES.c.amount_usd > spent, LEASES.c.amount_usd - spent),
                                     else_=literal(ZERO, Money()))),
-            [{"cid": c, "spent": t.cost_usd} for c, t in sorted(campaigns.items())],
+            [{"cid": c, "spent": span.totals.cost_usd} for c, span in sorted(campaigns.items())],
         )
 
     # -- budget leases -------------------------------------------------------------------------
@@ -364,3 +345,96 @@ class Store:
 
 def lease_expiry(now: datetime, seconds: float) -> datetime:
     return now + timedelta(seconds=seconds)
+
+
+# -- ledger inserts -----------------------------------------------------------------------------
+# The ledger insert is the one statement whose cost grows with traffic, so it bypasses
+# SQLAlchemy's per-row parameter processing: PostgreSQL gets one array per column (a single
+# prepared statement whatever the batch size), SQLite multi-row VALUES. Both return the ids
+# actually inserted, which is what keeps the aggregate increments idempotent.
+
+RECORD_COLUMNS = (
+    "id", "created_at", "campaign_id", "session_id", "operation", "request_model", "response_model",
+    "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "cost_usd",
+    "priced_by_default", "estimated", "streamed", "status_code", "latency_ms", "response_id",
+    "api_key_hash",
+)
+_PG_ARRAY_TYPES = (
+    "uuid", "timestamptz", "varchar", "varchar", "varchar", "varchar", "varchar", "bigint", "bigint",
+    "bigint", "bigint", "numeric", "bool", "bool", "bool", "int", "int", "varchar", "varchar",
+)
+_PG_INSERT = (
+    f"INSERT INTO usage_records ({', '.join(RECORD_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"${i}::{kind}[]" for i, kind in enumerate(_PG_ARRAY_TYPES, 1))
+    + ") ON CONFLICT DO NOTHING RETURNING id"
+)
+# SQLite allows 32766 parameters per statement.
+_SQLITE_ROWS_PER_INSERT = 32766 // len(RECORD_COLUMNS)
+_SQLITE_ROW = "(" + ", ".join("?" * len(RECORD_COLUMNS)) + ")"
+
+
+def _record_tuple(e: UsageEntry) -> tuple[Any, ...]:
+    u = e.usage
+    return (e.id, e.created_at, e.campaign_id, e.session_id, e.operation, e.request_model,
+            e.response_model, u.input_tokens, u.cached_input_tokens, u.output_tokens,
+            u.reasoning_tokens, e.cost_usd, e.priced_by_default, e.estimated, e.streamed,
+            e.status_code, e.latency_ms, e.response_id, e.api_key_hash)
+
+
+async def _insert_records_postgresql(conn: AsyncConnection, entries: Sequence[UsageEntry]) -> set[int]:
+    columns = list(zip(*(_record_tuple(e) for e in entries), strict=True))
+    result = await conn.exec_driver_sql(_PG_INSERT, tuple(list(column) for column in columns))
+    return {row[0].int for row in result}
+
+
+def sqlite_timestamp(moment: datetime) -> str:
+    """A timestamp as SQLAlchemy's SQLite dialect stores it (naive UTC, always microseconds)."""
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(" ", "microseconds")[:26]
+
+
+async def _insert_records_sqlite(conn: AsyncConnection, entries: Sequence[UsageEntry]) -> set[int]:
+    inserted: set[int] = set()
+    for start in range(0, len(entries), _SQLITE_ROWS_PER_INSERT):
+        chunk = entries[start:start + _SQLITE_ROWS_PER_INSERT]
+        params: list[Any] = []
+        for e in chunk:
+            u = e.usage
+            params += (e.id.hex, sqlite_timestamp(e.created_at), e.campaign_id, e.session_id,
+                       e.operation, e.request_model, e.response_model, u.input_tokens,
+                       u.cached_input_tokens, u.output_tokens, u.reasoning_tokens,
+                       to_units(e.cost_usd), e.priced_by_default, e.estimated, e.streamed,
+                       e.status_code, e.latency_ms, e.response_id, e.api_key_hash)
+        sql = (f"INSERT INTO usage_records ({', '.join(RECORD_COLUMNS)}) VALUES "
+               + ", ".join([_SQLITE_ROW] * len(chunk)) + " ON CONFLICT DO NOTHING RETURNING id")
+        result = await conn.exec_driver_sql(sql, tuple(params))
+        inserted.update(int(row[0], 16) for row in result)
+    return inserted
+
+
+@dataclass(slots=True)
+class _Span:
+    """Totals of a group of entries and the first and last time among them."""
+
+    totals: Totals
+    first_seen: datetime
+    last_seen: datetime
+
+    @classmethod
+    def of(cls, entries: Sequence[UsageEntry]) -> _Span:
+        moments = [e.created_at for e in entries]
+        return cls(Totals.of(entries), min(moments), max(moments))
+
+    def values(self) -> dict[str, Any]:
+        return {**_totals_values(self.totals), "first_seen": self.first_seen, "last_seen": self.last_seen}
+
+
+def _merge_span(spans: dict[Any, _Span], key: Any, span: _Span) -> None:
+    known = spans.get(key)
+    if known is None:
+        spans[key] = _Span(Totals(), span.first_seen, span.last_seen)
+        known = spans[key]
+    known.totals.merge(span.totals)
+    known.first_seen = min(known.first_seen, span.first_seen)
+    known.last_seen = max(known.last_seen, span.last_seen)

@@ -1,0 +1,111 @@
+"""The store's ledger write, on both databases: what goes in comes back out exactly, retries
+and duplicate response ids never count twice, and every aggregate equals the ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from conftest import make_settings
+from ledger_check import assert_aggregates_match_ledger, ledger_rows
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from costing.budget import make_budget
+from costing.db import create_engine
+from costing.models import SessionCostSnapshot
+from costing.records import UsageEntry
+from costing.store import Store, sqlite_timestamp
+from costing.usage import Usage
+
+
+def entry(campaign: str = "c1", session: str = "s1", *, response_id: str | None = None,
+          cost: str = "0.0000540000", at: datetime | None = None, **usage: int) -> UsageEntry:
+    return UsageEntry(
+        campaign_id=campaign, session_id=session, operation="chat.completions",
+        request_model="gpt-4o-mini", response_model="gpt-4o-mini-2024-07-18",
+        usage=Usage(**usage) if usage else Usage(120, 20, 60, 10), cost_usd=Decimal(cost),
+        priced_by_default=False, estimated=False, streamed=True, status_code=200, latency_ms=7,
+        created_at=at or datetime.now(UTC), response_id=response_id, api_key_hash="0123456789ab")
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(make_settings(database_url=database_url).database)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def store(engine: AsyncEngine) -> Store:
+    return Store(engine, make_budget(Decimal(1), Decimal(5)))
+
+
+async def test_every_field_of_an_entry_reads_back_exactly(store: Store, engine: AsyncEngine) -> None:
+    at = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)  # zero microseconds: the format must keep them
+    written = entry(response_id="chatcmpl-1", at=at, cost="0.1234567891")
+    assert await store.write_batch([written], "holder") == [written]
+    [row] = await ledger_rows(engine)
+    assert (row.id, row.created_at, row.campaign_id, row.session_id, row.operation) == (
+        written.id, at, "c1", "s1", "chat.completions")
+    assert (row.request_model, row.response_model, row.cost_usd, row.response_id, row.api_key_hash) == (
+        "gpt-4o-mini", "gpt-4o-mini-2024-07-18", Decimal("0.1234567891"), "chatcmpl-1", "0123456789ab")
+    assert (row.input_tokens, row.cached_input_tokens, row.output_tokens, row.reasoning_tokens) == (
+        120, 20, 60, 10)
+    assert (row.priced_by_default, row.estimated, row.streamed, row.status_code, row.latency_ms) == (
+        False, False, True, 200, 7)
+
+
+async def test_a_retried_batch_counts_once(store: Store, engine: AsyncEngine) -> None:
+    batch = [entry(response_id=f"r{i}") for i in range(5)] + [entry(response_id=None)]
+    assert len(await store.write_batch(batch, "h")) == 6
+    assert await store.write_batch(batch, "h") == []
+    assert len(await ledger_rows(engine)) == 6
+    sums = await assert_aggregates_match_ledger(engine)
+    assert sums["c1"][:2] == (Decimal("0.0000540000") * 6, 6)
+
+
+async def test_a_response_id_seen_before_is_skipped_with_its_increments(store: Store,
+                                                                      engine: AsyncEngine) -> None:
+    await store.write_batch([entry(response_id="same")], "h")
+    inserted = await store.write_batch([entry(response_id="same"), entry(response_id="same"),
+                                        entry(response_id="other")], "h")
+    assert [e.response_id for e in inserted] == ["other"]
+    assert len(await ledger_rows(engine)) == 2
+    await assert_aggregates_match_ledger(engine)
+
+
+async def test_a_large_mixed_batch_keeps_aggregates_equal_to_the_ledger(store: Store,
+                                                                       engine: AsyncEngine) -> None:
+    start = datetime(2026, 11, 24, 23, 59, 59, 999_000, tzinfo=UTC)  # spans a UTC midnight
+    batch = [entry(f"c{i % 7}", f"s{i % 13}", response_id=f"r{i}", cost=f"0.{i:010d}",
+                   at=start + timedelta(milliseconds=i), input_tokens=i, output_tokens=2 * i)
+             for i in range(2500)]  # more rows than one SQLite statement takes
+    assert len(await store.write_batch(batch, "h")) == 2500
+    sums = await assert_aggregates_match_ledger(engine)
+    assert sum(s[0] for s in sums.values()) == sum(Decimal(f"0.{i:010d}") for i in range(2500))
+    async with engine.connect() as conn:
+        first, last = (await conn.execute(
+            select(SessionCostSnapshot.first_seen, SessionCostSnapshot.last_seen)
+            .where(SessionCostSnapshot.campaign_id == "c0", SessionCostSnapshot.session_id == "s0"))).one()
+    assert first == start and last == start + timedelta(milliseconds=max(
+        i for i in range(2500) if i % 7 == 0 and i % 13 == 0))
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_sqlite_timestamps_are_stored_as_sqlalchemy_stores_them(engine: AsyncEngine,
+                                                                     store: Store) -> None:
+    """Range queries compare the stored text, so the fast path must write SQLAlchemy's format."""
+    moments = [datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+               datetime(2026, 1, 2, 4, 4, 5, 6, tzinfo=timezone(timedelta(hours=1)))]
+    await store.write_batch([entry(at=m) for m in moments], "h")
+    async with engine.connect() as conn:
+        stored = [r[0] for r in await conn.execute(text("SELECT created_at FROM usage_records"))]
+        processor = conn.dialect.type_descriptor(SessionCostSnapshot.__table__.c.first_seen.type.impl)
+    expected = [processor.bind_processor(engine.dialect)(m.astimezone(UTC).replace(tzinfo=None))
+                for m in moments]
+    assert sorted(stored) == sorted(expected) == sorted(sqlite_timestamp(m) for m in moments)
+
