@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 FlushListener = Callable[[Sequence[UsageEntry], Sequence[UsageEntry], float], None]
 """Called after each committed batch with (batch, inserted, seconds the write took)."""
 
-MAX_BACKOFF_SECONDS = 5.0
+MAX_BACKOFF_SECONDS = 1.0
+"""Retry pace while writes fail: a retry is cheap (refused at once while the database is down),
+and the buffer drains, and fail-closed or buffer-full refusals end, within this of its return."""
 
 
 class Ledger:
@@ -54,8 +56,8 @@ class Ledger:
     def submit(self, entry: UsageEntry) -> None:
         """Queue a record; never blocks, never drops (admission keeps the buffer bounded)."""
         self._buffer.append(entry)
-        if len(self._buffer) >= self.batch_size:
-            self._wake.set()
+        if len(self._buffer) >= self.batch_size and self.healthy:
+            self._wake.set()  # while writes fail, the retry backoff sets the pace instead
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")

@@ -67,6 +67,10 @@ class Meter:
         """Reserve the request's worst-case cost, or raise BudgetExceeded / LedgerUnavailable."""
         if not self.ledger.has_room(self.gate.in_flight_requests + 1):
             raise LedgerUnavailable("usage cannot be recorded right now (ledger buffer full)")
+        if self.gate.fail_closed and not self.ledger.healthy:
+            # BUDGET_FAIL_CLOSED: serve nothing while usage cannot be written, even when a budget
+            # lease held from before the outage would still cover the request.
+            raise LedgerUnavailable("the cost database is unavailable")
         quote = self.prices.quote(facts.model)
         reservation = worst_case_cost(quote.price, facts, self.default_max_output_tokens)
         admission = await self.gate.admit(campaign_id, reservation)

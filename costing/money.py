@@ -9,9 +9,10 @@ from decimal import ROUND_HALF_EVEN, Decimal
 QUANTUM = Decimal("1e-10")
 SCALE = 10**10
 ZERO = Decimal(0)
-# The largest amount a NUMERIC(20,10) column holds is just under 1e10; a billion dollars is
-# plenty for any budget and keeps sums of many amounts storable.
-MAX_USD = Decimal(10**9)
+# The largest amount either database stores: SQLite keeps 1e-10 USD units in 64 bits (about
+# 9.2e8 USD), PostgreSQL NUMERIC(20,10) just under 1e10. A hundred million dollars is plenty for
+# any budget or price and leaves room for sums.
+MAX_USD = Decimal(10**8)
 
 
 def quantize(amount: Decimal) -> Decimal:
@@ -45,6 +46,6 @@ def parse_usd(text: str) -> Decimal:
         raise ValueError(f"not a decimal number: {text!r}") from exc
     if not value.is_finite():
         raise ValueError(f"not a finite number: {text!r}")
-    if abs(value) > MAX_USD:
-        raise ValueError(f"too large: {text!r} (at most {MAX_USD})")
+    if abs(value) >= MAX_USD:
+        raise ValueError(f"too large: {text!r} (must be below {MAX_USD:,} USD)")
     return quantize(value)

@@ -68,12 +68,12 @@ class Settings(BaseSettings):
     proxy_host: str = "127.0.0.1"
     proxy_port: int = Field(8080, ge=0, le=65535)
 
-    openai_price_per_1k_prompt_tokens: Decimal = Field(Decimal("0.00015"), ge=0, le=MAX_USD)
-    openai_price_per_1k_completion_tokens: Decimal = Field(Decimal("0.0006"), ge=0, le=MAX_USD)
+    openai_price_per_1k_prompt_tokens: Decimal = Field(Decimal("0.00015"), ge=0, lt=MAX_USD)
+    openai_price_per_1k_completion_tokens: Decimal = Field(Decimal("0.0006"), ge=0, lt=MAX_USD)
     prices_file: Path | None = None
 
-    cost_warning_threshold_usd: Decimal = Field(Decimal("1.00"), ge=0, le=MAX_USD)
-    cost_limit_threshold_usd: Decimal = Field(Decimal("5.00"), ge=0, le=MAX_USD)
+    cost_warning_threshold_usd: Decimal = Field(Decimal("1.00"), ge=0, lt=MAX_USD)
+    cost_limit_threshold_usd: Decimal = Field(Decimal("5.00"), ge=0, lt=MAX_USD)
     budget_default_max_output_tokens: int = Field(4096, ge=0)
     budget_fail_closed: bool = False
     budget_lease_seconds: float = Field(30.0, gt=0)

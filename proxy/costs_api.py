@@ -12,6 +12,7 @@ import binascii
 import hmac
 import ipaddress
 import json
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -22,9 +23,10 @@ from aiohttp import web
 
 from costing import budget as rules
 from costing.errors import InvalidBudget
-from costing.money import format_usd
+from costing.money import MAX_USD, format_usd
 from costing.records import CampaignTotals, DayTotals, SessionTotals, Totals
 from costing.reports import MAX_DAYS, SESSION_ORDERS, CostReports
+from proxy import openapi
 from proxy.errors import ProxyError
 from proxy.state import GATE, SETTINGS, STORE
 from proxy.tags import validate_tag
@@ -32,6 +34,7 @@ from proxy.tags import validate_tag
 DEFAULT_PAGE, MAX_PAGE = 50, 500
 DEFAULT_SESSIONS, MAX_SESSIONS = 1000, 5000
 DEFAULT_DAYS = 30
+ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 # -- rendering -------------------------------------------------------------------------------------
 
@@ -118,15 +121,23 @@ def _bool_param(request: web.Request, name: str) -> bool:
     return raw in ("true", "1")
 
 
-def _date_param(request: web.Request, name: str, default: date) -> date:
+def _date_param(request: web.Request, name: str) -> date | None:
+    """A YYYY-MM-DD date (exactly: not the other ISO forms `date.fromisoformat` takes), or None."""
     raw = request.query.get(name)
     if raw is None or raw == "":
-        return default
+        return None
     try:
+        if not ISO_DATE.fullmatch(raw):
+            raise ValueError(raw)
         return date.fromisoformat(raw)
     except ValueError:
         raise ProxyError(400, f"Query parameter '{name}' must be a date as YYYY-MM-DD",
                          code="invalid_parameter", param=name) from None
+
+
+def _days_before(day: date, days: int) -> date:
+    """`day` minus `days`, stopping at the first representable date (no OverflowError)."""
+    return day - timedelta(days=min(days, (day - date.min).days))
 
 
 def encode_cursor(campaign_id: str) -> str:
@@ -194,8 +205,8 @@ async def delete_session(request: web.Request) -> web.Response:
 async def daily(request: web.Request) -> web.Response:
     campaign_id = _campaign_id(request)
     today = datetime.now(UTC).date()
-    end = _date_param(request, "to", today)
-    start = _date_param(request, "from", end - timedelta(days=DEFAULT_DAYS - 1))
+    end = _date_param(request, "to") or today
+    start = _date_param(request, "from") or _days_before(end, DEFAULT_DAYS - 1)
     if start > end:
         raise ProxyError(400, "'from' must not be after 'to'", code="invalid_parameter", param="from")
     if (end - start).days >= MAX_DAYS:
@@ -216,8 +227,8 @@ def _amount(body: dict[str, Any], name: str) -> Decimal:
         amount = Decimal(str(value).strip())
     except ArithmeticError:
         raise InvalidBudget(f"'{name}' must be a decimal number of USD, e.g. \"5.00\"", name) from None
-    if not amount.is_finite() or amount.adjusted() > 9:
-        raise InvalidBudget(f"'{name}' must be a finite amount below one billion USD", name)
+    if not amount.is_finite() or abs(amount) >= MAX_USD:
+        raise InvalidBudget(f"'{name}' must be a finite amount below {MAX_USD:,} USD", name)
     return amount
 
 
@@ -225,7 +236,7 @@ async def put_budget(request: web.Request) -> web.Response:
     campaign_id = _campaign_id(request)
     try:
         body = json.loads(await request.read(), parse_float=Decimal, parse_int=Decimal)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ProxyError(400, f"The body must be JSON like {{\"warning_usd\": \"1.00\", \"limit_usd\": "
                               f"\"5.00\"}} ({exc})", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -278,6 +289,7 @@ def setup(app: web.Application) -> None:
     """Mount /costs as a sub-application: its access rule never touches the /v1 hot path."""
     costs = web.Application(middlewares=[access_middleware])
     r = costs.router
+    r.add_get("/openapi.json", openapi.serve)
     r.add_get("/campaigns", list_campaigns)
     r.add_get("/campaigns/{campaign_id}", get_campaign)
     r.add_get("/campaigns/{campaign_id}/sessions", list_sessions)

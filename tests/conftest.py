@@ -10,6 +10,7 @@ tests that need it instead of skipping them. Each test gets its own database, bu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -125,6 +126,24 @@ def pg_cluster() -> Iterator[PgCluster]:
         yield cluster
     finally:
         cluster.stop()
+        shutil.rmtree(cluster.data_dir or "", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def owned_pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway cluster of the test module's own (never the shared server), so its tests may
+    stop and start it; skip (fail in CI) when initdb/pg_ctl are missing."""
+    try:
+        cluster = start_throwaway_cluster()
+    except Exception as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    try:
+        yield cluster
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            cluster.stop()  # fails when a test left it stopped: nothing to do then
         shutil.rmtree(cluster.data_dir or "", ignore_errors=True)
 
 

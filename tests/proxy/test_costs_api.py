@@ -176,3 +176,47 @@ async def test_readyz_reports_migrations_pending(start_proxy, fake, database_url
         assert "migrations pending" in body["checks"]["schema"]
         async with http.get(f"{proxy.url}/healthz") as response:
             assert response.status == 200
+
+
+# -- regressions found by the schemathesis run (tests/proxy/test_openapi.py) ------------------------
+
+
+async def test_daily_at_the_first_representable_date_is_not_a_server_error(proxy, fake):
+    await _traffic(proxy, {"epoch": ["a"]})
+    async with aiohttp.ClientSession() as http:
+        # The default `from` (`to` minus 29 days) used to overflow below 0001-01-01: 500.
+        early = await _get(http, f"{proxy.url}/costs/campaigns/epoch/daily?to=0001-01-05")
+        assert [d["date"] for d in early["days"]] == [f"0001-01-0{i}" for i in range(1, 6)]
+        late = await _get(http, f"{proxy.url}/costs/campaigns/epoch/daily?from=9999-12-31&to=9999-12-31")
+        assert [d["date"] for d in late["days"]] == ["9999-12-31"]
+        # Only YYYY-MM-DD, as documented (date.fromisoformat also takes 20260101 and 2026-W01-1).
+        for other in ("20260101", "2026-W01-1", "2026-1-01", "\uff12\uff10\uff12\uff16-01-01"):
+            body = await _get(http, f"{proxy.url}/costs/campaigns/epoch/daily?from={other}", 400)
+            assert body["error"]["code"] == "invalid_parameter" and body["error"]["param"] == "from"
+
+
+@pytest.mark.parametrize(("body", "status", "code", "param"), [
+    # 9.3e8 USD is 9.3e18 units of 1e-10 USD: past SQLite's 64-bit integer, used to be a 500.
+    ({"warning_usd": "1.00", "limit_usd": "930000000"}, 422, "invalid_budget", "limit_usd"),
+    ({"warning_usd": "1.00", "limit_usd": 1229768984.829549}, 422, "invalid_budget", "limit_usd"),
+    ({"warning_usd": "-1e30", "limit_usd": "5.00"}, 422, "invalid_budget", "warning_usd"),
+    ({"warning_usd": "99999999.9999999999", "limit_usd": "99999999.9999999999"}, 200, None, None),
+])
+async def test_budget_amounts_are_capped_below_what_both_databases_store(proxy, fake, body, status,
+                                                                          code, param):
+    async with aiohttp.ClientSession() as http:
+        async with http.put(f"{proxy.url}/costs/campaigns/rich/budget", json=body) as response:
+            assert response.status == status, await response.text()
+            answer = await response.json()
+    if status == 200:
+        assert answer["budget"]["limit_usd"] == "99999999.9999999999"
+        assert answer["budget"]["source"] == "override"
+    else:
+        assert answer["error"]["code"] == code and answer["error"]["param"] == param
+
+
+async def test_a_deeply_nested_budget_body_is_a_400_not_a_server_error(proxy, fake):
+    async with aiohttp.ClientSession() as http:
+        async with http.put(f"{proxy.url}/costs/campaigns/deep/budget", data=b"[" * 100_000) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["code"] == "invalid_json"
