@@ -13,10 +13,14 @@ from costing.budget import Budget
 from costing.money import ZERO
 from costing.usage import Usage
 
+# A generator of our own, seeded once from the OS: code that seeds the global `random` (test
+# tools, libraries) must never make record ids repeat.
+_ids = random.Random()
+
 
 def new_id() -> uuid.UUID:
     """A random (version 4) UUID without uuid4's system call: record ids need uniqueness, not secrecy."""
-    return uuid.UUID(int=random.getrandbits(128), version=4)
+    return uuid.UUID(int=_ids.getrandbits(128), version=4)
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ the aggregates always equal the sum of `usage_records`.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -104,6 +105,7 @@ class Store:
         """
         if not entries:
             return []
+        entries = list({e.id: e for e in entries}.values())  # one id, one row, one increment
         async with self.engine.begin() as conn:
             if self._dialect == "postgresql":
                 inserted_ids = await _insert_records_postgresql(conn, entries)
@@ -368,9 +370,21 @@ _PG_INSERT = (
     + ", ".join(f"${i}::{kind}[]" for i, kind in enumerate(_PG_ARRAY_TYPES, 1))
     + ") ON CONFLICT DO NOTHING RETURNING id"
 )
-# SQLite allows 32766 parameters per statement.
-_SQLITE_ROWS_PER_INSERT = 32766 // len(RECORD_COLUMNS)
+# Multi-row statements come in power-of-two sizes only: sqlite3 caches compiled statements per
+# connection by their text, and one text per batch size grew the cache by tens of MB (soak test).
+_SQLITE_MAX_ROWS = 256
 _SQLITE_ROW = "(" + ", ".join("?" * len(RECORD_COLUMNS)) + ")"
+
+
+def _sqlite_chunks(count: int) -> list[int]:
+    """Split `count` rows into statement sizes of 256 and then powers of two: at most 9 texts."""
+    sizes = [_SQLITE_MAX_ROWS] * (count // _SQLITE_MAX_ROWS)
+    rest = count % _SQLITE_MAX_ROWS
+    while rest:
+        size = 1 << (rest.bit_length() - 1)
+        sizes.append(size)
+        rest -= size
+    return sizes
 
 
 def _record_tuple(e: UsageEntry) -> tuple[Any, ...]:
@@ -396,21 +410,26 @@ def sqlite_timestamp(moment: datetime) -> str:
 
 async def _insert_records_sqlite(conn: AsyncConnection, entries: Sequence[UsageEntry]) -> set[int]:
     inserted: set[int] = set()
-    for start in range(0, len(entries), _SQLITE_ROWS_PER_INSERT):
-        chunk = entries[start:start + _SQLITE_ROWS_PER_INSERT]
+    start = 0
+    for size in _sqlite_chunks(len(entries)):
         params: list[Any] = []
-        for e in chunk:
+        for e in entries[start:start + size]:
             u = e.usage
             params += (e.id.hex, sqlite_timestamp(e.created_at), e.campaign_id, e.session_id,
                        e.operation, e.request_model, e.response_model, u.input_tokens,
                        u.cached_input_tokens, u.output_tokens, u.reasoning_tokens,
                        to_units(e.cost_usd), e.priced_by_default, e.estimated, e.streamed,
                        e.status_code, e.latency_ms, e.response_id, e.api_key_hash)
-        sql = (f"INSERT INTO usage_records ({', '.join(RECORD_COLUMNS)}) VALUES "
-               + ", ".join([_SQLITE_ROW] * len(chunk)) + " ON CONFLICT DO NOTHING RETURNING id")
-        result = await conn.exec_driver_sql(sql, tuple(params))
+        start += size
+        result = await conn.exec_driver_sql(_sqlite_insert(size), tuple(params))
         inserted.update(int(row[0], 16) for row in result)
     return inserted
+
+
+@functools.cache
+def _sqlite_insert(rows: int) -> str:
+    return (f"INSERT INTO usage_records ({', '.join(RECORD_COLUMNS)}) VALUES "
+            + ", ".join([_SQLITE_ROW] * rows) + " ON CONFLICT DO NOTHING RETURNING id")
 
 
 @dataclass(slots=True)

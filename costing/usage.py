@@ -211,15 +211,17 @@ def _token_ids(value: Any) -> int | None:
     return None
 
 
+_PROMPT_FIELDS = {
+    Operation.CHAT: ("messages", "tools"),
+    Operation.COMPLETIONS: ("prompt", "suffix"),
+    Operation.EMBEDDINGS: ("input",),
+    Operation.RESPONSES: ("input", "instructions", "tools"),
+}
+
+
 def _prompt_tokens(operation: Operation, body: dict[str, Any]) -> int:
-    fields = {
-        Operation.CHAT: ("messages", "tools"),
-        Operation.COMPLETIONS: ("prompt", "suffix"),
-        Operation.EMBEDDINGS: ("input",),
-        Operation.RESPONSES: ("input", "instructions", "tools"),
-    }[operation]
     chars = images = 0
-    for field in fields:
+    for field in _PROMPT_FIELDS[operation]:
         value = body.get(field)
         token_ids = _token_ids(value) if operation is not Operation.CHAT else None
         if token_ids is not None:

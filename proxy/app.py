@@ -14,6 +14,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -126,6 +127,17 @@ async def _refresh_gauges(app: web.Application) -> None:
         except Exception as exc:
             log.debug("budget gauges not refreshed: %s", exc)
         await asyncio.sleep(GAUGE_REFRESH_SECONDS)
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """aiohttp server options, shared by `serve` and the tests' runner.
+
+    handler_cancellation: a client that leaves while the upstream is silent (a reasoning model
+    thinking) cancels the upstream call at once, not at the next chunk; what was used is still
+    recorded, in the handler's `finally`.
+    """
+    return {"access_log": None, "handler_cancellation": True,
+            "shutdown_timeout": settings.shutdown_timeout_seconds}
 
 
 def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:

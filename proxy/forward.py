@@ -50,19 +50,24 @@ class Timing:
 
 def upstream_headers(request: web.Request, settings: Settings) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop ones (and those its Connection header names) and tags."""
-    dropped = HOP_BY_HOP | {settings.campaign_header.lower(), settings.session_header.lower()}
-    if "Connection" in request.headers:
-        dropped = dropped | {token.strip().lower() for value in request.headers.getall("Connection")
-                             for token in value.split(",")}
-    headers = CIMultiDict((name, value) for name, value in request.headers.items()
-                          if name.lower() not in dropped)
+    headers = request.headers.copy()
+    for name in HOP_BY_HOP:
+        headers.popall(name, None)
+    headers.popall(settings.campaign_header, None)
+    headers.popall(settings.session_header, None)
+    for value in request.headers.getall("Connection", ()):
+        for token in value.split(","):
+            headers.popall(token.strip(), None)
     if "Authorization" not in headers and settings.openai_api_key is not None:
         headers["Authorization"] = f"Bearer {settings.openai_api_key.get_secret_value()}"
     return headers
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in RESPONSE_DROPPED)
+    headers = upstream.copy()
+    for name in RESPONSE_DROPPED:
+        headers.popall(name, None)
+    return headers
 
 
 def campaign_headers(meter: Meter, campaign_id: str) -> dict[str, str]:
@@ -81,6 +86,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
     """Handler for every method and path under /v1/."""
     timing = Timing()
     settings = request.app[SETTINGS]
+    if _has_dot_segment(request.path):
+        raise ProxyError(404, "Not found: a path with '.' or '..' segments is never forwarded",
+                         code="not_found")
     campaign_id = tag_value(request.headers, settings.campaign_header)
     session_id = tag_value(request.headers, settings.session_header)
     operation = operation_for(request.method, request.path)
@@ -94,8 +102,15 @@ async def forward(request: web.Request) -> web.StreamResponse:
     return await _metered(request, headers, operation, campaign_id, session_id, timing)
 
 
+def _has_dot_segment(path: str) -> bool:
+    """Whether the decoded path could climb out of /v1/ once an upstream normalises it."""
+    return "/." in path and any(segment in (".", "..") for segment in path.split("/"))
+
+
 def _target(request: web.Request) -> URL:
-    return URL(request.app[UPSTREAM].base_url + request.raw_path, encoded=True)
+    # rel_url, not raw_path: an absolute-form target (GET http://host/v1/...) must not carry
+    # its scheme and host into the upstream URL.
+    return URL(request.app[UPSTREAM].base_url + request.rel_url.raw_path_qs, encoded=True)
 
 
 async def _send(request: web.Request, headers: CIMultiDict[str], body: object,
@@ -110,6 +125,8 @@ async def _send(request: web.Request, headers: CIMultiDict[str], body: object,
         raise ProxyError(504, "The upstream API did not answer in time", type="server_error",
                          code="upstream_timeout") from exc
     except aiohttp.ClientError as exc:
+        if isinstance(exc.__cause__, ProxyError):  # raised while streaming the request body
+            raise exc.__cause__ from None
         raise ProxyError(502, f"The upstream API is unreachable: {type(exc).__name__}",
                          type="server_error", code="upstream_unreachable") from exc
     finally:
@@ -223,7 +240,10 @@ async def _metered(request: web.Request, headers: CIMultiDict[str], operation: O
             waited = time.perf_counter()
             try:
                 body = await upstream.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except TimeoutError as exc:
+                raise ProxyError(504, "The upstream API stopped answering in time",
+                                 type="server_error", code="upstream_timeout") from exc
+            except aiohttp.ClientError as exc:
                 raise ProxyError(502, "The upstream API broke off its answer",
                                  type="server_error", code="upstream_incomplete") from exc
             finally:

@@ -15,6 +15,7 @@ import orjson
 
 from costing.usage import Reported, event_text, from_event
 
+_SEPARATORS = (b"\r\n\r\n", b"\n\n", b"\r\r")
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,')
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
@@ -31,8 +32,18 @@ def event_data(event: bytes) -> bytes | None:
 
 def complete_length(data: bytes) -> int:
     """Length of the leading run of complete events in `data` (0 when none has ended yet)."""
-    ends = [at + len(sep) for sep in (b"\n\n", b"\r\n\r\n", b"\r\r") if (at := data.rfind(sep)) >= 0]
+    ends = [at + len(sep) for sep in _SEPARATORS if (at := data.rfind(sep)) >= 0]
     return max(ends, default=0)
+
+
+def _event_start(data: bytes, at: int) -> int:
+    ends = [found + len(sep) for sep in _SEPARATORS if (found := data.rfind(sep, 0, at)) >= 0]
+    return max(ends, default=0)
+
+
+def _event_end(data: bytes, at: int) -> int:
+    ends = [found + len(sep) for sep in _SEPARATORS if (found := data.find(sep, at)) >= 0]
+    return min(ends, default=len(data))
 
 
 class SSETap:
@@ -53,68 +64,71 @@ class SSETap:
             self._partial = data
             return b""
         events, self._partial = data[:end], data[end:]
-        if self._worth_decoding(events):
-            return self._by_event(events)
-        if not self.usage_seen:
-            self._unread.append(events)
-        if self.strip_usage and b'"usage"' in events:
-            return _NULL_USAGE.sub(b"", events)
-        return events
+        return self._block(events)
 
     def finish(self) -> bytes:
         """The stream ended: whatever incomplete event is left goes to the client as it is."""
         rest, self._partial = self._partial, b""
         if rest.strip():
             unread = len(self._unread)
-            self._by_event(rest)  # usage in it was still billed upstream
+            self._block(rest)  # usage in it was still billed upstream
             del self._unread[unread:]  # but its text never reached the client's SDK (SSE discards it)
         return rest
 
-    def _worth_decoding(self, events: bytes) -> bool:
-        return (self.model is None and self.response_id is None) or _USAGE_OBJECT.search(
-            events) is not None or any(t in events for t in _TERMINAL)
-
-    def _by_event(self, events: bytes) -> bytes:
+    def _block(self, events: bytes) -> bytes:
+        """Forward a run of events: decode the few that matter, pass the rest through as bytes."""
+        if not self.usage_seen:
+            self._unread.append(events)
         out: list[bytes] = []
-        start = 0
-        for match in _BOUNDARY.finditer(events):
-            forwarded = self._event(events[start:match.end()])
-            start = match.end()
-            if forwarded:
-                out.append(forwarded)
-        if start < len(events):  # an unterminated event at the very end of the stream
-            forwarded = self._event(events[start:])
-            if forwarded:
-                out.append(forwarded)
+        done = 0
+        for start, end in self._spans_to_decode(events):
+            out.append(self._plain(events[done:start]))
+            out.append(self._decoded(events[start:end]))
+            done = end
+        out.append(self._plain(events[done:]))
         return b"".join(out)
 
-    def _event(self, event: bytes) -> bytes | None:
+    def _spans_to_decode(self, events: bytes) -> list[tuple[int, int]]:
+        """(start, end) of each event that is first, carries a usage object or ends a response."""
+        positions = [m.start() for m in _USAGE_OBJECT.finditer(events)]
+        for marker in _TERMINAL:
+            at = events.find(marker)
+            while at >= 0:
+                positions.append(at)
+                at = events.find(marker, at + 1)
+        if self.model is None and self.response_id is None:
+            positions.append(0)
+        spans: list[tuple[int, int]] = []
+        for at in sorted(positions):
+            if spans and at < spans[-1][1]:
+                continue
+            spans.append((_event_start(events, at), _event_end(events, at)))
+        return spans
+
+    def _plain(self, events: bytes) -> bytes:
+        if self.strip_usage and b'"usage"' in events:
+            return _NULL_USAGE.sub(b"", events)
+        return events
+
+    def _decoded(self, event: bytes) -> bytes:
         payload = event_data(event)
         if payload is None or payload == b"[DONE]":
             return event
-        if not self._worth_decoding(payload):
-            if not self.usage_seen:
-                self._unread.append(event)
-        else:
-            try:
-                decoded = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                return event
-            reported = from_event(decoded)
-            self.model = self.model or reported.model
-            self.response_id = self.response_id or reported.response_id
-            if reported.usage is not None:
-                self.usage_seen = True
-                self._unread.clear()
-                self.reported = Reported(reported.usage, reported.model or self.model,
-                                         reported.response_id or self.response_id)
-                if self.strip_usage and isinstance(decoded, dict) and decoded.get("choices") == []:
-                    return None
-            elif not self.usage_seen:
-                self._unread.append(event)
-        if self.strip_usage and b'"usage"' in payload:
-            return _NULL_USAGE.sub(b"", event)
-        return event
+        try:
+            decoded = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return self._plain(event)
+        reported = from_event(decoded)
+        self.model = self.model or reported.model
+        self.response_id = self.response_id or reported.response_id
+        if reported.usage is not None:
+            self.usage_seen = True
+            self._unread.clear()
+            self.reported = Reported(reported.usage, reported.model or self.model,
+                                     reported.response_id or self.response_id)
+            if self.strip_usage and isinstance(decoded, dict) and decoded.get("choices") == []:
+                return b""
+        return self._plain(event)
 
     def streamed_chars(self) -> int:
         """Characters of generated text forwarded so far (decoded only when an estimate is needed)."""

@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from costing import schema
 from costing.settings import Settings
-from proxy.app import create_app
+from proxy.app import create_app, server_options
 from proxy.state import ENGINE, GATE, LEDGER, METRICS, STORE
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -209,7 +209,8 @@ class Proxy:
         self.settings = settings
         self.registry = registry
         self.app = create_app(settings, registry=registry)
-        self.runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=5)
+        self.runner = web.AppRunner(self.app, handle_signals=False,
+                                    **{**server_options(settings), "shutdown_timeout": 5})
         self.port = settings.proxy_port
         self.url = f"http://127.0.0.1:{self.port}"
 

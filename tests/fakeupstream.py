@@ -45,6 +45,13 @@ class Behaviour:
     reset_before_response: bool = False
     response_id: str | None = None
     hold: asyncio.Event | None = None
+    # Added for the reliability tests (all off by default):
+    end_after_chunks: int | None = None  # stream: clean EOF after N events (no usage, no [DONE])
+    stall_after_chunks: int | None = None  # stream: after N events, wait `stall_seconds` silently
+    stall_seconds: float = 0.0
+    body_stall: float = 0.0  # JSON: send the headers, wait this long, then the body
+    truncate_body: bool = False  # JSON: send the headers and half the body, then reset
+    strict_types: bool = False  # 400 (as OpenAI does) for wrongly typed well-known body fields
 
 
 @dataclass
@@ -63,6 +70,9 @@ class FakeUpstream:
     behaviour: Behaviour = field(default_factory=Behaviour)
     requests: list[Recorded] = field(default_factory=list)
     url: str = ""
+    # Paths of streamed answers the proxy stopped reading (its connection closed under the fake).
+    closed_by_peer: list[str] = field(default_factory=list)
+    peer_closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def __aenter__(self) -> FakeUpstream:
         await self.start()
@@ -127,6 +137,12 @@ class FakeUpstream:
             return web.json_response({"error": {"message": "We could not parse the JSON body of your "
                                                 "request.", "type": "invalid_request_error",
                                                 "param": None, "code": None}}, status=400)
+        if b.strict_types:
+            wrong = _wrongly_typed(recorded.json)
+            if wrong is not None:
+                return web.json_response({"error": {"message": f"Invalid type for '{wrong}'.",
+                                                    "type": "invalid_request_error", "param": wrong,
+                                                    "code": "invalid_type"}}, status=400)
         return await handler(request, recorded.json)
 
     def _model(self, body: dict[str, Any]) -> str:
@@ -163,6 +179,9 @@ class FakeUpstream:
         if encoding:
             data = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress}[encoding](data)
             headers["Content-Encoding"] = encoding
+        if self.behaviour.body_stall or self.behaviour.truncate_body:
+            return _SlowResponse(body=data, headers=headers, stall=self.behaviour.body_stall,
+                                 truncate=self.behaviour.truncate_body)  # type: ignore[return-value]
         return web.Response(body=data, headers=headers)
 
     async def _stream(self, request: web.Request, events: list[bytes]) -> web.StreamResponse:
@@ -170,18 +189,39 @@ class FakeUpstream:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
-        for index, event in enumerate(events):
-            if b.disconnect_after_chunks is not None and index >= b.disconnect_after_chunks:
-                if b.half_line_then_close:
-                    await response.write(b'data: {"id":"chatc')
-                assert request.transport is not None
-                request.transport.abort()
-                return response
-            await response.write(event)
-            if b.chunk_delay:
-                await asyncio.sleep(b.chunk_delay)
-        await response.write_eof()
+        try:
+            for index, event in enumerate(events):
+                if b.disconnect_after_chunks is not None and index >= b.disconnect_after_chunks:
+                    if b.half_line_then_close:
+                        await response.write(b'data: {"id":"chatc')
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return response
+                if b.end_after_chunks is not None and index >= b.end_after_chunks:
+                    break
+                if b.stall_after_chunks is not None and index == b.stall_after_chunks:
+                    await self._stall(request, b.stall_seconds)
+                await response.write(event)
+                if b.chunk_delay:
+                    await asyncio.sleep(b.chunk_delay)
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            self._peer_gone(request)
+            raise
         return response
+
+    async def _stall(self, request: web.Request, seconds: float) -> None:
+        """Say nothing for `seconds`, but notice at once when the peer closes the connection."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the peer closed the connection during a stall")
+            await asyncio.sleep(0.01)
+
+    def _peer_gone(self, request: web.Request) -> None:
+        self.closed_by_peer.append(request.path.removeprefix(self.path_prefix))
+        self.peer_closed.set()
 
     async def _chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         return await self._choices(request, body, chat=True)
@@ -203,7 +243,8 @@ class FakeUpstream:
             if not b.omit_usage:
                 payload["usage"] = self._chat_usage()
             return self._json(payload)
-        include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices: list[dict[str, Any]], usage: Any = None, final: bool = False) -> bytes:
@@ -288,3 +329,45 @@ class FakeUpstream:
                    event("response.completed",
                          response=self._response(rid, model, "completed", self.behaviour.reply))]
         return await self._stream(request, events)
+
+
+_TYPED_FIELDS: dict[str, tuple[type, ...]] = {
+    "model": (str,), "messages": (list,), "stream": (bool,), "stream_options": (dict,),
+    "max_tokens": (int,), "max_completion_tokens": (int,), "max_output_tokens": (int,), "n": (int,),
+    "prompt": (str, list), "input": (str, list),
+}
+
+
+def _wrongly_typed(body: dict[str, Any]) -> str | None:
+    """The first well-known field whose value has a type OpenAI would refuse (null is allowed)."""
+    for name, types in _TYPED_FIELDS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return name
+    return None
+
+
+class _SlowResponse(web.StreamResponse):
+    """A JSON answer whose headers go out first; the body follows after a stall, or only its first
+    half arrives before the connection is reset."""
+
+    def __init__(self, *, body: bytes, headers: dict[str, str], stall: float, truncate: bool) -> None:
+        super().__init__(headers=headers)
+        self.content_length = len(body)
+        self._payload = body
+        self._stall_for = stall
+        self._truncate = truncate
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if self._truncate:
+            await self.write(self._payload[: len(self._payload) // 2])
+            await asyncio.sleep(self._stall_for or 0.01)
+            transport = self._req.transport if self._req is not None else None
+            if transport is not None:
+                transport.abort()
+            return
+        await self.write(self._payload[:1])  # the headers and a first byte go out now
+        await asyncio.sleep(self._stall_for)
+        await super().write_eof(self._payload[1:])

@@ -31,8 +31,13 @@ async def ledger_rows(engine: AsyncEngine) -> list[Any]:
 
 
 async def assert_aggregates_match_ledger(engine: AsyncEngine) -> dict[str, tuple[Any, ...]]:
-    """Campaign, session and daily totals equal the ledger's sums exactly; returns campaign sums."""
+    """Campaign, session and daily totals equal the ledger's sums exactly; returns campaign sums.
+
+    All reads see one snapshot, so a batch committing meanwhile cannot fake a mismatch.
+    """
     async with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.execution_options(isolation_level="REPEATABLE READ")
         by_campaign = {r[0]: _norm(r[1:]) for r in await conn.execute(
             select(R.campaign_id, *SUMS).group_by(R.campaign_id))}
         by_session = {(r[0], r[1]): _norm(r[2:]) for r in await conn.execute(

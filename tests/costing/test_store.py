@@ -10,6 +10,8 @@ from decimal import Decimal
 
 import pytest
 from conftest import make_settings
+from hypothesis import given
+from hypothesis import strategies as st
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,7 +20,7 @@ from costing.budget import make_budget
 from costing.db import create_engine
 from costing.models import SessionCostSnapshot
 from costing.records import UsageEntry
-from costing.store import Store, sqlite_timestamp
+from costing.store import Store, _sqlite_chunks, sqlite_timestamp
 from costing.usage import Usage
 
 
@@ -109,3 +111,21 @@ async def test_sqlite_timestamps_are_stored_as_sqlalchemy_stores_them(engine: As
                 for m in moments]
     assert sorted(stored) == sorted(expected) == sorted(sqlite_timestamp(m) for m in moments)
 
+
+
+async def test_an_entry_given_twice_in_one_batch_is_one_row_and_one_increment(store: Store,
+                                                                              engine: AsyncEngine) -> None:
+    twice = entry(response_id=None)
+    assert len(await store.write_batch([twice, twice, entry(response_id=None)], "h")) == 2
+    assert len(await ledger_rows(engine)) == 2
+    sums = await assert_aggregates_match_ledger(engine)
+    assert sums["c1"][1] == 2
+
+
+@given(st.integers(min_value=0, max_value=100_000))
+def test_sqlite_statements_come_in_few_sizes(count: int) -> None:
+    """Few distinct statement texts keep sqlite3's per-connection statement cache small."""
+    sizes = _sqlite_chunks(count)
+    assert sum(sizes) == count
+    assert all(size & (size - 1) == 0 and size <= 256 for size in sizes)
+    assert len(set(sizes)) <= 9

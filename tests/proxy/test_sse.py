@@ -4,6 +4,8 @@ chunks, the client receives the same events, and usage is found exactly once.
 
 from __future__ import annotations
 
+import itertools
+
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,7 +36,7 @@ def chat_stream(sep: bytes = b"\n\n") -> tuple[bytes, bytes]:
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
 def run(tap: SSETap, chunks: list[bytes]) -> bytes:
