@@ -31,11 +31,9 @@ def from_units(units: int) -> Decimal:
 
 def format_usd(amount: Decimal) -> str:
     """Plain decimal string, at least cents, no exponent or extra zeros: '0.000123', '5.00'."""
-    if amount.as_tuple().exponent != -10:  # sums of stored amounts are already on the quantum
-        amount = quantize(amount)
-    text = format(amount, "f").rstrip("0")
-    whole, _, fraction = text.partition(".")
-    return f"{whole}.{fraction.ljust(2, '0')}"
+    text = format(amount.quantize(QUANTUM, rounding=ROUND_HALF_EVEN), "f").rstrip("0")
+    missing = text.index(".") + 3 - len(text)
+    return text + "0" * missing if missing > 0 else text
 
 
 def parse_usd(text: str) -> Decimal:

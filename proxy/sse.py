@@ -2,14 +2,16 @@
 the side, and removes the usage chunk the proxy itself asked for.
 
 Events are forwarded whole (an SSE client acts only on complete events, so holding a partial
-event costs no latency). The common chunk, text deltas only, is handled as one block of bytes:
-events are split and JSON decoded only where usage, a terminal event or the first event's
-model and id can be; the text of the rest is decoded only if the stream ends without usage.
+event costs no latency). Chunks are handled as blocks of bytes: only an event carrying a usage
+object is split out and JSON decoded; the model, id and text of the rest are decoded only if
+the stream ends without usage (to price an estimate).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from typing import Any
 
 import orjson
 
@@ -19,7 +21,6 @@ _SEPARATORS = (b"\r\n\r\n", b"\n\n", b"\r\r")
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,')
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-_TERMINAL = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
 
 
 def event_data(event: bytes) -> bytes | None:
@@ -89,26 +90,21 @@ class SSETap:
         return b"".join(out)
 
     def _spans_to_decode(self, events: bytes) -> list[tuple[int, int]]:
-        """(start, end) of each event that is first, carries a usage object or ends a response."""
-        positions = [m.start() for m in _USAGE_OBJECT.finditer(events)]
-        for marker in _TERMINAL:
-            at = events.find(marker)
-            while at >= 0:
-                positions.append(at)
-                at = events.find(marker, at + 1)
-        if self.model is None and self.response_id is None:
-            positions.append(0)
+        """(start, end) of each event carrying a usage object (the only events decoded at once)."""
+        if b'"usage"' not in events:
+            return []
         spans: list[tuple[int, int]] = []
-        for at in sorted(positions):
-            if spans and at < spans[-1][1]:
-                continue
-            spans.append((_event_start(events, at), _event_end(events, at)))
+        for match in _USAGE_OBJECT.finditer(events):
+            if not spans or match.start() >= spans[-1][1]:
+                spans.append((_event_start(events, match.start()), _event_end(events, match.start())))
         return spans
 
     def _plain(self, events: bytes) -> bytes:
-        if self.strip_usage and b'"usage"' in events:
-            return _NULL_USAGE.sub(b"", events)
-        return events
+        if not self.strip_usage or b'"usage"' not in events:
+            return events
+        # OpenAI writes compact JSON: a plain replace does almost all of it, the regex the rest.
+        events = events.replace(b',"usage":null', b"")
+        return _NULL_USAGE.sub(b"", events) if b'"usage"' in events else events
 
     def _decoded(self, event: bytes) -> bytes:
         payload = event_data(event)
@@ -130,21 +126,29 @@ class SSETap:
                 return b""
         return self._plain(event)
 
-    def streamed_chars(self) -> int:
-        """Characters of generated text forwarded so far (decoded only when an estimate is needed)."""
-        total = 0
+    def _unread_events(self) -> Iterator[Any]:
         for block in self._unread:
             for event in _BOUNDARY.split(block):
                 payload = event_data(event)
                 if payload is None or payload == b"[DONE]":
                     continue
                 try:
-                    total += len(event_text(orjson.loads(payload)))
+                    yield orjson.loads(payload)
                 except orjson.JSONDecodeError:
                     continue
-        return total
+
+    def streamed_chars(self) -> int:
+        """Characters of generated text forwarded so far (decoded only when an estimate is needed)."""
+        return sum(len(event_text(event)) for event in self._unread_events())
 
     def result(self) -> Reported:
+        """Usage, model and id; without usage, model and id come from the events forwarded."""
         if self.reported is not None:
             return self.reported
-        return Reported(None, self.model, self.response_id)
+        model, response_id = self.model, self.response_id
+        for event in self._unread_events():
+            if model and response_id:
+                break
+            reported = from_event(event)
+            model, response_id = model or reported.model, response_id or reported.response_id
+        return Reported(None, model, response_id)

@@ -75,6 +75,8 @@ def test_a_stream_cut_before_usage_counts_the_text_it_forwarded(cuts, stop):
     complete_events = forwarded.split(b"\n\n")[:-1]  # an SSE client drops an event that never ended
     texts = [orjson.loads(event[6:])["choices"][0]["delta"].get("content", "") for event in complete_events]
     assert tap.streamed_chars() == sum(len(t) for t in texts)
+    if complete_events:  # the model and id still price the estimate
+        assert (tap.result().model, tap.result().response_id) == ("gpt-4o-mini-2024-07-18", "chatcmpl-1")
 
 
 def test_a_half_written_last_line_reaches_the_client_as_it_is():
