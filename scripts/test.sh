@@ -22,6 +22,6 @@ if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ] && ! pg_isready
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
 fi
 
-.venv/bin/ruff check proxy costing migrations tests
+.venv/bin/ruff check proxy costing migrations tests bench
 .venv/bin/mypy
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
