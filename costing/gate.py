@@ -259,6 +259,13 @@ class SessionCosts:
         if entry is not None:
             entry.added += cost
 
+    async def close(self) -> None:
+        """Wait for reads still running, so none outlives the engine (shutdown)."""
+        pending = [e.task for e in self._entries.values() if not e.task.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
     async def total(self, campaign_id: str, session_id: str) -> Decimal | None:
         entry = self._entries.get((campaign_id, session_id))
         if entry is None:

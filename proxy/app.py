@@ -114,6 +114,7 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await app[METER].sessions.close()
     left = await ledger.close(settings.shutdown_timeout_seconds)
     if left:
         metrics.dropped.inc(left)
