@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
@@ -164,6 +165,22 @@ async def pg_database(cluster: PgCluster) -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+async def wait_ready(url: str, process: asyncio.subprocess.Process, seconds: float = 15.0) -> None:
+    """Wait until a proxy subprocess answers /healthz; fail at once if it exits."""
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            assert process.returncode is None, "proxy exited during start"
+            try:
+                async with http.get(f"{url}/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError("proxy did not start")
 
 
 def make_settings(**values: Any) -> Settings:

@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from conftest import free_port, make_settings
+from conftest import free_port, make_settings, wait_ready
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 from sqlalchemy import func, select
 
@@ -87,20 +87,6 @@ class Load:
             await asyncio.gather(*tasks)
 
 
-async def _wait_ready(url: str, process: asyncio.subprocess.Process) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(300):
-            assert process.returncode is None, "proxy exited during start"
-            try:
-                async with http.get(f"{url}/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError("proxy did not start")
-
-
 async def _count(engine: Any) -> int:
     async with engine.connect() as conn:
         return int(await conn.scalar(select(func.count()).select_from(UsageRecord)) or 0)
@@ -127,7 +113,7 @@ async def test_kill_9_loses_at_most_one_flush_interval(database_url, fake, backe
     engine = create_engine(make_settings(database_url=database_url).database)
     process = await asyncio.create_subprocess_exec(str(CLI), "serve", env=env)
     try:
-        await _wait_ready(url, process)
+        await wait_ready(url, process)
         load = Load(url)
         stop = asyncio.Event()
         traffic = asyncio.create_task(load.run(stop))

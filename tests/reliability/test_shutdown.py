@@ -10,26 +10,12 @@ import sys
 from pathlib import Path
 
 import aiohttp
-from conftest import free_port, make_settings
+from conftest import free_port, make_settings, wait_ready
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 
 from costing.db import create_engine
 
 CLI = Path(sys.executable).with_name("llm-cost-proxy")
-
-
-async def _wait_ready(url: str, process: asyncio.subprocess.Process) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(200):
-            assert process.returncode is None, "proxy exited during start"
-            try:
-                async with http.get(f"{url}/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError("proxy did not start")
 
 
 async def test_sigterm_under_load_loses_nothing(database_url, fake):
@@ -38,7 +24,7 @@ async def test_sigterm_under_load_loses_nothing(database_url, fake):
            "PROXY_PORT": str(port), "LEDGER_FLUSH_INTERVAL_SECONDS": "5", "LOG_LEVEL": "WARNING"}
     process = await asyncio.create_subprocess_exec(str(CLI), "serve", env=env)
     url = f"http://127.0.0.1:{port}"
-    await _wait_ready(url, process)
+    await wait_ready(url, process)
     fake.behaviour.delay = 0.5
     headers = {"X-Campaign-Id": "term", "X-Session-Id": "s", "Authorization": "Bearer sk-x"}
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
