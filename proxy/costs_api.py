@@ -23,7 +23,7 @@ from aiohttp import web
 
 from costing import budget as rules
 from costing.errors import InvalidBudget
-from costing.money import MAX_USD, format_usd
+from costing.money import MAX_USD, format_usd, parse_usd
 from costing.records import CampaignTotals, DayTotals, SessionTotals, Totals
 from costing.reports import MAX_DAYS, SESSION_ORDERS, CostReports
 from proxy import openapi
@@ -221,15 +221,13 @@ def _amount(body: dict[str, Any], name: str) -> Decimal:
     if name not in body:
         raise InvalidBudget(f"'{name}' is required (a decimal number of USD, e.g. \"5.00\")", name)
     value = body[name]
-    if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
-        raise InvalidBudget(f"'{name}' must be a decimal number of USD, e.g. \"5.00\"", name)
     try:
-        amount = Decimal(str(value).strip())
-    except ArithmeticError:
-        raise InvalidBudget(f"'{name}' must be a decimal number of USD, e.g. \"5.00\"", name) from None
-    if not amount.is_finite() or abs(amount) >= MAX_USD:
-        raise InvalidBudget(f"'{name}' must be a finite amount below {MAX_USD:,} USD", name)
-    return amount
+        if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
+            raise ValueError(value)
+        return parse_usd(str(value))
+    except ValueError:
+        raise InvalidBudget(f"'{name}' must be a decimal number of USD below {MAX_USD:,}, "
+                            "e.g. \"5.00\"", name) from None
 
 
 async def put_budget(request: web.Request) -> web.Response:
