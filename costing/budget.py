@@ -8,8 +8,8 @@ from enum import StrEnum
 
 from costing.errors import InvalidBudget
 from costing.money import ZERO, quantize
-from costing.pricing import Price, cost
-from costing.usage import RequestFacts, Usage
+from costing.pricing import Price, cost_of
+from costing.usage import RequestFacts
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +62,7 @@ def worst_case_cost(price: Price, facts: RequestFacts, default_max_output: int) 
     max_output = facts.max_output_tokens
     if max_output is None:
         max_output = default_max_output
-    return cost(price, Usage(input_tokens=facts.prompt_tokens, output_tokens=max_output))
+    return cost_of(price, facts.prompt_tokens, 0, max_output)
 
 
 def admits(spent: Decimal, outstanding: Decimal, reservation: Decimal, budget: Budget) -> bool:

@@ -45,12 +45,13 @@ class PriceTableError(ValueError):
 
 def cost(price: Price, usage: Usage) -> Decimal:
     """Cost of a call: cached input at the cached price, reasoning inside output at the output price."""
-    uncached = max(usage.input_tokens - usage.cached_input_tokens, 0)
-    total = (
-        uncached * price.input
-        + usage.cached_input_tokens * price.cached_input
-        + usage.output_tokens * price.output
-    )
+    return cost_of(price, usage.input_tokens, usage.cached_input_tokens, usage.output_tokens)
+
+
+def cost_of(price: Price, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> Decimal:
+    """`cost` over plain counts (input includes cached), for callers that have no Usage."""
+    uncached = max(input_tokens - cached_input_tokens, 0)
+    total = uncached * price.input + cached_input_tokens * price.cached_input + output_tokens * price.output
     return quantize(total / PER_MILLION)
 
 
