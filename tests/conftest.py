@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -165,6 +166,22 @@ async def pg_database(cluster: PgCluster) -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+CLI = Path(sys.executable).with_name("llm-cost-proxy")
+
+
+async def spawn_proxy(**env: str) -> tuple[asyncio.subprocess.Process, str]:
+    """A real `llm-cost-proxy serve` process on a free loopback port, ready; the caller stops it.
+
+    `env` holds Settings variables by name (DATABASE_URL=..., UPSTREAM_BASE_URL=...).
+    """
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        str(CLI), "serve", env={**os.environ, "LOG_LEVEL": "WARNING", **env, "PROXY_PORT": str(port)})
+    url = f"http://127.0.0.1:{port}"
+    await wait_ready(url, process)
+    return process, url
 
 
 async def wait_ready(url: str, process: asyncio.subprocess.Process, seconds: float = 15.0) -> None:

@@ -4,14 +4,17 @@ under concurrency, several proxy processes on one database, overrides."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from decimal import Decimal
 
 import aiohttp
 import openai
 import pytest
+from conftest import make_settings, spawn_proxy
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 
 from costing.budget import worst_case_cost
+from costing.db import create_engine
 from costing.pricing import PriceTable
 from costing.usage import Operation, request_facts
 
@@ -137,6 +140,47 @@ async def test_two_proxy_processes_on_one_database_enforce_one_budget(start_prox
     assert sum(results) == len(rows) == fake.hits("/chat/completions")
     assert sum(results) > 0
     await assert_aggregates_match_ledger(replicas[0].engine)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_two_real_proxy_processes_on_one_postgresql_enforce_one_budget(database_url, fake):
+    """The same as above with two `llm-cost-proxy serve` OS processes: nothing shared but the database."""
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 100}
+    facts = request_facts(Operation.CHAT, body)
+    reservation = worst_case_cost(PRICES.quote("gpt-4o-mini").price, facts, 4096)
+    fake.behaviour.prompt_tokens = facts.prompt_tokens
+    fake.behaviour.completion_tokens = 100
+    limit = 40 * reservation
+    env = {"DATABASE_URL": database_url, "UPSTREAM_BASE_URL": fake.url,
+           "COST_WARNING_THRESHOLD_USD": "0", "COST_LIMIT_THRESHOLD_USD": str(limit)}
+    replicas = [await spawn_proxy(**env), await spawn_proxy(**env)]
+    try:
+        clients = [openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0,
+                                      default_headers={"X-Campaign-Id": "c1", "X-Session-Id": "s1"})
+                   for _, url in replicas]
+
+        async def call(i: int) -> bool:
+            try:
+                await clients[i % 2].chat.completions.create(**body)
+                return True
+            except openai.RateLimitError:
+                return False
+
+        results = await asyncio.gather(*(call(i) for i in range(200)))
+    finally:
+        for process, _ in replicas:
+            process.send_signal(signal.SIGTERM)  # drains and flushes every record
+        for process, _ in replicas:
+            assert await asyncio.wait_for(process.wait(), 30) == 0
+    engine = create_engine(make_settings(database_url=database_url).database)
+    try:
+        rows = await ledger_rows(engine)
+        assert sum(r.cost_usd for r in rows) <= limit
+        assert sum(results) == len(rows) == fake.hits("/chat/completions")
+        assert 0 < sum(results) < 200
+        await assert_aggregates_match_ledger(engine)
+    finally:
+        await engine.dispose()
 
 
 async def test_budget_override_revert_and_validation(proxy, fake):

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from conftest import free_port, make_settings, wait_ready
+from conftest import CLI, free_port, make_settings, wait_ready
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 from sqlalchemy import func, select
 
@@ -37,7 +35,6 @@ from costing.models import UsageRecord
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
-CLI = Path(sys.executable).with_name("llm-cost-proxy")
 RATE = 50.0  # requests per second
 MARGIN = 0.3  # seconds beyond the flush interval: batch write time and scheduling jitter
 WARM_UP = 1.5  # seconds of traffic before the kill is timed

@@ -4,27 +4,18 @@ flushes every pending record before it exits."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
-from pathlib import Path
 
 import aiohttp
-from conftest import free_port, make_settings, wait_ready
+from conftest import make_settings, spawn_proxy
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 
 from costing.db import create_engine
 
-CLI = Path(sys.executable).with_name("llm-cost-proxy")
-
 
 async def test_sigterm_under_load_loses_nothing(database_url, fake):
-    port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url, "UPSTREAM_BASE_URL": fake.url,
-           "PROXY_PORT": str(port), "LEDGER_FLUSH_INTERVAL_SECONDS": "5", "LOG_LEVEL": "WARNING"}
-    process = await asyncio.create_subprocess_exec(str(CLI), "serve", env=env)
-    url = f"http://127.0.0.1:{port}"
-    await wait_ready(url, process)
+    process, url = await spawn_proxy(DATABASE_URL=database_url, UPSTREAM_BASE_URL=fake.url,
+                                     LEDGER_FLUSH_INTERVAL_SECONDS="5")
     fake.behaviour.delay = 0.5
     headers = {"X-Campaign-Id": "term", "X-Session-Id": "s", "Authorization": "Bearer sk-x"}
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
