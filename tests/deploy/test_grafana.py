@@ -79,7 +79,8 @@ def test_the_llm_costs_dashboard_exists_with_a_campaign_variable():
     campaign = variables(dashboard)["campaign"]
     query = campaign["query"]
     query = query["query"] if isinstance(query, dict) else query
-    assert query.replace(" ", "") == "label_values(llm_cost_usd_total,campaign)"
+    # Budget gauges come from the stored aggregates: every campaign, blocked or idle since a restart.
+    assert query.replace(" ", "") == "label_values(llm_budget_spent_usd,campaign)"
     assert campaign["type"] == "query" and campaign["multi"] is True and campaign["includeAll"] is True
     assert campaign.get("allValue") == ".*"  # "All" must match every campaign, _other included
 

@@ -188,10 +188,11 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(proxy, 
         report = "\n".join(f"{label}: {problem}" for label, problem in failing.items())
         assert not failing, f"panel queries without data:\n{report}"
 
-        # The campaign variable (label_values(llm_cost_usd_total, campaign)) offers the campaigns.
+        # The campaign variable (label_values(llm_budget_spent_usd, campaign)) offers every
+        # campaign, the one refused from its first request included.
         async with http.get(f"{prometheus}/api/v1/label/campaign/values",
-                            params={"match[]": "llm_cost_usd_total"}) as response:
+                            params={"match[]": "llm_budget_spent_usd"}) as response:
             offered = (await response.json())["data"]
-        assert set(CAMPAIGNS) <= set(offered)
+        assert {*CAMPAIGNS, CAPPED} <= set(offered)
         blocked = await _query(http, prometheus, f'llm_requests_blocked_total{{campaign="{CAPPED}"}}')
         assert [float(r["value"][1]) for r in blocked["data"]["result"]] == [2.0]
