@@ -3,7 +3,8 @@ task writes it in batches, one transaction per batch, and keeps it until the wri
 
 Crash window: at most one flush interval of records (LEDGER_FLUSH_INTERVAL_SECONDS) lives only
 in memory. On a database outage records wait in a bounded buffer; the proxy refuses new
-metered requests (503) before that buffer could overflow, so nothing admitted is ever dropped.
+metered requests (503) before that buffer could overflow, so nothing admitted is ever dropped,
+but for a record the database refuses on its own while it answers (see `_write_apart`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Ledger:
         self.max_records = max_records
         self.listeners: list[FlushListener] = []
         self.error_listeners: list[Callable[[BaseException], None]] = []
+        self.drop_listeners: list[Callable[[UsageEntry], None]] = []
         self._buffer: deque[UsageEntry] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -77,7 +79,10 @@ class Ledger:
                 self.healthy = True
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the database is away: keep everything, retry with backoff
+            except Exception as exc:
+                if await self._write_apart():
+                    continue
+                # The database is away: keep everything, retry with backoff.
                 failures += 1
                 self.healthy = False
                 for on_error in self.error_listeners:
@@ -86,9 +91,9 @@ class Ledger:
                     log.warning("ledger write failed (%d records waiting): %s",
                                 len(self._buffer), exc)
 
-    async def flush_once(self) -> int:
+    async def flush_once(self, size: int | None = None) -> int:
         """Write one batch from the head of the buffer; it leaves the buffer only once committed."""
-        batch = list(islice(self._buffer, self.batch_size))
+        batch = list(islice(self._buffer, size or self.batch_size))
         if not batch:
             return 0
         started = time.perf_counter()
@@ -99,6 +104,40 @@ class Ledger:
         for listener in self.listeners:
             listener(batch, inserted, elapsed)
         return len(batch)
+
+    async def _write_apart(self) -> bool:
+        """After a failed batch: when the database still answers, the batch itself is at fault.
+
+        Its records are then written one by one, and only one the database refuses on its own
+        is dropped (logged, counted): a bad record must not stop every other from being
+        written. False when the database does not answer (an outage: keep everything).
+        """
+        try:
+            await self.store.ping()
+        except Exception:
+            return False
+        for entry in list(islice(self._buffer, self.batch_size)):
+            refused: Exception | None = None
+            for _attempt in range(2):  # twice: a passing conflict (a deadlock, say) drops nothing
+                try:
+                    await self.flush_once(1)
+                    refused = None
+                    break
+                except Exception as exc:
+                    refused = exc
+            if refused is None:
+                continue
+            try:
+                await self.store.ping()
+            except Exception:
+                return False
+            log.error("usage record %s refused by the database, dropped: %s", entry.id, refused)
+            self._buffer.popleft()
+            for listener in self.listeners:
+                listener([entry], [], 0.0)  # releases what the gate counted as pending
+            for on_drop in self.drop_listeners:
+                on_drop(entry)
+        return True
 
     async def close(self, grace_seconds: float = 30.0) -> int:
         """Stop the loop and write everything still buffered; returns records left unwritten."""
@@ -111,6 +150,8 @@ class Ledger:
             try:
                 await self.flush_once()
             except Exception as exc:
+                if await self._write_apart():
+                    continue
                 log.warning("final ledger flush failed, retrying: %s", exc)
                 await asyncio.sleep(0.5)
         if self._buffer:

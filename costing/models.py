@@ -25,6 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
 from costing.money import ZERO, from_units, quantize, to_units
+from costing.usage import MAX_ID_LENGTH, MAX_MODEL_LENGTH
 
 ID_LENGTH = 128
 
@@ -104,15 +105,15 @@ class UsageRecord(TokenCounts, Base):
     campaign_id: Mapped[str] = mapped_column(String(ID_LENGTH))
     session_id: Mapped[str] = mapped_column(String(ID_LENGTH))
     operation: Mapped[str] = mapped_column(String(32))
-    request_model: Mapped[str | None] = mapped_column(String(200))
-    response_model: Mapped[str | None] = mapped_column(String(200))
+    request_model: Mapped[str | None] = mapped_column(String(MAX_MODEL_LENGTH))
+    response_model: Mapped[str | None] = mapped_column(String(MAX_MODEL_LENGTH))
     cost_usd: Mapped[Decimal] = mapped_column(Money, default=ZERO)
     priced_by_default: Mapped[bool] = mapped_column(Boolean, default=False)
     estimated: Mapped[bool] = mapped_column(Boolean, default=False)
     streamed: Mapped[bool] = mapped_column(Boolean, default=False)
     status_code: Mapped[int] = mapped_column(Integer)
     latency_ms: Mapped[int] = mapped_column(Integer)
-    response_id: Mapped[str | None] = mapped_column(String(255))
+    response_id: Mapped[str | None] = mapped_column(String(MAX_ID_LENGTH))
     api_key_hash: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (

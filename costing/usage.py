@@ -33,6 +33,13 @@ _OPERATION_PATHS = {
 # Responses API terminal events: each carries the final `response` object with its usage.
 TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
+# The longest model name and response id kept, and the largest token count believed: an
+# upstream or client can send anything, and one value the database cannot store would stop
+# the ledger writer for everyone. No call uses a billion tokens.
+MAX_MODEL_LENGTH = 200
+MAX_ID_LENGTH = 255
+MAX_TOKENS = 10**9
+
 # Characters per token: OpenAI's rule of thumb for English text; used only for estimates.
 CHARS_PER_TOKEN = 4
 # A picture costs at most ~1,100 tokens at high detail on current models; estimate that.
@@ -77,7 +84,7 @@ def _int(value: Any) -> int:
         return 0
     if isinstance(value, float) and not math.isfinite(value):
         return 0
-    return max(int(value), 0)
+    return min(max(int(value), 0), MAX_TOKENS)
 
 
 def parse_usage(raw: Any) -> Usage | None:
@@ -104,15 +111,16 @@ def parse_usage(raw: Any) -> Usage | None:
     )
 
 
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+def _str(value: Any, limit: int) -> str | None:
+    return value[:limit] if isinstance(value, str) and value else None
 
 
 def from_body(body: Any) -> Reported:
     """Usage, model and id of a non-streamed response body (any metered operation)."""
     if not isinstance(body, dict):
         return Reported(None, None, None)
-    return Reported(parse_usage(body.get("usage")), _str(body.get("model")), _str(body.get("id")))
+    return Reported(parse_usage(body.get("usage")), _str(body.get("model"), MAX_MODEL_LENGTH),
+                    _str(body.get("id"), MAX_ID_LENGTH))
 
 
 def from_event(event: Any) -> Reported:
@@ -125,7 +133,8 @@ def from_event(event: Any) -> Reported:
         if not isinstance(response, dict):
             return Reported(None, None, None)
         usage = parse_usage(response.get("usage")) if kind in TERMINAL_RESPONSE_EVENTS else None
-        return Reported(usage, _str(response.get("model")), _str(response.get("id")))
+        return Reported(usage, _str(response.get("model"), MAX_MODEL_LENGTH),
+                        _str(response.get("id"), MAX_ID_LENGTH))
     return from_body(event)
 
 
@@ -241,7 +250,7 @@ def request_facts(operation: Operation, body: Any) -> RequestFacts:
     """Facts of a parsed JSON request body; tolerant of any shape (the upstream judges validity)."""
     if not isinstance(body, dict):
         return RequestFacts(None, False, False, 0, None)
-    model = _str(body.get("model"))
+    model = _str(body.get("model"), MAX_MODEL_LENGTH)
     stream = body.get("stream") is True
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True

@@ -16,6 +16,9 @@ from hypothesis import strategies as st
 
 from costing.usage import (
     CHARS_PER_TOKEN,
+    MAX_ID_LENGTH,
+    MAX_MODEL_LENGTH,
+    MAX_TOKENS,
     TOKENS_PER_IMAGE,
     TOKENS_PER_MESSAGE,
     TOKENS_PER_REPLY,
@@ -619,3 +622,17 @@ def test_request_facts_never_raise_and_are_well_formed(value):
 @pytest.mark.parametrize("number", [math.nan, math.inf, -math.inf])
 def test_a_nan_or_infinite_token_count_counts_as_zero(number):
     assert parse_usage({"prompt_tokens": number, "completion_tokens": 1}) == Usage(0, 0, 1, 0)
+
+
+# -- values the database could not store never leave the parser ----------------------------------
+
+
+def test_an_absurd_token_count_is_capped_so_it_cannot_block_the_ledger():
+    usage = parse_usage({"prompt_tokens": 1e30, "completion_tokens": 2**70})
+    assert usage == Usage(MAX_TOKENS, 0, MAX_TOKENS, 0)
+
+
+def test_model_names_and_ids_are_cut_to_what_the_ledger_columns_hold():
+    reported = from_body({"model": "m" * 1000, "id": "i" * 1000})
+    assert (len(reported.model or ""), len(reported.response_id or "")) == (MAX_MODEL_LENGTH, MAX_ID_LENGTH)
+    assert request_facts(Operation.CHAT, {"model": "m" * 1000}).model == "m" * MAX_MODEL_LENGTH
