@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import islice
 
+from sqlalchemy.exc import DataError, IntegrityError
+
 from costing.records import UsageEntry
 from costing.store import Store
 
@@ -24,6 +26,18 @@ log = logging.getLogger(__name__)
 
 FlushListener = Callable[[Sequence[UsageEntry], Sequence[UsageEntry], float], None]
 """Called after each committed batch with (batch, inserted, seconds the write took)."""
+
+# SQLSTATE classes that blame a record's values, not the database's state: data exceptions and
+# integrity constraint violations.
+BAD_RECORD_SQLSTATES = ("22", "23")
+
+
+def blames_the_record(error: Exception) -> bool:
+    """Whether the database refused a record's values (rather than being unable to write)."""
+    if isinstance(error, DataError | IntegrityError | OverflowError | ValueError | TypeError):
+        return True  # the last three: values SQLite's driver cannot bind
+    sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in BAD_RECORD_SQLSTATES
 
 MAX_BACKOFF_SECONDS = 1.0
 """Retry pace while writes fail: a retry is cheap (refused at once while the database is down),
@@ -91,9 +105,9 @@ class Ledger:
                     log.warning("ledger write failed (%d records waiting): %s",
                                 len(self._buffer), exc)
 
-    async def flush_once(self, size: int | None = None) -> int:
+    async def flush_once(self) -> int:
         """Write one batch from the head of the buffer; it leaves the buffer only once committed."""
-        batch = list(islice(self._buffer, size or self.batch_size))
+        batch = list(islice(self._buffer, self.batch_size))
         if not batch:
             return 0
         started = time.perf_counter()
@@ -106,38 +120,53 @@ class Ledger:
         return len(batch)
 
     async def _write_apart(self) -> bool:
-        """After a failed batch: when the database still answers, the batch itself is at fault.
+        """After a failed batch, tell a bad record from a database that is away.
 
-        Its records are then written one by one, and only one the database refuses on its own
-        is dropped (logged, counted): a bad record must not stop every other from being
-        written. False when the database does not answer (an outage: keep everything).
+        The batch is written record by record. A record is dropped (logged, counted) only when
+        the database refused its values twice (a data error, not a connection or server state
+        error) while other records of the batch went in: one value the database cannot store
+        must not stop every other record. Anything else stays in the buffer, in order. False
+        when nothing went in, so the writer backs off and retries (an outage, a full disk, a
+        read-only standby).
         """
-        try:
-            await self.store.ping()
-        except Exception:
+        batch = list(islice(self._buffer, self.batch_size))
+        kept: list[UsageEntry] = []
+        bad: list[tuple[UsageEntry, Exception]] = []
+        written = 0
+        for entry in batch:
+            error = await self._write_one(entry)
+            if error is None:
+                written += 1
+            elif blames_the_record(error):
+                bad.append((entry, error))
+            else:
+                kept.append(entry)
+        if not written:
             return False
-        for entry in list(islice(self._buffer, self.batch_size)):
-            refused: Exception | None = None
-            for _attempt in range(2):  # twice: a passing conflict (a deadlock, say) drops nothing
-                try:
-                    await self.flush_once(1)
-                    refused = None
-                    break
-                except Exception as exc:
-                    refused = exc
-            if refused is None:
-                continue
-            try:
-                await self.store.ping()
-            except Exception:
-                return False
-            log.error("usage record %s refused by the database, dropped: %s", entry.id, refused)
+        for _ in batch:
             self._buffer.popleft()
+        self._buffer.extendleft(reversed(kept))
+        for entry, error in bad:
+            log.error("usage record %s refused by the database, dropped: %s", entry.id, error)
             for listener in self.listeners:
                 listener([entry], [], 0.0)  # releases what the gate counted as pending
             for on_drop in self.drop_listeners:
                 on_drop(entry)
         return True
+
+    async def _write_one(self, entry: UsageEntry) -> Exception | None:
+        """Write one record (twice if need be: a passing conflict drops nothing); its error."""
+        error: Exception | None = None
+        for _attempt in range(2):
+            try:
+                inserted = await self.store.write_batch([entry], self.holder_id)
+            except Exception as exc:
+                error = exc
+                continue
+            for listener in self.listeners:
+                listener([entry], inserted, 0.0)
+            return None
+        return error
 
     async def close(self, grace_seconds: float = 30.0) -> int:
         """Stop the loop and write everything still buffered; returns records left unwritten."""
