@@ -264,7 +264,8 @@ class SessionCosts:
         pending = [e.task for e in self._entries.values() if not e.task.done()]
         for task in pending:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)  # bounded: shutdown must not hang on a read
 
     async def total(self, campaign_id: str, session_id: str) -> Decimal | None:
         entry = self._entries.get((campaign_id, session_id))

@@ -266,8 +266,9 @@ def request_facts(operation: Operation, body: Any) -> RequestFacts:
     # Every candidate is billed: `n` choices, and for legacy completions `best_of` (>= n) of them.
     candidates = max(_count(body.get("n")), _count(body.get("best_of")), 1)
     if max_output:
-        max_output *= candidates
-    return RequestFacts(model, stream, include_usage, _prompt_tokens(operation, body), max_output)
+        max_output = min(max_output * candidates, MAX_TOKENS)
+    return RequestFacts(model, stream, include_usage, min(_prompt_tokens(operation, body), MAX_TOKENS),
+                        max_output)
 
 
 def estimate_usage(prompt_tokens: int, streamed_chars: int) -> Usage:

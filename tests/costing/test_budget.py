@@ -28,7 +28,7 @@ from costing.budget import (
 from costing.errors import CostingError, InvalidBudget
 from costing.money import QUANTUM
 from costing.pricing import Price
-from costing.usage import RequestFacts
+from costing.usage import Operation, RequestFacts, request_facts
 
 D = Decimal
 BUDGET = Budget(warning_usd=D("1.00"), limit_usd=D("5.00"))
@@ -255,3 +255,9 @@ def test_the_warning_text_names_the_campaign_spend_limit_and_threshold():
     text = warning_text("c1", D("1.23456"), BUDGET)
     assert text == "Campaign 'c1' has spent $1.2346 of its $5.00 limit (warning at $1.00)"
     assert text.isascii()
+
+
+def test_the_worst_case_of_any_request_body_is_a_storable_amount():
+    facts = request_facts(Operation.CHAT, {"messages": [], "max_completion_tokens": 10**40, "n": 10**9})
+    amount = worst_case_cost(Price(Decimal(10**7), Decimal(10**7), Decimal(10**7)), facts, 4096)
+    assert amount.is_finite() and amount == amount.quantize(QUANTUM)

@@ -636,3 +636,9 @@ def test_model_names_and_ids_are_cut_to_what_the_ledger_columns_hold():
     reported = from_body({"model": "m" * 1000, "id": "i" * 1000})
     assert (len(reported.model or ""), len(reported.response_id or "")) == (MAX_MODEL_LENGTH, MAX_ID_LENGTH)
     assert request_facts(Operation.CHAT, {"model": "m" * 1000}).model == "m" * MAX_MODEL_LENGTH
+
+
+def test_an_absurd_output_cap_is_capped_so_the_reservation_stays_a_number():
+    facts = request_facts(Operation.COMPLETIONS, {"prompt": "x", "max_tokens": 10**30, "n": 10**10,
+                                                  "best_of": 10**12})
+    assert facts.max_output_tokens == MAX_TOKENS
