@@ -60,14 +60,6 @@ class Totals:
     output_tokens: int = 0
     reasoning_tokens: int = 0
 
-    def add(self, entry: UsageEntry) -> None:
-        self.cost_usd += entry.cost_usd
-        self.requests += 1
-        self.input_tokens += entry.usage.input_tokens
-        self.cached_input_tokens += entry.usage.cached_input_tokens
-        self.output_tokens += entry.usage.output_tokens
-        self.reasoning_tokens += entry.usage.reasoning_tokens
-
     def merge(self, other: Totals) -> None:
         self.cost_usd += other.cost_usd
         self.requests += other.requests

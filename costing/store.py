@@ -387,11 +387,19 @@ def _sqlite_chunks(count: int) -> list[int]:
     return sizes
 
 
-def _record_tuple(e: UsageEntry) -> tuple[Any, ...]:
+def _record_tuple(e: UsageEntry, *, sqlite: bool = False) -> tuple[Any, ...]:
+    """One ledger row in RECORD_COLUMNS order; SQLite takes id, time and money as it stores them."""
     u = e.usage
-    return (e.id, e.created_at, e.campaign_id, e.session_id, e.operation, e.request_model,
+    record_id: Any
+    created_at: Any
+    cost: Any
+    if sqlite:
+        record_id, created_at, cost = e.id.hex, sqlite_timestamp(e.created_at), to_units(e.cost_usd)
+    else:
+        record_id, created_at, cost = e.id, e.created_at, e.cost_usd
+    return (record_id, created_at, e.campaign_id, e.session_id, e.operation, e.request_model,
             e.response_model, u.input_tokens, u.cached_input_tokens, u.output_tokens,
-            u.reasoning_tokens, e.cost_usd, e.priced_by_default, e.estimated, e.streamed,
+            u.reasoning_tokens, cost, e.priced_by_default, e.estimated, e.streamed,
             e.status_code, e.latency_ms, e.response_id, e.api_key_hash)
 
 
@@ -414,12 +422,7 @@ async def _insert_records_sqlite(conn: AsyncConnection, entries: Sequence[UsageE
     for size in _sqlite_chunks(len(entries)):
         params: list[Any] = []
         for e in entries[start:start + size]:
-            u = e.usage
-            params += (e.id.hex, sqlite_timestamp(e.created_at), e.campaign_id, e.session_id,
-                       e.operation, e.request_model, e.response_model, u.input_tokens,
-                       u.cached_input_tokens, u.output_tokens, u.reasoning_tokens,
-                       to_units(e.cost_usd), e.priced_by_default, e.estimated, e.streamed,
-                       e.status_code, e.latency_ms, e.response_id, e.api_key_hash)
+            params += _record_tuple(e, sqlite=True)
         start += size
         result = await conn.exec_driver_sql(_sqlite_insert(size), tuple(params))
         inserted.update(int(row[0], 16) for row in result)

@@ -18,7 +18,7 @@ import orjson
 from costing.usage import Reported, event_text, from_event
 
 _SEPARATORS = (b"\r\n\r\n", b"\n\n", b"\r\r")
-_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_BOUNDARY = re.compile(b"|".join(_SEPARATORS))  # longest first: CRLF pairs win over LF pairs
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,')
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
@@ -33,11 +33,11 @@ def event_data(event: bytes) -> bytes | None:
 
 def complete_length(data: bytes) -> int:
     """Length of the leading run of complete events in `data` (0 when none has ended yet)."""
-    ends = [at + len(sep) for sep in _SEPARATORS if (at := data.rfind(sep)) >= 0]
-    return max(ends, default=0)
+    return _event_start(data, len(data))
 
 
 def _event_start(data: bytes, at: int) -> int:
+    """Where the event holding position `at` begins: just after the last separator before it."""
     ends = [found + len(sep) for sep in _SEPARATORS if (found := data.rfind(sep, 0, at)) >= 0]
     return max(ends, default=0)
 
