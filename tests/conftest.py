@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,29 +112,9 @@ def start_throwaway_cluster() -> PgCluster:
     return cluster
 
 
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
-    """The machine's PostgreSQL, or a throwaway one; skip (fail in CI) when neither is possible."""
-    if _pg_answers(PG_HOST, PG_PORT):
-        yield PgCluster(PG_HOST, PG_PORT, PG_USER)
-        return
-    try:
-        cluster = start_throwaway_cluster()
-    except Exception as exc:
-        if IN_CI:
-            pytest.fail(f"PostgreSQL is required in CI: {exc}")
-        pytest.skip(f"PostgreSQL unavailable: {exc}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(cluster.data_dir or "", ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def owned_pg_cluster() -> Iterator[PgCluster]:
-    """A throwaway cluster of the test module's own (never the shared server), so its tests may
-    stop and start it; skip (fail in CI) when initdb/pg_ctl are missing."""
+@contextmanager
+def throwaway_cluster() -> Iterator[PgCluster]:
+    """A cluster started with initdb/pg_ctl in a temp dir; skip (fail in CI) when that cannot be."""
     try:
         cluster = start_throwaway_cluster()
     except Exception as exc:
@@ -147,6 +127,24 @@ def owned_pg_cluster() -> Iterator[PgCluster]:
         with contextlib.suppress(subprocess.SubprocessError):
             cluster.stop()  # fails when a test left it stopped: nothing to do then
         shutil.rmtree(cluster.data_dir or "", ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """The machine's PostgreSQL, or a throwaway one; skip (fail in CI) when neither is possible."""
+    if _pg_answers(PG_HOST, PG_PORT):
+        yield PgCluster(PG_HOST, PG_PORT, PG_USER)
+        return
+    with throwaway_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def owned_pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway cluster of the test module's own (never the shared server), so its tests may
+    stop and start it."""
+    with throwaway_cluster() as cluster:
+        yield cluster
 
 
 @asynccontextmanager

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from decimal import Decimal
+from typing import Any
 
 import aiohttp
 import openai
@@ -21,6 +22,19 @@ from costing.usage import Operation, request_facts
 PRICES = PriceTable.load(default_per_1k_prompt=Decimal("0.00015"),
                          default_per_1k_completion=Decimal("0.0006"))
 MESSAGES = [{"role": "user", "content": "Roll a d20 for the goblin."}]
+
+
+async def alternate_calls(clients: list[openai.AsyncOpenAI], body: dict[str, Any],
+                          count: int = 200) -> list[bool]:
+    """`count` concurrent calls spread over the clients in turn: True where admitted."""
+    async def call(i: int) -> bool:
+        try:
+            await clients[i % len(clients)].chat.completions.create(**body)
+            return True
+        except openai.RateLimitError:
+            return False
+
+    return list(await asyncio.gather(*(call(i) for i in range(count))))
 
 
 def call_cost(prompt_tokens: int, completion_tokens: int, model: str = "gpt-4o-mini") -> Decimal:
@@ -122,16 +136,7 @@ async def test_two_proxy_processes_on_one_database_enforce_one_budget(start_prox
     settings = {"cost_warning_threshold_usd": Decimal(0), "cost_limit_threshold_usd": limit}
     replicas = [await start_proxy(**settings), await start_proxy(**settings)]
     fake.behaviour.completion_tokens = 100
-    clients = [r.client() for r in replicas]
-
-    async def call(i: int) -> bool:
-        try:
-            await clients[i % 2].chat.completions.create(**body)
-            return True
-        except openai.RateLimitError:
-            return False
-
-    results = await asyncio.gather(*(call(i) for i in range(200)))
+    results = await alternate_calls([r.client() for r in replicas], body)
     for replica in replicas:
         await replica.flush()
     rows = await ledger_rows(replicas[0].engine)
@@ -158,15 +163,7 @@ async def test_two_real_proxy_processes_on_one_postgresql_enforce_one_budget(dat
         clients = [openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0,
                                       default_headers={"X-Campaign-Id": "c1", "X-Session-Id": "s1"})
                    for _, url in replicas]
-
-        async def call(i: int) -> bool:
-            try:
-                await clients[i % 2].chat.completions.create(**body)
-                return True
-            except openai.RateLimitError:
-                return False
-
-        results = await asyncio.gather(*(call(i) for i in range(200)))
+        results = await alternate_calls(clients, body)
     finally:
         for process, _ in replicas:
             process.send_signal(signal.SIGTERM)  # drains and flushes every record

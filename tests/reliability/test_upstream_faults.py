@@ -275,16 +275,21 @@ async def test_other_streams_cut_mid_line_are_cut_for_the_client_and_recorded(pr
     assert first.estimated and first.streamed and first.output_tokens > 0
 
 
-async def test_client_disconnect_mid_stream_closes_the_upstream_request_and_records(proxy, fake):
-    fake.behaviour.reply = " ".join(f"w{i}" for i in range(200))
-    fake.behaviour.chunk_delay = 0.02
+async def hang_up_after_events(proxy, events: int) -> None:
+    """Start a streamed chat, read `events` events, then drop the connection mid-stream."""
     async with aiohttp.ClientSession() as http:
         response = await http.post(f"{proxy.url}/v1/chat/completions", json={**CHAT, "stream": True},
                                    headers=TAGS)
         seen = b""
-        while seen.count(b"\n\n") < 5:
+        while seen.count(b"\n\n") < events:
             seen += await response.content.readany()
-        response.close()  # drop the connection mid-stream
+        response.close()
+
+
+async def test_client_disconnect_mid_stream_closes_the_upstream_request_and_records(proxy, fake):
+    fake.behaviour.reply = " ".join(f"w{i}" for i in range(200))
+    fake.behaviour.chunk_delay = 0.02
+    await hang_up_after_events(proxy, 5)
     await asyncio.wait_for(fake.peer_closed.wait(), 3)
     assert fake.closed_by_peer == ["/v1/chat/completions"]
     await proxy.flush(within=15)
@@ -299,13 +304,7 @@ async def test_client_disconnect_during_an_upstream_pause_closes_the_upstream_pr
     fake.behaviour.reply = "one two three four"
     fake.behaviour.stall_after_chunks = 2
     fake.behaviour.stall_seconds = 4.0
-    async with aiohttp.ClientSession() as http:
-        response = await http.post(f"{proxy.url}/v1/chat/completions", json={**CHAT, "stream": True},
-                                   headers=TAGS)
-        seen = b""
-        while seen.count(b"\n\n") < 2:
-            seen += await response.content.readany()
-        response.close()
+    await hang_up_after_events(proxy, 2)
     try:
         await asyncio.wait_for(fake.peer_closed.wait(), 1.5)
     finally:
