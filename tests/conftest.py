@@ -182,20 +182,27 @@ async def spawn_proxy(**env: str) -> tuple[asyncio.subprocess.Process, str]:
     return process, url
 
 
-async def wait_ready(url: str, process: asyncio.subprocess.Process, seconds: float = 15.0) -> None:
-    """Wait until a proxy subprocess answers /healthz; fail at once if it exits."""
+async def wait_answering(url: str, name: str, exited: Callable[[], bool], *, seconds: float = 15.0,
+                         details: Callable[[], str] = lambda: "") -> None:
+    """Poll `url` until it answers 200; fail at once if the process behind it has exited."""
     deadline = time.monotonic() + seconds
     async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            assert process.returncode is None, "proxy exited during start"
+        while True:
+            assert not exited(), f"{name} exited before answering {url}{details()}"
             try:
-                async with http.get(f"{url}/healthz") as response:
+                async with http.get(url) as response:
                     if response.status == 200:
                         return
             except aiohttp.ClientError:
                 pass
+            assert time.monotonic() < deadline, f"{name} did not answer {url} in {seconds} s{details()}"
             await asyncio.sleep(0.05)
-    raise AssertionError("proxy did not start")
+
+
+async def wait_ready(url: str, process: asyncio.subprocess.Process, seconds: float = 15.0) -> None:
+    """Wait until a proxy subprocess answers /healthz; fail at once if it exits."""
+    await wait_answering(f"{url}/healthz", "proxy", lambda: process.returncode is not None,
+                         seconds=seconds)
 
 
 def make_settings(**values: Any) -> Settings:

@@ -17,7 +17,7 @@ import aiohttp
 import openai
 import pytest
 import yaml
-from conftest import IN_CI, free_port
+from conftest import IN_CI, free_port, wait_answering
 from deploy_files import PROMETHEUS_CONFIG, dashboards, load_yaml, runnable_promql, targets
 
 PROMETHEUS = shutil.which("prometheus") or next(
@@ -76,18 +76,8 @@ def prometheus_binary() -> Iterator[str]:
 async def prometheus(prometheus_binary: str, proxy: Any, tmp_path: Path) -> AsyncIterator[str]:
     process, url, log = _launch(tmp_path, proxy.port)
     try:
-        deadline = time.monotonic() + 30
-        async with aiohttp.ClientSession() as http:
-            while True:
-                assert process.poll() is None, f"prometheus exited:\n{_tail(log)}"
-                try:
-                    async with http.get(f"{url}/-/ready") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, f"prometheus not ready:\n{_tail(log)}"
-                await asyncio.sleep(0.1)
+        await wait_answering(f"{url}/-/ready", "prometheus", lambda: process.poll() is not None,
+                             seconds=30, details=lambda: f":\n{_tail(log)}")
         yield url
     finally:
         await asyncio.to_thread(_stop, process)

@@ -24,6 +24,18 @@ PRICES = PriceTable.load(default_per_1k_prompt=Decimal("0.00015"),
 MESSAGES = [{"role": "user", "content": "Roll a d20 for the goblin."}]
 
 
+CAPPED_CALL = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 100}
+
+
+def answer_what_is_reserved(fake: Any) -> Decimal:
+    """The reservation of CAPPED_CALL; the upstream will count the prompt as the proxy estimated
+    it and answer with max_tokens, so each call costs exactly what it reserved."""
+    facts = request_facts(Operation.CHAT, CAPPED_CALL)
+    fake.behaviour.prompt_tokens = facts.prompt_tokens
+    fake.behaviour.completion_tokens = 100
+    return worst_case_cost(PRICES.quote("gpt-4o-mini").price, facts, 4096)
+
+
 async def alternate_calls(clients: list[openai.AsyncOpenAI], body: dict[str, Any],
                           count: int = 200) -> list[bool]:
     """`count` concurrent calls spread over the clients in turn: True where admitted."""
@@ -92,16 +104,12 @@ async def test_streamed_responses_carry_the_campaign_headers_and_warning(start_p
 
 
 async def test_concurrent_requests_reserve_and_exactly_the_affordable_ones_pass(start_proxy, fake):
-    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 100}
-    facts = request_facts(Operation.CHAT, body)
-    reservation = worst_case_cost(PRICES.quote("gpt-4o-mini").price, facts, 4096)
-    # The upstream counts the prompt as the proxy estimated it and answers with max_tokens.
-    fake.behaviour.prompt_tokens = facts.prompt_tokens
+    body = CAPPED_CALL
+    reservation = answer_what_is_reserved(fake)
     proxy = await start_proxy(cost_warning_threshold_usd=Decimal(0),
                               cost_limit_threshold_usd=50 * reservation)
     # Hold every upstream answer until all 200 requests were decided.
     fake.behaviour.hold = asyncio.Event()
-    fake.behaviour.completion_tokens = 100
     client = proxy.client()
 
     async def call() -> str:
@@ -128,14 +136,10 @@ async def test_concurrent_requests_reserve_and_exactly_the_affordable_ones_pass(
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 async def test_two_proxy_processes_on_one_database_enforce_one_budget(start_proxy, fake):
-    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 100}
-    facts = request_facts(Operation.CHAT, body)
-    reservation = worst_case_cost(PRICES.quote("gpt-4o-mini").price, facts, 4096)
-    fake.behaviour.prompt_tokens = facts.prompt_tokens
-    limit = 40 * reservation
+    body = CAPPED_CALL
+    limit = 40 * answer_what_is_reserved(fake)
     settings = {"cost_warning_threshold_usd": Decimal(0), "cost_limit_threshold_usd": limit}
     replicas = [await start_proxy(**settings), await start_proxy(**settings)]
-    fake.behaviour.completion_tokens = 100
     results = await alternate_calls([r.client() for r in replicas], body)
     for replica in replicas:
         await replica.flush()
@@ -150,12 +154,8 @@ async def test_two_proxy_processes_on_one_database_enforce_one_budget(start_prox
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 async def test_two_real_proxy_processes_on_one_postgresql_enforce_one_budget(database_url, fake):
     """The same as above with two `llm-cost-proxy serve` OS processes: nothing shared but the database."""
-    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 100}
-    facts = request_facts(Operation.CHAT, body)
-    reservation = worst_case_cost(PRICES.quote("gpt-4o-mini").price, facts, 4096)
-    fake.behaviour.prompt_tokens = facts.prompt_tokens
-    fake.behaviour.completion_tokens = 100
-    limit = 40 * reservation
+    body = CAPPED_CALL
+    limit = 40 * answer_what_is_reserved(fake)
     env = {"DATABASE_URL": database_url, "UPSTREAM_BASE_URL": fake.url,
            "COST_WARNING_THRESHOLD_USD": "0", "COST_LIMIT_THRESHOLD_USD": str(limit)}
     replicas = [await spawn_proxy(**env), await spawn_proxy(**env)]
