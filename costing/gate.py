@@ -26,6 +26,7 @@ from costing.errors import BudgetExceeded, LedgerUnavailable
 from costing.money import ZERO
 from costing.records import CampaignSnapshot, UsageEntry
 from costing.store import Store
+from costing.tasks import finish, pause, uninterrupted
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class BudgetGate:
         self, store: Store, holder_id: str, default_budget: Budget, *, lease_seconds: float,
         lease_fraction: Decimal, fail_closed: bool, db_timeout: float = 3.0,
         clock: Callable[[], float] = time.monotonic, wall: Callable[[], datetime] = utcnow,
+        write_lock: asyncio.Lock | None = None,
     ) -> None:
         self.store = store
         self.holder_id = holder_id
@@ -91,9 +93,26 @@ class BudgetGate:
         self.clock = clock
         self.wall = wall
         self.views: dict[str, CampaignView] = {}
+        # The ledger's `writing` lock: no batch commits while a lease is asked for.
+        self.write_lock = write_lock if write_lock is not None else asyncio.Lock()
         self.in_flight_requests = 0
 
     # -- request path ----------------------------------------------------------------------------
+
+    def admit_now(self, campaign_id: str, reservation: Decimal) -> Admission | None:
+        """The common case of `admit`, without awaiting: the campaign is known and its lease
+        covers the request. None when `admit` has to ask the database; raises BudgetExceeded."""
+        view = self.views.get(campaign_id)
+        if view is None or view.stale:
+            return None
+        now = self.clock()
+        view.last_used = now
+        spent = view.spent + view.pending
+        if spent >= view.budget.limit_usd:
+            raise BudgetExceeded(campaign_id, spent, view.budget.limit_usd, reservation)
+        if now < view.lease_until and view.inflight + view.pending + reservation <= view.lease:
+            return self._take(view, campaign_id, reservation, verified=True)
+        return None
 
     async def admit(self, campaign_id: str, reservation: Decimal) -> Admission:
         """Admit a request reserving `reservation`, or raise BudgetExceeded / LedgerUnavailable."""
@@ -124,8 +143,8 @@ class BudgetGate:
     async def _load(self, campaign_id: str) -> CampaignView:
         try:
             async with asyncio.timeout(self.db_timeout):
-                snapshot = (await self.store.refresh([campaign_id], self.holder_id,
-                                                     renew_until=None))[campaign_id]
+                snapshot = (await uninterrupted(self.store.refresh(
+                    [campaign_id], self.holder_id, renew_until=None)))[campaign_id]
         except DB_ERRORS as exc:
             if self.fail_closed:
                 raise LedgerUnavailable("the cost database is unavailable") from exc
@@ -139,15 +158,17 @@ class BudgetGate:
 
     async def _grow_lease(self, campaign_id: str, view: CampaignView, reservation: Decimal) -> bool:
         """Ask the database for a lease covering this request; False = admitted unverified."""
-        held = view.inflight + view.pending
-        flushed_before = view.flushed
-        now = self.wall()
         try:
-            async with asyncio.timeout(self.db_timeout):
-                grant = await self.store.acquire_lease(
+            async with asyncio.timeout(self.db_timeout), self.write_lock:
+                held = view.inflight + view.pending
+                flushed_before = view.flushed
+                now = self.wall()
+                # A grant the caller stops waiting for still lands: the database then holds
+                # more than this view knows, which only ever errs on the small side.
+                grant = await uninterrupted(self.store.acquire_lease(
                     campaign_id, self.holder_id, held=held, need=held + reservation,
                     fraction=self.lease_fraction, now=now,
-                    expires_at=now + timedelta(seconds=self.lease_seconds))
+                    expires_at=now + timedelta(seconds=self.lease_seconds)))
         except DB_ERRORS as exc:
             if self.fail_closed:
                 raise LedgerUnavailable("the cost database is unavailable") from exc
@@ -202,7 +223,8 @@ class BudgetGate:
         flushed_before = {c: v.flushed for c, v in active.items()}
         renew = self.wall() + timedelta(seconds=self.lease_seconds)
         async with asyncio.timeout(self.db_timeout * 2):
-            snapshots = await self.store.refresh(active, self.holder_id, renew_until=renew)
+            snapshots = await uninterrupted(self.store.refresh(active, self.holder_id,
+                                                               renew_until=renew))
         renewed_until = now + self.lease_seconds * 0.9
         for campaign_id, snap in snapshots.items():
             view = active[campaign_id]
@@ -224,9 +246,9 @@ class BudgetGate:
             view.lease_until = 0.0
             view.stale = True
 
-    async def run(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
+    async def run(self, interval: float, stop: asyncio.Event) -> None:
+        """Refresh every `interval` seconds until `stop` is set (never stopped mid-refresh)."""
+        while not await pause(stop, interval):
             try:
                 await self.refresh()
             except DB_ERRORS as exc:
@@ -261,11 +283,14 @@ class SessionCosts:
 
     async def close(self) -> None:
         """Wait for reads still running, so none outlives the engine (shutdown)."""
-        pending = [e.task for e in self._entries.values() if not e.task.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=2.0)  # bounded: shutdown must not hang on a read
+        await finish([e.task for e in self._entries.values()], grace_seconds=2.0)
+
+    def total_now(self, campaign_id: str, session_id: str) -> Decimal | None:
+        """`total` without awaiting: None unless the stored part has been read successfully."""
+        entry = self._entries.get((campaign_id, session_id))
+        if entry is None or not entry.task.done() or entry.task.cancelled() or entry.task.exception():
+            return None
+        return entry.task.result() + entry.added
 
     async def total(self, campaign_id: str, session_id: str) -> Decimal | None:
         entry = self._entries.get((campaign_id, session_id))

@@ -21,6 +21,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from costing.records import UsageEntry
 from costing.store import Store
+from costing.tasks import finish
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,12 @@ class Ledger:
         self._buffer: deque[UsageEntry] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.healthy = True
+        # Held from a write until its listeners have run. The budget gate asks for leases under
+        # it, so spend it reads from the database and cost it still counts as pending locally
+        # never overlap (a request that fits would otherwise be refused as over the limit).
+        self.writing = asyncio.Lock()
 
     def __len__(self) -> int:
         return len(self._buffer)
@@ -80,14 +86,14 @@ class Ledger:
 
     async def _run(self) -> None:
         failures = 0
-        while True:
+        while not self._closing:
             delay = self.flush_interval if not failures else min(
                 self.flush_interval * 2**failures, MAX_BACKOFF_SECONDS)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
             self._wake.clear()
             try:
-                while self._buffer:
+                while self._buffer and not self._closing:
                     await self.flush_once()
                 failures = 0
                 self.healthy = True
@@ -110,13 +116,14 @@ class Ledger:
         batch = list(islice(self._buffer, self.batch_size))
         if not batch:
             return 0
-        started = time.perf_counter()
-        inserted = await self.store.write_batch(batch, self.holder_id)
-        elapsed = time.perf_counter() - started
-        for _ in batch:
-            self._buffer.popleft()
-        for listener in self.listeners:
-            listener(batch, inserted, elapsed)
+        async with self.writing:
+            started = time.perf_counter()
+            inserted = await self.store.write_batch(batch, self.holder_id)
+            elapsed = time.perf_counter() - started
+            for _ in batch:
+                self._buffer.popleft()
+            for listener in self.listeners:
+                listener(batch, inserted, elapsed)
         return len(batch)
 
     async def _write_apart(self) -> bool:
@@ -158,23 +165,28 @@ class Ledger:
         """Write one record (twice if need be: a passing conflict drops nothing); its error."""
         error: Exception | None = None
         for _attempt in range(2):
-            try:
-                inserted = await self.store.write_batch([entry], self.holder_id)
-            except Exception as exc:
-                error = exc
-                continue
-            for listener in self.listeners:
-                listener([entry], inserted, 0.0)
-            return None
+            async with self.writing:
+                try:
+                    inserted = await self.store.write_batch([entry], self.holder_id)
+                except Exception as exc:
+                    error = exc
+                    continue
+                for listener in self.listeners:
+                    listener([entry], inserted, 0.0)
+                return None
         return error
 
     async def close(self, grace_seconds: float = 30.0) -> int:
-        """Stop the loop and write everything still buffered; returns records left unwritten."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop the loop and write everything still buffered; returns records left unwritten.
+
+        The loop is told to stop and awaited, not cancelled: a write cut off mid-statement can
+        leave its connection locked (see `costing.tasks`), and the final flush would hang on it.
+        """
         deadline = time.monotonic() + grace_seconds
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await finish([self._task], grace_seconds)
         while self._buffer and time.monotonic() < deadline:
             try:
                 await self.flush_once()

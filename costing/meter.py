@@ -123,3 +123,7 @@ class Meter:
 
     async def session_total(self, campaign_id: str, session_id: str) -> Decimal | None:
         return await self.sessions.total(campaign_id, session_id)
+
+    def session_total_now(self, campaign_id: str, session_id: str) -> Decimal | None:
+        """`session_total` when the stored part has been read already (nearly always), else None."""
+        return self.sessions.total_now(campaign_id, session_id)

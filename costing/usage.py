@@ -80,11 +80,13 @@ class Reported:
 
 
 def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return 0
-    if isinstance(value, float) and not math.isfinite(value):
-        return 0
-    return min(max(int(value), 0), MAX_TOKENS)
+    # type(), not isinstance: JSON gives exact types, bool must not count, and this runs six
+    # times per response.
+    if type(value) is int:
+        return value if 0 <= value <= MAX_TOKENS else min(max(value, 0), MAX_TOKENS)
+    if type(value) is float and math.isfinite(value):
+        return min(max(int(value), 0), MAX_TOKENS)
+    return 0
 
 
 def parse_usage(raw: Any) -> Usage | None:
@@ -185,27 +187,34 @@ class RequestFacts:
     max_output_tokens: int | None
 
 
+# A tuple, not a set: a "type" that is a list or an object must compare, not fail to hash.
+IMAGE_TYPES = ("image_url", "input_image", "image")
+
+
 def _text_chars(value: Any) -> tuple[int, int]:
     """Characters of text and number of images in a prompt structure (messages, input...).
 
-    Iterative, so a body nested as deep as the JSON decoder allows cannot exhaust the stack.
+    Iterative, so a body nested as deep as the JSON decoder allows cannot exhaust the stack;
+    exact type checks, as decoded JSON has no subclasses and this walks every request's prompt.
     """
     chars = images = 0
     pending = [value]
+    pop, extend = pending.pop, pending.extend
     while pending:
-        item = pending.pop()
-        if isinstance(item, str):
+        item = pop()
+        kind = type(item)
+        if kind is str:
             if item.startswith("data:"):
                 images += 1
             else:
                 chars += len(item)
-        elif isinstance(item, dict):
-            if item.get("type") in ("image_url", "input_image", "image"):
+        elif kind is dict:
+            if item.get("type") in IMAGE_TYPES:
                 images += 1
             else:
-                pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
+                extend(item.values())
+        elif kind is list:
+            extend(item)
     return chars, images
 
 
@@ -220,19 +229,34 @@ def _token_ids(value: Any) -> int | None:
     return None
 
 
-_PROMPT_FIELDS = {
-    Operation.CHAT: ("messages", "tools"),
-    Operation.COMPLETIONS: ("prompt", "suffix"),
-    Operation.EMBEDDINGS: ("input",),
-    Operation.RESPONSES: ("input", "instructions", "tools"),
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """Where an operation's request body keeps its prompt, looked up once per request (enum
+    members hash and compare in Python code, so the hot path avoids doing that repeatedly)."""
+
+    prompt_fields: tuple[str, ...]
+    token_ids: bool  # prompt fields may be arrays of token ids
+    messages: bool  # chat: a few tokens per message on top of their text
+    output: bool  # embeddings produce no output tokens
+
+
+_SHAPES = {
+    Operation.CHAT: _Shape(("messages", "tools"), token_ids=False, messages=True, output=True),
+    Operation.COMPLETIONS: _Shape(("prompt", "suffix"), token_ids=True, messages=False, output=True),
+    Operation.EMBEDDINGS: _Shape(("input",), token_ids=True, messages=False, output=False),
+    Operation.RESPONSES: _Shape(("input", "instructions", "tools"), token_ids=True, messages=False,
+                                output=True),
 }
+_MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
-def _prompt_tokens(operation: Operation, body: dict[str, Any]) -> int:
+def _prompt_tokens(shape: _Shape, body: dict[str, Any]) -> int:
     chars = images = 0
-    for field in _PROMPT_FIELDS[operation]:
+    for field in shape.prompt_fields:
         value = body.get(field)
-        token_ids = _token_ids(value) if operation is not Operation.CHAT else None
+        if value is None:
+            continue
+        token_ids = _token_ids(value) if shape.token_ids else None
         if token_ids is not None:
             chars += token_ids * CHARS_PER_TOKEN
             continue
@@ -240,8 +264,8 @@ def _prompt_tokens(operation: Operation, body: dict[str, Any]) -> int:
         chars += c
         images += i
     overhead = 0
-    messages = body.get("messages") if operation is Operation.CHAT else None
-    if isinstance(messages, list):
+    messages = body.get("messages") if shape.messages else None
+    if type(messages) is list:
         overhead = TOKENS_PER_MESSAGE * len(messages) + TOKENS_PER_REPLY
     return tokens_for_chars(chars) + images * TOKENS_PER_IMAGE + overhead
 
@@ -250,24 +274,25 @@ def request_facts(operation: Operation, body: Any) -> RequestFacts:
     """Facts of a parsed JSON request body; tolerant of any shape (the upstream judges validity)."""
     if not isinstance(body, dict):
         return RequestFacts(None, False, False, 0, None)
+    shape = _SHAPES[operation]
     model = _str(body.get("model"), MAX_MODEL_LENGTH)
     stream = body.get("stream") is True
     options = body.get("stream_options")
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    include_usage = type(options) is dict and options.get("include_usage") is True
     max_output: int | None = None
-    if operation is Operation.EMBEDDINGS:
+    if not shape.output:
         max_output = 0
     else:
-        for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        for key in _MAX_OUTPUT_FIELDS:
             value = body.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            if type(value) is int and value >= 0:
                 max_output = value
                 break
-    # Every candidate is billed: `n` choices, and for legacy completions `best_of` (>= n) of them.
-    candidates = max(_count(body.get("n")), _count(body.get("best_of")), 1)
     if max_output:
+        # Every candidate is billed: `n` choices, and for legacy completions `best_of` (>= n).
+        candidates = max(_count(body.get("n")), _count(body.get("best_of")), 1)
         max_output = min(max_output * candidates, MAX_TOKENS)
-    return RequestFacts(model, stream, include_usage, min(_prompt_tokens(operation, body), MAX_TOKENS),
+    return RequestFacts(model, stream, include_usage, min(_prompt_tokens(shape, body), MAX_TOKENS),
                         max_output)
 
 

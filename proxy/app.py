@@ -8,7 +8,6 @@ before the engine is disposed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -29,8 +28,9 @@ from costing.meter import Meter
 from costing.pricing import PriceTable
 from costing.settings import Settings
 from costing.store import Store
+from costing.tasks import finish, pause
 from proxy import costs_api, health
-from proxy.errors import error_middleware
+from proxy.errors import add_fallback
 from proxy.forward import forward
 from proxy.metrics import Metrics
 from proxy.state import ENGINE, GATE, LEDGER, METER, METRICS, SETTINGS, STORE, UPSTREAM, Upstream
@@ -94,7 +94,7 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
                     max_records=settings.ledger_buffer_max_records)
     gate = BudgetGate(store, holder, store.default_budget, lease_seconds=settings.budget_lease_seconds,
                       lease_fraction=settings.budget_lease_fraction,
-                      fail_closed=settings.budget_fail_closed)
+                      fail_closed=settings.budget_fail_closed, write_lock=ledger.writing)
     prices = PriceTable.load(default_per_1k_prompt=settings.openai_price_per_1k_prompt_tokens,
                              default_per_1k_completion=settings.openai_price_per_1k_completion_tokens,
                              prices_file=settings.prices_file)
@@ -107,28 +107,27 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     app[METER] = Meter(prices, gate, ledger, SessionCosts(store),
                        default_max_output_tokens=settings.budget_default_max_output_tokens)
     ledger.start()
-    tasks = [asyncio.create_task(gate.run(BUDGET_REFRESH_SECONDS), name="budget-refresh"),
-             asyncio.create_task(_refresh_gauges(app), name="budget-gauges")]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(gate.run(BUDGET_REFRESH_SECONDS, stop), name="budget-refresh"),
+             asyncio.create_task(_refresh_gauges(app, stop), name="budget-gauges")]
     yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    stop.set()
+    await finish(tasks, grace_seconds=2 * gate.db_timeout)
     await app[METER].sessions.close()
     left = await ledger.close(settings.shutdown_timeout_seconds)
     if left:
         metrics.dropped.inc(left)
 
 
-async def _refresh_gauges(app: web.Application) -> None:
+async def _refresh_gauges(app: web.Application, stop: asyncio.Event) -> None:
     metrics = app[METRICS]
     while True:
         try:
             metrics.budgets.rows = await app[STORE].budget_gauges(metrics.campaign.limit)
         except Exception as exc:
             log.debug("budget gauges not refreshed: %s", exc)
-        await asyncio.sleep(GAUGE_REFRESH_SECONDS)
+        if await pause(stop, GAUGE_REFRESH_SECONDS):
+            return
 
 
 def server_options(settings: Settings) -> dict[str, Any]:
@@ -143,8 +142,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
 
 
 def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware],
-                          client_max_size=settings.max_request_body_bytes)
+    app = web.Application(client_max_size=settings.max_request_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics(registry if registry is not None else CollectorRegistry(),
                            settings.metrics_max_campaigns)
@@ -152,4 +150,5 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app.router.add_route("*", "/v1/{tail:.*}", forward)
     health.setup(app)
     costs_api.setup(app)
+    add_fallback(app)
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import ipaddress
 import json
@@ -26,8 +27,9 @@ from costing.errors import InvalidBudget
 from costing.money import MAX_USD, format_usd, parse_usd
 from costing.records import CampaignTotals, DayTotals, SessionTotals, Totals
 from costing.reports import MAX_DAYS, SESSION_ORDERS, CostReports
+from costing.tasks import uninterrupted
 from proxy import openapi
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, add_fallback, answering
 from proxy.state import GATE, SETTINGS, STORE
 from proxy.tags import validate_tag
 
@@ -267,8 +269,8 @@ def is_loopback(remote: str | None) -> bool:
         return False
 
 
-@web.middleware
-async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def check_access(request: web.Request) -> None:
+    """Raise unless the caller may use /costs (token, or loopback when no token is set)."""
     token = request.config_dict[SETTINGS].costs_api_token
     if token is not None:
         sent = request.headers.get("Authorization", "")
@@ -280,20 +282,34 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise ProxyError(403, "/costs answers loopback clients only; set COSTS_API_TOKEN to allow "
                               "remote clients with a bearer token", type="permission_error",
                          code="costs_loopback_only")
-    return await handler(request)
+
+
+def guarded(handler: Handler) -> Handler:
+    """`handler` behind the access rule, answering errors in the error shape.
+
+    A client that leaves early does not cut the handler's database work short (see
+    `costing.tasks`); its answer is dropped instead.
+    """
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        check_access(request)
+        return await uninterrupted(handler(request))
+
+    return answering(functools.wraps(handler)(checked))
 
 
 def setup(app: web.Application) -> None:
     """Mount /costs as a sub-application: its access rule never touches the /v1 hot path."""
-    costs = web.Application(middlewares=[access_middleware])
+    costs = web.Application()
     r = costs.router
-    r.add_get("/openapi.json", openapi.serve)
-    r.add_get("/campaigns", list_campaigns)
-    r.add_get("/campaigns/{campaign_id}", get_campaign)
-    r.add_get("/campaigns/{campaign_id}/sessions", list_sessions)
-    r.add_get("/campaigns/{campaign_id}/sessions/{session_id}", get_session)
-    r.add_delete("/campaigns/{campaign_id}/sessions/{session_id}", delete_session)
-    r.add_get("/campaigns/{campaign_id}/daily", daily)
-    r.add_put("/campaigns/{campaign_id}/budget", put_budget)
-    r.add_delete("/campaigns/{campaign_id}/budget", delete_budget)
+    r.add_get("/openapi.json", guarded(openapi.serve))
+    r.add_get("/campaigns", guarded(list_campaigns))
+    r.add_get("/campaigns/{campaign_id}", guarded(get_campaign))
+    r.add_get("/campaigns/{campaign_id}/sessions", guarded(list_sessions))
+    r.add_get("/campaigns/{campaign_id}/sessions/{session_id}", guarded(get_session))
+    r.add_delete("/campaigns/{campaign_id}/sessions/{session_id}", guarded(delete_session))
+    r.add_get("/campaigns/{campaign_id}/daily", guarded(daily))
+    r.add_put("/campaigns/{campaign_id}/budget", guarded(put_budget))
+    r.add_delete("/campaigns/{campaign_id}/budget", guarded(delete_budget))
+    add_fallback(costs)
     app.add_subapp("/costs", costs)

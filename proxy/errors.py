@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -64,22 +65,53 @@ def from_exception(exc: BaseException) -> ProxyError:
         message = default if exc.status in _HTTP_CODES else (exc.text or exc.reason)
         if exc.status == 413:
             message = f"Request body too large: {exc.text}" if exc.text else default
-        return ProxyError(exc.status, message, code=code)
+        allow = exc.headers.get("Allow")
+        return ProxyError(exc.status, message, code=code, headers={"Allow": allow} if allow else None)
     log.exception("unexpected error", exc_info=exc)
     return ProxyError(500, "The proxy failed to handle this request", type="server_error",
                       code="internal_error")
 
 
+def answer(exc: Exception) -> web.Response:
+    """The response for an exception a handler raised; redirects and the like are re-raised."""
+    if isinstance(exc, web.HTTPException) and exc.status < 400:
+        raise exc
+    return error_response(from_exception(exc))
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(from_exception(exc))
-    except Exception as exc:
-        return error_response(from_exception(exc))
+def answering(handler: Handler) -> Handler:
+    """Wrap a handler so that whatever it raises is answered in the error shape.
+
+    A wrapper per handler, not a middleware: any aiohttp middleware adds two coroutine frames
+    (its own and aiohttp's current-app fixer) to every request, and the /v1 hot path would pay
+    for them on each resume. `forward` catches its own errors the same way, through `answer`.
+    """
+
+    @functools.wraps(handler)
+    async def answered(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return answer(exc)
+
+    return answered
+
+
+async def not_found(request: web.Request) -> web.StreamResponse:
+    """The last route of an application: 405 where another route has the path, else 404."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            _match, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
+def add_fallback(app: web.Application) -> None:
+    """Answer unknown paths and methods of `app` in the error shape (call after every route)."""
+    app.router.add_route("*", "/{tail:.*}", answering(not_found))

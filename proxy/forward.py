@@ -8,6 +8,7 @@ proxy meters the real JSON and the client receives a body that matches its heade
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -22,7 +23,7 @@ from costing.meter import Meter, Ticket
 from costing.money import format_usd
 from costing.settings import Settings
 from costing.usage import Operation, Reported, from_body, operation_for, request_facts
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, answer
 from proxy.metrics import Metrics
 from proxy.sse import SSETap
 from proxy.state import METER, METRICS, SETTINGS, UPSTREAM
@@ -83,7 +84,15 @@ def campaign_headers(meter: Meter, campaign_id: str) -> dict[str, str]:
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
-    """Handler for every method and path under /v1/."""
+    """Handler for every method and path under /v1/; answers its own errors (see `answering`)."""
+    try:
+        return await _dispatch(request)
+    except Exception as exc:
+        return answer(exc)
+
+
+def _dispatch(request: web.Request) -> Awaitable[web.StreamResponse]:
+    """Check the request and pick its path: a plain function, so the handler is one frame less."""
     timing = Timing()
     settings = request.app[SETTINGS]
     if _has_dot_segment(request.path):
@@ -98,8 +107,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
                               f"is {settings.max_request_body_bytes} (MAX_REQUEST_BODY_BYTES)",
                          code="request_too_large")
     if operation is None:
-        return await _pass_through(request, headers, timing)
-    return await _metered(request, headers, operation, campaign_id, session_id, timing)
+        return _pass_through(request, headers, timing)
+    return _metered(request, headers, operation, campaign_id, session_id, timing)
 
 
 def _has_dot_segment(path: str) -> bool:

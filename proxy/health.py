@@ -9,6 +9,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from costing import schema
+from costing.tasks import uninterrupted
+from proxy.errors import answering
 from proxy.state import ENGINE, LEDGER, METRICS, SETTINGS
 
 
@@ -21,7 +23,8 @@ async def readyz(request: web.Request) -> web.Response:
     ready = True
     try:
         async with asyncio.timeout(3):
-            current, revision, head = await schema.is_current(request.app[SETTINGS], request.app[ENGINE])
+            current, revision, head = await uninterrupted(
+                schema.is_current(request.app[SETTINGS], request.app[ENGINE]))
         checks["database"] = "ok"
         if current:
             checks["schema"] = f"current ({head})"
@@ -45,6 +48,6 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", answering(healthz))
+    app.router.add_get("/readyz", answering(readyz))
+    app.router.add_get("/metrics", answering(metrics))

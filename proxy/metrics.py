@@ -8,15 +8,19 @@ read from the stored aggregates, so they are right after a restart and agree acr
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections import Counter as Counter_
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
+from itertools import accumulate
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from costing.budget import Budget
 from costing.records import UsageEntry
@@ -73,16 +77,57 @@ class BudgetCollector(Collector):
         yield from (limit, warning, spent)
 
 
+class LoopHistogram(Collector):
+    """A histogram family observed from the event loop only: plain counts, no locks.
+
+    prometheus_client's Histogram takes a lock per bucket and per sum on every observation;
+    the request path observes several per request, and everything here (observations and the
+    /metrics handler that collects) runs on the one event-loop thread.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
+                 buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self.bounds = tuple(buckets)
+        self._les = [floatToGoString(b) for b in (*self.bounds, math.inf)]
+        self._series: dict[tuple[str, ...], _Series] = {}
+        registry.register(self)
+
+    def observe(self, value: float, labels: tuple[str, ...] = ()) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = _Series([0] * (len(self.bounds) + 1))
+        series.counts[bisect_left(self.bounds, value)] += 1  # `le` bounds are inclusive
+        series.sum += value
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, series in self._series.items():
+            family.add_metric(list(labels), list(zip(self._les, accumulate(series.counts), strict=True)),
+                              series.sum)
+        yield family
+
+
+class _Series:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self, counts: list[int]) -> None:
+        self.counts = counts
+        self.sum = 0.0
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry, max_campaigns: int = 1000) -> None:
         self.registry = registry
         self.campaign = CampaignLabels(max_campaigns)
         gen_ai = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
                   "gen_ai_response_model"]
-        self.token_usage = Histogram(
+        self.token_usage = LoopHistogram(
             "gen_ai_client_token_usage", "Tokens used per operation (OpenTelemetry GenAI)",
             ["gen_ai_token_type", *gen_ai], buckets=TOKEN_BUCKETS, registry=registry)
-        self.operation_duration = Histogram(
+        self.operation_duration = LoopHistogram(
             "gen_ai_client_operation_duration_seconds",
             "Duration of GenAI operations as the client sees them (OpenTelemetry GenAI)",
             [*gen_ai, "error_type"], buckets=DURATION_BUCKETS, registry=registry)
@@ -94,9 +139,9 @@ class Metrics:
                                 ["campaign", "operation", "status"], registry=registry)
         self.blocked = Counter("llm_requests_blocked", "Requests refused by the budget gate",
                                ["campaign"], registry=registry)
-        self.overhead = Histogram("llm_proxy_overhead_seconds",
-                                  "Time spent in the proxy itself (excludes waiting on upstream)",
-                                  buckets=OVERHEAD_BUCKETS, registry=registry)
+        self.overhead = LoopHistogram("llm_proxy_overhead_seconds",
+                                      "Time spent in the proxy itself (excludes waiting on upstream)",
+                                      buckets=OVERHEAD_BUCKETS, registry=registry)
         self.queue_depth = Gauge("llm_ledger_queue_depth", "Usage records waiting to be written",
                                  registry=registry)
         self.flush_duration = Histogram("llm_ledger_flush_duration_seconds",
@@ -135,9 +180,9 @@ class Metrics:
             if e.status_code < 400:
                 names = (GEN_AI_OPERATION.get(e.operation, e.operation), PROVIDER,
                          e.request_model or "unknown", e.response_model or "unknown")
-                self._child(self.token_usage, ("input", *names)).observe(usage.input_tokens)
+                self.token_usage.observe(usage.input_tokens, ("input", *names))
                 if e.operation != "embeddings":
-                    self._child(self.token_usage, ("output", *names)).observe(usage.output_tokens)
+                    self.token_usage.observe(usage.output_tokens, ("output", *names))
         for key, count in requests.items():
             self._child(self.requests, key).inc(count)
         for key, amount in costs.items():
@@ -158,9 +203,9 @@ class Metrics:
 
     def observe_operation(self, operation: str, request_model: str | None,
                           response_model: str | None, seconds: float, error_type: str) -> None:
-        self._child(self.operation_duration, (
+        self.operation_duration.observe(seconds, (
             GEN_AI_OPERATION.get(operation, operation), PROVIDER, request_model or "unknown",
-            response_model or "unknown", error_type)).observe(seconds)
+            response_model or "unknown", error_type))
 
     def on_blocked(self, campaign_id: str) -> None:
         self.blocked.labels(self.campaign(campaign_id)).inc()

@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 
-from proxy.costs_api import access_middleware, is_loopback
+from proxy.costs_api import check_access, is_loopback
 from proxy.errors import ProxyError
 
 
@@ -155,7 +155,7 @@ async def test_without_a_token_only_loopback_clients_are_served(start_proxy, fak
         ("203.0.113.9", 40000) if name == "peername" else default)
     request = make_mocked_request("GET", "/costs/campaigns", app=proxy.app, transport=transport)
     with pytest.raises(ProxyError) as caught:
-        await access_middleware(request, mock.AsyncMock())
+        check_access(request)
     assert caught.value.status == 403 and caught.value.code == "costs_loopback_only"
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("127.8.9.1")
     assert not is_loopback("10.0.0.5") and not is_loopback("192.168.1.2") and not is_loopback(None)

@@ -49,8 +49,11 @@ def _costs_routes() -> set[tuple[str, str]]:
     subapps = [r.get_info()["app"] for r in app.router.resources()
                if r.get_info().get("prefix") == "/costs" and "app" in r.get_info()]
     assert len(subapps) == 1, "the /costs sub-app is not mounted"
+    # The fallback route ("*") answers unknown paths and methods with 404/405; it is not an
+    # operation.
     routes = {(route.method.lower(), route.resource.canonical)
-              for route in subapps[0].router.routes() if route.resource is not None}
+              for route in subapps[0].router.routes()
+              if route.resource is not None and route.method != "*"}
     # aiohttp adds HEAD to every GET route on its own; HEAD is implied by GET in OpenAPI terms.
     return {(m, p) for m, p in routes if not (m == "head" and ("get", p) in routes)}
 
