@@ -67,7 +67,7 @@ class CampaignView:
         return bool(self.inflight or self.pending)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request; see usage.Usage
 class Admission:
     """A request let through: what it reserved, and the campaign view at that moment."""
 

@@ -45,7 +45,7 @@ class Ticket:
     settled: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request; see usage.Usage
 class CampaignStanding:
     """What the response headers say about the campaign after a request."""
 
@@ -73,7 +73,8 @@ class Meter:
             raise LedgerUnavailable("the cost database is unavailable")
         quote = self.prices.quote(facts.model)
         reservation = worst_case_cost(quote.price, facts, self.default_max_output_tokens)
-        admission = await self.gate.admit(campaign_id, reservation)
+        admission = (self.gate.admit_now(campaign_id, reservation)
+                     or await self.gate.admit(campaign_id, reservation))
         self.sessions.touch(campaign_id, session_id)
         return Ticket(campaign_id, session_id, operation, facts, quote, admission,
                       key_hash(authorization))

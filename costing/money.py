@@ -6,8 +6,9 @@ integer), so aggregates always equal the sum of the ledger to the last decimal.
 
 from decimal import ROUND_HALF_EVEN, Decimal
 
-QUANTUM = Decimal("1e-10")
-SCALE = 10**10
+QUANTUM_DIGITS = 10
+QUANTUM = Decimal(1).scaleb(-QUANTUM_DIGITS)
+SCALE = 10**QUANTUM_DIGITS
 ZERO = Decimal(0)
 # The largest amount either database stores: SQLite keeps 1e-10 USD units in 64 bits (about
 # 9.2e8 USD), PostgreSQL NUMERIC(20,10) just under 1e10. A hundred million dollars is plenty for

@@ -8,16 +8,17 @@ import json
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from costing.money import quantize
+from costing.money import QUANTUM_DIGITS, quantize
 from costing.usage import Usage
 
 PER_MILLION = Decimal(1_000_000)
+UNITS_PER_TOKEN = Decimal(10**QUANTUM_DIGITS) / PER_MILLION  # USD per 1M tokens -> quanta per token
 # `gpt-4o-mini-2024-07-18`, `gpt-4-0613`, `o1-preview-2024-09-12`: a date after the base name.
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
 
@@ -29,6 +30,14 @@ class Price:
     input: Decimal
     cached_input: Decimal
     output: Decimal
+    # The same prices in storage quanta (1e-10 USD) per token, when all three are whole numbers
+    # of quanta (any price with at most 4 decimals): then a cost is exact integer arithmetic.
+    units: tuple[int, int, int] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        per_token = [amount * UNITS_PER_TOKEN for amount in (self.input, self.cached_input, self.output)]
+        exact = all(amount == amount.to_integral_value() for amount in per_token)
+        object.__setattr__(self, "units", tuple(int(a) for a in per_token) if exact else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +60,10 @@ def cost(price: Price, usage: Usage) -> Decimal:
 def cost_of(price: Price, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> Decimal:
     """`cost` over plain counts (input includes cached), for callers that have no Usage."""
     uncached = max(input_tokens - cached_input_tokens, 0)
+    units = price.units
+    if units is not None:  # the same value as below, without Decimal division and rounding
+        return Decimal(uncached * units[0] + cached_input_tokens * units[1]
+                       + output_tokens * units[2]).scaleb(-QUANTUM_DIGITS)
     total = uncached * price.input + cached_input_tokens * price.cached_input + output_tokens * price.output
     return quantize(total / PER_MILLION)
 

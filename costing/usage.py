@@ -56,9 +56,14 @@ def operation_for(method: str, path: str) -> Operation | None:
     return _OPERATION_PATHS.get(path.rstrip("/"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
-    """Token counts as OpenAI reports them: input includes cached, output includes reasoning."""
+    """Token counts as OpenAI reports them: input includes cached, output includes reasoning.
+
+    Like the other value objects made for every request (Reported, RequestFacts, Admission,
+    CampaignStanding), not frozen: a frozen dataclass sets each field through
+    object.__setattr__, which tripled their construction cost. Nothing mutates them.
+    """
 
     input_tokens: int = 0
     cached_input_tokens: int = 0
@@ -70,7 +75,7 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, see Usage
 class Reported:
     """What one response body or terminal stream event tells about the call."""
 
@@ -176,7 +181,7 @@ def tokens_for_chars(chars: int) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, see Usage
 class RequestFacts:
     """What the proxy needs to know about a metered request body before forwarding it."""
 

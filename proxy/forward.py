@@ -263,7 +263,9 @@ async def _metered(request: web.Request, headers: CIMultiDict[str], operation: O
                                     headers=response_headers(upstream.headers))
             response.headers.update(campaign_headers(meter, campaign_id))
             response.headers["X-Request-Cost-USD"] = format_usd(entry.cost_usd)
-            session_total = await meter.session_total(campaign_id, session_id)
+            session_total = meter.session_total_now(campaign_id, session_id)
+            if session_total is None:
+                session_total = await meter.session_total(campaign_id, session_id)
             if session_total is not None:
                 response.headers["X-Session-Cost-USD"] = format_usd(session_total)
             return response

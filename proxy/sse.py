@@ -33,18 +33,35 @@ def event_data(event: bytes) -> bytes | None:
 
 def complete_length(data: bytes) -> int:
     """Length of the leading run of complete events in `data` (0 when none has ended yet)."""
+    if data.endswith(_SEPARATORS):  # the usual chunk: whole events
+        return len(data)
     return _event_start(data, len(data))
+
+
+# Separators are searched most likely first, the others only where they could still change the
+# answer: a search that finds nothing scans the whole block, and a block holds a whole stream.
+_BY_LIKELIHOOD = (b"\n\n", b"\r\n\r\n", b"\r\r")
+_LONGEST = max(map(len, _SEPARATORS))
 
 
 def _event_start(data: bytes, at: int) -> int:
     """Where the event holding position `at` begins: just after the last separator before it."""
-    ends = [found + len(sep) for sep in _SEPARATORS if (found := data.rfind(sep, 0, at)) >= 0]
-    return max(ends, default=0)
+    start = 0
+    for sep in _BY_LIKELIHOOD:
+        # Only an occurrence ending after `start` matters; it cannot begin before this.
+        found = data.rfind(sep, max(start - _LONGEST, 0), at)
+        if found >= 0:
+            start = max(start, found + len(sep))
+    return start
 
 
 def _event_end(data: bytes, at: int) -> int:
-    ends = [found + len(sep) for sep in _SEPARATORS if (found := data.find(sep, at)) >= 0]
-    return min(ends, default=len(data))
+    end = len(data)
+    for sep in _BY_LIKELIHOOD:
+        found = data.find(sep, at, end)
+        if found >= 0:
+            end = min(end, found + len(sep))
+    return end
 
 
 class SSETap:
@@ -80,31 +97,33 @@ class SSETap:
         """Forward a run of events: decode the few that matter, pass the rest through as bytes."""
         if not self.usage_seen:
             self._unread.append(events)
+        at = events.find(b'"usage"')
+        if at < 0:
+            return events
+        if self.strip_usage:
+            # OpenAI writes compact JSON: one replace over the block removes almost every null
+            # usage the proxy asked for; `_plain` catches other spellings.
+            events = events.replace(b',"usage":null', b"")
+            at = events.find(b'"usage"')
         out: list[bytes] = []
         done = 0
-        for start, end in self._spans_to_decode(events):
-            out.append(self._plain(events[done:start]))
-            out.append(self._decoded(events[start:end]))
-            done = end
+        while at >= 0:
+            if _USAGE_OBJECT.match(events, at):
+                start, end = _event_start(events, at), _event_end(events, at)
+                out.append(self._plain(events[done:start]))
+                out.append(self._decoded(events[start:end]))
+                done = end
+                at = events.find(b'"usage"', end)
+            else:
+                at = events.find(b'"usage"', at + 1)
         out.append(self._plain(events[done:]))
         return b"".join(out)
 
-    def _spans_to_decode(self, events: bytes) -> list[tuple[int, int]]:
-        """(start, end) of each event carrying a usage object (the only events decoded at once)."""
-        if b'"usage"' not in events:
-            return []
-        spans: list[tuple[int, int]] = []
-        for match in _USAGE_OBJECT.finditer(events):
-            if not spans or match.start() >= spans[-1][1]:
-                spans.append((_event_start(events, match.start()), _event_end(events, match.start())))
-        return spans
-
     def _plain(self, events: bytes) -> bytes:
-        if not self.strip_usage or b'"usage"' not in events:
-            return events
-        # OpenAI writes compact JSON: a plain replace does almost all of it, the regex the rest.
-        events = events.replace(b',"usage":null', b"")
-        return _NULL_USAGE.sub(b"", events) if b'"usage"' in events else events
+        """Events without usage objects (compact nulls already removed): other nulls go too."""
+        if self.strip_usage and b'"usage"' in events:
+            return _NULL_USAGE.sub(b"", events)
+        return events
 
     def _decoded(self, event: bytes) -> bytes:
         payload = event_data(event)
