@@ -8,10 +8,12 @@ table's published numbers, never by calling the code under test twice.
 from __future__ import annotations
 
 import json
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from costing.money import QUANTUM
 from costing.pricing import Price, PriceTable, PriceTableError, Quote, base_model, cost, parse_prices
@@ -317,3 +319,28 @@ def test_a_models_key_that_is_not_an_object_is_refused(tmp_path, models):
 
 def test_price_table_error_is_a_value_error():
     assert issubclass(PriceTableError, ValueError)
+
+
+# Whole quanta per token (at most 4 decimals per 1M tokens) take an integer path; finer prices
+# take the Decimal path. Both must give the same amount, to the last quantum and exponent.
+_per_million = st.decimals(min_value=0, max_value=10**6, places=6, allow_nan=False, allow_infinity=False)
+_tokens = st.integers(min_value=0, max_value=10**9)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(prices=st.tuples(_per_million, _per_million, _per_million),
+       tokens=st.tuples(_tokens, _tokens, _tokens))
+def test_a_cost_is_the_decimal_formula_rounded_half_even_whatever_the_price_precision(prices, tokens):
+    price = Price(*prices)
+    input_tokens, cached, output = tokens
+    by_hand = ((max(input_tokens - cached, 0) * price.input + cached * price.cached_input
+                + output * price.output) / MILLION).quantize(QUANTUM, rounding=ROUND_HALF_EVEN)
+    amount = cost(price, Usage(input_tokens=input_tokens, cached_input_tokens=cached, output_tokens=output))
+    assert amount == by_hand
+    assert amount.as_tuple().exponent == by_hand.as_tuple().exponent == QUANTUM.as_tuple().exponent
+
+
+def test_prices_with_at_most_four_decimals_are_whole_quanta_per_token():
+    assert Price(Decimal("0.15"), Decimal("0.075"), Decimal("0.6")).units == (1500, 750, 6000)
+    assert Price(Decimal("0.0375"), Decimal("0.0375"), Decimal("2.5")).units == (375, 375, 25000)
+    assert Price(Decimal("0.00001"), Decimal("0.1"), Decimal("0.1")).units is None  # 0.1 quantum

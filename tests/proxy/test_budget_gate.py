@@ -224,3 +224,19 @@ async def test_a_budget_change_reaches_the_other_replica(start_proxy, fake):
     await asyncio.sleep(1.5)  # one budget refresh interval of replica b
     with pytest.raises(openai.RateLimitError):
         await b.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+
+async def test_a_lease_is_never_asked_for_while_a_ledger_batch_commits(start_proxy, fake):
+    """Spend read from the database and cost still pending in this process must not overlap: a
+    batch that commits while a lease is asked for would be counted twice, and a request that fits
+    refused. So the lease waits for the ledger's write (and its bookkeeping) to finish."""
+    proxy = await start_proxy()
+    client = proxy.client(campaign="lease-wait")
+    async with proxy.ledger.writing:  # as if a batch were being written right now
+        call = asyncio.create_task(client.chat.completions.create(model="gpt-4o-mini",
+                                                                  messages=MESSAGES))
+        await asyncio.sleep(0.3)
+        assert not call.done()
+        assert fake.hits("/chat/completions") == 0  # held at the gate, not forwarded
+    await asyncio.wait_for(call, 5)
+    assert fake.hits("/chat/completions") == 1

@@ -132,6 +132,29 @@ async def test_errors_are_in_openai_shape_with_exact_statuses(proxy, fake, path,
     assert body["error"]["code"] == code and body["error"]["message"]
 
 
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("POST", "/healthz", {"GET", "HEAD"}),
+    ("PATCH", "/costs/campaigns", {"GET", "HEAD"}),
+    ("POST", "/costs/campaigns/delta/budget", {"PUT", "DELETE"}),
+    ("GET", "/costs/campaigns/delta/budget", {"PUT", "DELETE"}),
+])
+async def test_a_wrong_method_is_405_with_allow_in_openai_shape(proxy, method, path, allowed):
+    async with aiohttp.ClientSession() as http, http.request(method, proxy.url + path) as response:
+        assert response.status == 405
+        assert set(response.headers["Allow"].split(",")) == allowed
+        body = await response.json()
+    assert body["error"]["code"] == "method_not_allowed" and body["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("path", ["/nowhere", "/costs/nowhere", "/costs/campaigns/a/b/c/d/e", "/v1"])
+async def test_an_unknown_path_is_404_in_openai_shape_for_any_method(proxy, path):
+    async with aiohttp.ClientSession() as http:
+        for method in ("GET", "POST", "DELETE"):
+            async with http.request(method, proxy.url + path) as response:
+                assert response.status == 404, (method, path)
+                assert (await response.json())["error"]["code"] == "not_found"
+
+
 async def test_token_rule_when_a_costs_token_is_set(start_proxy, fake):
     proxy = await start_proxy(costs_api_token="s3cret-token")
     async with aiohttp.ClientSession() as http:

@@ -101,3 +101,27 @@ async def test_5000_campaigns_keep_the_scrape_bounded(start_proxy, fake):
     assert len(campaigns) == 51 and "_other" in campaigns
     series = sum(1 for name, _ in samples if name.startswith("llm_cost_usd"))
     assert series <= 2 * 51
+
+
+def test_loop_histograms_export_what_prometheus_client_histograms_would():
+    """The lock-free histograms: same buckets, counts, sums and labels as prometheus_client's."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from proxy.metrics import DURATION_BUCKETS, LoopHistogram
+
+    ours_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
+    ours = LoopHistogram("d_seconds", "d", ["op"], buckets=DURATION_BUCKETS, registry=ours_registry)
+    reference = Histogram("d_seconds", "d", ["op"], buckets=DURATION_BUCKETS, registry=reference_registry)
+    values = [0.0, 0.01, 0.010001, 0.5, 0.64, 81.92, 81.93, 1e9, 0.02, 0.02]  # on and off the bounds
+    for i, value in enumerate(values):
+        op = "chat" if i % 3 else "embeddings"
+        ours.observe(value, (op,))
+        reference.labels(op).observe(value)
+
+    def samples(registry: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return {(s.name, tuple(sorted(s.labels.items())), s.value)
+                for family in registry.collect() for s in family.samples
+                if not s.name.endswith("_created")}
+
+    assert samples(ours_registry) == samples(reference_registry)
+    assert len(samples(ours_registry)) == 2 * (len(DURATION_BUCKETS) + 3)

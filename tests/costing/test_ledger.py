@@ -1,0 +1,74 @@
+"""The ledger writer at shutdown, on both databases: a write in flight is finished, never
+cancelled halfway (a driver cancelled mid-statement can leave its connection locked, and the
+final flush would then hang), and nothing handed over is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from decimal import Decimal
+
+from conftest import make_settings
+from ledger_check import ledger_rows
+from sqlalchemy.engine import make_url
+from test_store import entry
+
+from costing.budget import make_budget
+from costing.db import create_engine
+from costing.ledger import Ledger
+from costing.store import Store
+
+
+@asynccontextmanager
+async def table_locked(database_url: str) -> AsyncIterator[None]:
+    """Another client holds the ledger table, so a write waits until the block ends."""
+    if database_url.startswith("sqlite"):
+        other = sqlite3.connect(make_url(database_url).database, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        return
+    engine = create_engine(make_settings(database_url=database_url).database)
+    try:
+        async with engine.connect() as other:
+            await other.begin()
+            await other.exec_driver_sql("LOCK TABLE usage_records IN ACCESS EXCLUSIVE MODE")
+            try:
+                yield
+            finally:
+                await other.rollback()
+    finally:
+        await engine.dispose()
+
+
+async def test_close_finishes_a_write_in_flight_instead_of_cancelling_it(database_url: str) -> None:
+    engine = create_engine(make_settings(database_url=database_url).database)
+    store = Store(engine, make_budget(Decimal(1), Decimal(5)))
+    ledger = Ledger(store, "holder", flush_interval=0.01, batch_size=100, max_records=1000)
+    ledger.start()
+    writer = ledger._task
+    assert writer is not None
+    try:
+        async with table_locked(database_url):
+            for i in range(5):
+                ledger.submit(entry(response_id=f"r{i}"))
+            async with asyncio.timeout(5):
+                # Polled: nothing signals that a write has begun, and none is added for a test.
+                while not ledger.writing.locked():  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
+            closing = asyncio.create_task(ledger.close(grace_seconds=30))
+            await asyncio.sleep(0.3)
+            assert not closing.done()  # waiting for the write, which waits for the lock
+            assert not writer.done()
+        assert await asyncio.wait_for(closing, 10) == 0
+        assert not writer.cancelled()
+        rows = await ledger_rows(engine)
+        assert sorted(row.response_id for row in rows) == [f"r{i}" for i in range(5)]
+    finally:
+        await engine.dispose()
