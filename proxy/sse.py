@@ -94,29 +94,35 @@ class SSETap:
         return rest
 
     def _block(self, events: bytes) -> bytes:
-        """Forward a run of events: decode the few that matter, pass the rest through as bytes."""
+        """Forward a run of events: decode the few that matter, pass the rest through as bytes.
+
+        Each byte search over a block costs about as much as copying it, so the block is searched
+        once for usage mentions: usage objects are decoded, and only a stretch that still
+        mentions usage after the compact replace goes through the regex.
+        """
         if not self.usage_seen:
             self._unread.append(events)
         at = events.find(b'"usage"')
         if at < 0:
             return events
         if self.strip_usage:
-            # OpenAI writes compact JSON: one replace over the block removes almost every null
-            # usage the proxy asked for; `_plain` catches other spellings.
-            events = events.replace(b',"usage":null', b"")
+            # OpenAI writes compact JSON: this removes almost every null usage the proxy asked for.
+            events = b"".join(events.split(b',"usage":null'))
             at = events.find(b'"usage"')
         out: list[bytes] = []
         done = 0
+        mentioned = False  # a usage mention other than an object since `done`
         while at >= 0:
             if _USAGE_OBJECT.match(events, at):
                 start, end = _event_start(events, at), _event_end(events, at)
-                out.append(self._plain(events[done:start]))
+                out.append(self._plain(events[done:start]) if mentioned else events[done:start])
                 out.append(self._decoded(events[start:end]))
-                done = end
+                done, mentioned = end, False
                 at = events.find(b'"usage"', end)
             else:
+                mentioned = True
                 at = events.find(b'"usage"', at + 1)
-        out.append(self._plain(events[done:]))
+        out.append(self._plain(events[done:]) if mentioned else events[done:])
         return b"".join(out)
 
     def _plain(self, events: bytes) -> bytes:
