@@ -37,26 +37,32 @@ GEN_AI_OPERATION = {"chat.completions": "chat", "completions": "text_completion"
 TOKEN_TYPES = ("input", "cached_input", "output", "reasoning")
 
 
-class CampaignLabels:
-    """Caps distinct campaign label values: the first `limit` seen keep their name."""
+# Model names come from clients (any string up to 200 characters): without a cap, a client could
+# grow the scrape without bound. OpenAI has well under a hundred models and snapshots.
+MAX_MODEL_LABELS = 200
+
+
+class CappedLabels:
+    """Caps distinct values of a label: the first `limit` seen keep their name, the rest are
+    `_other`, so label values that clients choose (campaigns, models) cannot grow the scrape."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._known: set[str] = set()
 
-    def __call__(self, campaign_id: str) -> str:
-        if campaign_id in self._known:
-            return campaign_id
+    def __call__(self, value: str) -> str:
+        if value in self._known:
+            return value
         if len(self._known) < self.limit:
-            self._known.add(campaign_id)
-            return campaign_id
+            self._known.add(value)
+            return value
         return OTHER
 
 
 class BudgetCollector(Collector):
     """Budget gauges from the last read of the stored aggregates."""
 
-    def __init__(self, labels: CampaignLabels) -> None:
+    def __init__(self, labels: CappedLabels) -> None:
         self.labels = labels
         self.rows: list[tuple[str, Decimal, Budget]] = []
 
@@ -121,7 +127,8 @@ class _Series:
 class Metrics:
     def __init__(self, registry: CollectorRegistry, max_campaigns: int = 1000) -> None:
         self.registry = registry
-        self.campaign = CampaignLabels(max_campaigns)
+        self.campaign = CappedLabels(max_campaigns)
+        self.model = CappedLabels(MAX_MODEL_LABELS)
         gen_ai = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
                   "gen_ai_response_model"]
         self.token_usage = LoopHistogram(
@@ -167,7 +174,7 @@ class Metrics:
         tokens: Counter_[tuple[str, ...]] = Counter_()
         for e in inserted:
             campaign = self.campaign(e.campaign_id)
-            model = e.model or "unknown"
+            model = self.model(e.model or "unknown")
             requests[(campaign, e.operation, str(e.status_code))] += 1
             if e.cost_usd:
                 costs[(campaign, model)] += e.cost_usd
@@ -179,7 +186,8 @@ class Metrics:
                     tokens[(campaign, model, kind)] += count
             if e.status_code < 400:
                 names = (GEN_AI_OPERATION.get(e.operation, e.operation), PROVIDER,
-                         e.request_model or "unknown", e.response_model or "unknown")
+                         self.model(e.request_model or "unknown"),
+                         self.model(e.response_model or "unknown"))
                 self.token_usage.observe(usage.input_tokens, ("input", *names))
                 if e.operation != "embeddings":
                     self.token_usage.observe(usage.output_tokens, ("output", *names))
@@ -204,8 +212,8 @@ class Metrics:
     def observe_operation(self, operation: str, request_model: str | None,
                           response_model: str | None, seconds: float, error_type: str) -> None:
         self.operation_duration.observe(seconds, (
-            GEN_AI_OPERATION.get(operation, operation), PROVIDER, request_model or "unknown",
-            response_model or "unknown", error_type))
+            GEN_AI_OPERATION.get(operation, operation), PROVIDER, self.model(request_model or "unknown"),
+            self.model(response_model or "unknown"), error_type))
 
     def on_blocked(self, campaign_id: str) -> None:
         self.blocked.labels(self.campaign(campaign_id)).inc()

@@ -103,6 +103,34 @@ async def test_5000_campaigns_keep_the_scrape_bounded(start_proxy, fake):
     assert series <= 2 * 51
 
 
+def test_model_names_chosen_by_clients_cannot_grow_the_scrape():
+    from datetime import UTC, datetime
+
+    from prometheus_client import CollectorRegistry
+
+    from costing.records import UsageEntry
+    from costing.usage import Usage
+    from proxy.metrics import MAX_MODEL_LABELS, Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    count = MAX_MODEL_LABELS + 300
+    for i in range(count):
+        metrics.observe_operation("chat.completions", f"made-up-{i}", None, 0.1, "404")
+    entries = [UsageEntry("c", "s", "chat.completions", f"asked-{i}", f"answered-{i}", Usage(1, 0, 1, 0),
+                          Decimal("0.00001"), False, False, False, 200, 1, datetime.now(UTC))
+               for i in range(count)]
+    metrics.on_flushed(entries, entries, 0.01)
+    for family in registry.collect():
+        for label in ("model", "gen_ai_request_model", "gen_ai_response_model"):
+            values = {s.labels[label] for s in family.samples if label in s.labels}
+            assert len(values) <= MAX_MODEL_LABELS + 1, (family.name, label)
+            if len(values) > 10:
+                assert "_other" in values
+    assert "made-up-0" in {s.labels.get("gen_ai_request_model") for f in registry.collect()
+                           for s in f.samples}  # the first ones keep their names
+
+
 def test_loop_histograms_export_what_prometheus_client_histograms_would():
     """The lock-free histograms: same buckets, counts, sums and labels as prometheus_client's."""
     from prometheus_client import CollectorRegistry, Histogram
