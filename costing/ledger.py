@@ -40,6 +40,7 @@ def blames_the_record(error: Exception) -> bool:
     sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None)
     return isinstance(sqlstate, str) and sqlstate[:2] in BAD_RECORD_SQLSTATES
 
+
 MAX_BACKOFF_SECONDS = 1.0
 """Retry pace while writes fail: a retry is cheap (refused at once while the database is down),
 and the buffer drains, and fail-closed or buffer-full refusals end, within this of its return."""
@@ -116,15 +117,21 @@ class Ledger:
         batch = list(islice(self._buffer, self.batch_size))
         if not batch:
             return 0
+        await self._commit(batch, from_buffer_head=True)
+        return len(batch)
+
+    async def _commit(self, entries: list[UsageEntry], *, from_buffer_head: bool) -> None:
+        """Write entries and tell the listeners, as one step under `writing`. Entries taken from
+        the head of the buffer leave it once committed, before any listener runs."""
         async with self.writing:
             started = time.perf_counter()
-            inserted = await self.store.write_batch(batch, self.holder_id)
+            inserted = await self.store.write_batch(entries, self.holder_id)
             elapsed = time.perf_counter() - started
-            for _ in batch:
-                self._buffer.popleft()
+            if from_buffer_head:
+                for _ in entries:
+                    self._buffer.popleft()
             for listener in self.listeners:
-                listener(batch, inserted, elapsed)
-        return len(batch)
+                listener(entries, inserted, elapsed)
 
     async def _write_apart(self) -> bool:
         """After a failed batch, tell a bad record from a database that is away.
@@ -165,15 +172,12 @@ class Ledger:
         """Write one record (twice if need be: a passing conflict drops nothing); its error."""
         error: Exception | None = None
         for _attempt in range(2):
-            async with self.writing:
-                try:
-                    inserted = await self.store.write_batch([entry], self.holder_id)
-                except Exception as exc:
-                    error = exc
-                    continue
-                for listener in self.listeners:
-                    listener([entry], inserted, 0.0)
-                return None
+            try:
+                await self._commit([entry], from_buffer_head=False)
+            except Exception as exc:
+                error = exc
+                continue
+            return None
         return error
 
     async def close(self, grace_seconds: float = 30.0) -> int:
