@@ -14,7 +14,6 @@ import hmac
 import ipaddress
 import json
 import re
-from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -29,7 +28,7 @@ from costing.records import CampaignTotals, DayTotals, SessionTotals, Totals
 from costing.reports import MAX_DAYS, SESSION_ORDERS, CostReports
 from costing.tasks import uninterrupted
 from proxy import openapi
-from proxy.errors import ProxyError, add_fallback, answering
+from proxy.errors import Handler, ProxyError, add_fallback, answering
 from proxy.state import GATE, SETTINGS, STORE
 from proxy.tags import validate_tag
 
@@ -256,9 +255,6 @@ async def delete_budget(request: web.Request) -> web.Response:
 
 
 # -- access ----------------------------------------------------------------------------------------
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 def is_loopback(remote: str | None) -> bool:
     if not remote:
