@@ -256,6 +256,7 @@ async def delete_budget(request: web.Request) -> web.Response:
 
 # -- access ----------------------------------------------------------------------------------------
 
+
 def is_loopback(remote: str | None) -> bool:
     if not remote:
         return False
