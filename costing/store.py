@@ -73,6 +73,17 @@ class Store:
         self.engine = engine
         self.default_budget = default_budget
         self._dialect = engine.dialect.name
+        # Built once: constructing these upserts (each `excluded` proxies every column) cost more
+        # main-thread time than writing a small batch.
+        self._add_to_campaigns = self._upsert_adding(CAMPAIGNS, ["campaign_id"], seen=True)
+        self._add_to_sessions = self._upsert_adding(SESSIONS, ["campaign_id", "session_id"], seen=True)
+        self._add_to_days = self._upsert_adding(DAILY, ["campaign_id", "day"], seen=False)
+        spent = bindparam("spent", type_=Money())
+        self._take_from_lease = (
+            update(LEASES)
+            .where(LEASES.c.campaign_id == bindparam("cid"), LEASES.c.holder_id == bindparam("holder"))
+            .values(amount_usd=case((LEASES.c.amount_usd > spent, LEASES.c.amount_usd - spent),
+                                    else_=literal(ZERO, Money()))))
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -134,25 +145,22 @@ class Store:
             days[(c, d)].merge(span.totals)
         # Sorted keys: every writer locks rows in one order, so replicas cannot deadlock.
         await conn.execute(
-            self._upsert_adding(CAMPAIGNS, ["campaign_id"], seen=True),
+            self._add_to_campaigns,
             [{"campaign_id": c, **span.values()} for c, span in sorted(campaigns.items())],
         )
         await conn.execute(
-            self._upsert_adding(SESSIONS, ["campaign_id", "session_id"], seen=True),
+            self._add_to_sessions,
             [{"campaign_id": c, "session_id": s, **span.values()}
              for (c, s), span in sorted(sessions.items())],
         )
         await conn.execute(
-            self._upsert_adding(DAILY, ["campaign_id", "day"], seen=False),
+            self._add_to_days,
             [{"campaign_id": c, "day": d, **_totals_values(t)} for (c, d), t in sorted(days.items())],
         )
-        spent = bindparam("spent", type_=Money())
         await conn.execute(
-            update(LEASES)
-            .where(LEASES.c.campaign_id == bindparam("cid"), LEASES.c.holder_id == holder_id)
-            .values(amount_usd=case((LEASES.c.amount_usd > spent, LEASES.c.amount_usd - spent),
-                                    else_=literal(ZERO, Money()))),
-            [{"cid": c, "spent": span.totals.cost_usd} for c, span in sorted(campaigns.items())],
+            self._take_from_lease,
+            [{"cid": c, "holder": holder_id, "spent": span.totals.cost_usd}
+             for c, span in sorted(campaigns.items())],
         )
 
     # -- budget leases -------------------------------------------------------------------------
