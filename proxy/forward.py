@@ -192,6 +192,12 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, respons
             if not chunk:
                 break
             out = tap.feed(chunk) if tap is not None else chunk
+            if upstream.content.at_eof():
+                # The body ended with this chunk: it goes out with the end of the response (and
+                # with the headers, when they are still unsent), one send instead of two or three.
+                rest = tap.finish() if tap is not None else b""
+                await response.write_eof(out + rest if rest else out)
+                return True
             if out:
                 waited = time.perf_counter()
                 await response.write(out)
@@ -240,9 +246,16 @@ async def _metered(request: web.Request, headers: CIMultiDict[str], operation: O
         async with upstream:
             if upstream.content_type == "text/event-stream":
                 tap = SSETap(strip_usage=strip_usage)
+                headers = response_headers(upstream.headers)
+                headers.update(campaign_headers(meter, campaign_id))
+                if upstream.content.is_eof():
+                    # The whole stream has arrived already (a short answer from a nearby
+                    # upstream): headers and events go out in one send, like a JSON body.
+                    events = await upstream.read()
+                    return web.Response(status=upstream.status, reason=upstream.reason,
+                                        body=tap.feed(events) + tap.finish(), headers=headers)
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                              headers=response_headers(upstream.headers))
-                response.headers.update(campaign_headers(meter, campaign_id))
+                                              headers=headers)
                 await response.prepare(request)
                 await _relay(request, upstream, response, timing, tap)
                 return response

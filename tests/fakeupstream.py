@@ -52,6 +52,7 @@ class Behaviour:
     body_stall: float = 0.0  # JSON: send the headers, wait this long, then the body
     truncate_body: bool = False  # JSON: send the headers and half the body, then reset
     strict_types: bool = False  # 400 (as OpenAI does) for wrongly typed well-known body fields
+    stream_whole: bool = False  # stream: every event in one body with a length, in one write
 
 
 @dataclass
@@ -186,6 +187,9 @@ class FakeUpstream:
 
     async def _stream(self, request: web.Request, events: list[bytes]) -> web.StreamResponse:
         b = self.behaviour
+        if b.stream_whole:
+            return web.Response(body=b"".join(events), headers={
+                "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)

@@ -106,6 +106,43 @@ async def test_streamed_chat_client_sees_exactly_what_openai_sends(proxy, fake, 
     assert row.output_tokens > 0
 
 
+@pytest.mark.parametrize("arrival", ["whole", "event by event"])
+async def test_a_stream_reads_the_same_however_it_arrives(proxy, fake, arrival):
+    """A stream that has fully arrived with its headers goes out in one send; one still arriving
+    is relayed event by event. The client cannot tell, and both are metered."""
+    fake.behaviour.stream_whole = arrival == "whole"
+    fake.behaviour.chunk_delay = 0.0 if arrival == "whole" else 0.01
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    direct = await _sse_events(f"{fake.url}/v1/chat/completions", body, {})
+    through = await _sse_events(f"{proxy.url}/v1/chat/completions", body,
+                                {"X-Campaign-Id": "c1", "X-Session-Id": "s1"})
+    assert through == direct and not any(e.get("usage") for e in through)
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{proxy.url}/v1/chat/completions", json=body,
+            headers={"X-Campaign-Id": "c1", "X-Session-Id": "s1"}) as response:
+        assert ("Transfer-Encoding" in response.headers) is (arrival != "whole")
+        # Stream headers go out before the stream's own cost is known, whole or not.
+        campaign_cost = Decimal(response.headers["X-Campaign-Cost-USD"])
+        await response.read()
+    await proxy.flush()
+    rows = await ledger_rows(proxy.engine)
+    assert [(r.streamed, r.estimated) for r in rows] == [(True, False), (True, False)]
+    assert campaign_cost == rows[0].cost_usd > 0
+
+
+async def test_stream_headers_reach_the_client_before_the_first_event(proxy, fake):
+    """A model that thinks before its first token: the client learns the status at once."""
+    fake.behaviour.stall_after_chunks = 0
+    fake.behaviour.stall_seconds = 3.0
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as http:
+        started = asyncio.get_running_loop().time()
+        async with http.post(f"{proxy.url}/v1/chat/completions", json=body) as response:
+            assert response.status == 200 and "X-Campaign-Cost-USD" in response.headers
+            assert asyncio.get_running_loop().time() - started < 2.0
+            await response.read()
+
+
 async def test_streams_of_every_operation_through_the_sdk(proxy, fake):
     client = proxy.client()
     chunks = [c async for c in await client.chat.completions.create(
