@@ -99,23 +99,20 @@ def parse_usage(raw: Any) -> Usage | None:
     if not isinstance(raw, dict):
         return None
     if "input_tokens" in raw or "output_tokens" in raw:
-        in_details = raw.get("input_tokens_details") or {}
-        out_details = raw.get("output_tokens_details") or {}
         input_tokens = _int(raw.get("input_tokens"))
         output_tokens = _int(raw.get("output_tokens"))
+        in_details = raw.get("input_tokens_details")
+        out_details = raw.get("output_tokens_details")
     else:
-        in_details = raw.get("prompt_tokens_details") or {}
-        out_details = raw.get("completion_tokens_details") or {}
         input_tokens = _int(raw.get("prompt_tokens"))
         output_tokens = _int(raw.get("completion_tokens"))
-    cached = _int(in_details.get("cached_tokens")) if isinstance(in_details, dict) else 0
-    reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
-    return Usage(
-        input_tokens=input_tokens,
-        cached_input_tokens=min(cached, input_tokens),
-        output_tokens=output_tokens,
-        reasoning_tokens=min(reasoning, output_tokens),
-    )
+        in_details = raw.get("prompt_tokens_details")
+        out_details = raw.get("completion_tokens_details")
+    cached = _int(in_details.get("cached_tokens")) if type(in_details) is dict else 0
+    reasoning = _int(out_details.get("reasoning_tokens")) if type(out_details) is dict else 0
+    # Positional: this runs for every response, and keyword matching costs more than the rest.
+    return Usage(input_tokens, cached if cached < input_tokens else input_tokens,
+                 output_tokens, reasoning if reasoning < output_tokens else output_tokens)
 
 
 def _str(value: Any, limit: int) -> str | None:
@@ -126,8 +123,10 @@ def from_body(body: Any) -> Reported:
     """Usage, model and id of a non-streamed response body (any metered operation)."""
     if not isinstance(body, dict):
         return Reported(None, None, None)
-    return Reported(parse_usage(body.get("usage")), _str(body.get("model"), MAX_MODEL_LENGTH),
-                    _str(body.get("id"), MAX_ID_LENGTH))
+    model, response_id = body.get("model"), body.get("id")
+    return Reported(parse_usage(body.get("usage")),
+                    model[:MAX_MODEL_LENGTH] if type(model) is str and model else None,
+                    response_id[:MAX_ID_LENGTH] if type(response_id) is str and response_id else None)
 
 
 def from_event(event: Any) -> Reported:
@@ -135,7 +134,7 @@ def from_event(event: Any) -> Reported:
     if not isinstance(event, dict):
         return Reported(None, None, None)
     kind = event.get("type")
-    if isinstance(kind, str) and kind.startswith("response."):
+    if kind is not None and isinstance(kind, str) and kind.startswith("response."):
         response = event.get("response")
         if not isinstance(response, dict):
             return Reported(None, None, None)

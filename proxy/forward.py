@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from costing import budget as rules
@@ -49,37 +49,35 @@ class Timing:
         return max(time.perf_counter() - self.started - self.waiting, 0.0)
 
 
-def upstream_headers(request: web.Request, settings: Settings) -> CIMultiDict[str]:
+Headers = list[tuple[str, str]]
+"""Header lists, not multidicts: aiohttp copies what it is given into its own multidict anyway."""
+
+
+def upstream_headers(request: web.Request, settings: Settings) -> Headers:
     """The client's headers minus hop-by-hop ones (and those its Connection header names) and tags."""
-    headers = request.headers.copy()
-    for name in HOP_BY_HOP:
-        headers.popall(name, None)
-    headers.popall(settings.campaign_header, None)
-    headers.popall(settings.session_header, None)
+    dropped = {settings.campaign_header.lower(), settings.session_header.lower()}
     for value in request.headers.getall("Connection", ()):
-        for token in value.split(","):
-            headers.popall(token.strip(), None)
-    if "Authorization" not in headers and settings.openai_api_key is not None:
-        headers["Authorization"] = f"Bearer {settings.openai_api_key.get_secret_value()}"
+        dropped.update(token.strip().lower() for token in value.split(","))
+    headers = [(name, value) for name, value in request.headers.items()
+               if (lower := name.lower()) not in HOP_BY_HOP and lower not in dropped]
+    if settings.openai_api_key is not None and "Authorization" not in request.headers:
+        headers.append(("Authorization", f"Bearer {settings.openai_api_key.get_secret_value()}"))
     return headers
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    headers = upstream.copy()
-    for name in RESPONSE_DROPPED:
-        headers.popall(name, None)
-    return headers
+def response_headers(upstream: CIMultiDictProxy[str]) -> Headers:
+    return [(name, value) for name, value in upstream.items() if name.lower() not in RESPONSE_DROPPED]
 
 
-def campaign_headers(meter: Meter, campaign_id: str) -> dict[str, str]:
+def campaign_headers(meter: Meter, campaign_id: str) -> Headers:
     standing = meter.standing(campaign_id)
-    headers = {
-        "X-Campaign-Cost-USD": format_usd(standing.spent),
-        "X-Campaign-Limit-USD": format_usd(standing.budget.limit_usd),
-        "X-Campaign-Remaining-USD": format_usd(rules.remaining(standing.spent, standing.budget)),
-    }
+    headers = [
+        ("X-Campaign-Cost-USD", format_usd(standing.spent)),
+        ("X-Campaign-Limit-USD", format_usd(standing.budget.limit_usd)),
+        ("X-Campaign-Remaining-USD", format_usd(rules.remaining(standing.spent, standing.budget))),
+    ]
     if standing.spent >= standing.budget.warning_usd:
-        headers["X-Cost-Warning"] = rules.warning_text(campaign_id, standing.spent, standing.budget)
+        headers.append(("X-Cost-Warning", rules.warning_text(campaign_id, standing.spent, standing.budget)))
     return headers
 
 
@@ -122,7 +120,7 @@ def _target(request: web.Request) -> URL:
     return URL(request.app[UPSTREAM].base_url + request.rel_url.raw_path_qs, encoded=True)
 
 
-async def _send(request: web.Request, headers: CIMultiDict[str], body: object,
+async def _send(request: web.Request, headers: Headers, body: object,
                 timing: Timing) -> aiohttp.ClientResponse:
     """Open the upstream request; connection failures become 502 and timeouts 504."""
     client = request.app[UPSTREAM].client
@@ -153,12 +151,12 @@ async def _body_stream(request: web.Request, limit: int):
         yield chunk
 
 
-async def _pass_through(request: web.Request, headers: CIMultiDict[str],
+async def _pass_through(request: web.Request, headers: Headers,
                         timing: Timing) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     body = _body_stream(request, settings.max_request_body_bytes) if request.body_exists else None
     if request.content_length is not None:
-        headers["Content-Length"] = str(request.content_length)
+        headers.append(("Content-Length", str(request.content_length)))
     upstream = await _send(request, headers, body, timing)
     async with upstream:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
@@ -212,7 +210,7 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, respons
     return True
 
 
-async def _metered(request: web.Request, headers: CIMultiDict[str], operation: Operation,
+async def _metered(request: web.Request, headers: Headers, operation: Operation,
                    campaign_id: str, session_id: str, timing: Timing) -> web.StreamResponse:
     meter = request.app[METER]
     metrics = request.app[METRICS]
@@ -246,8 +244,7 @@ async def _metered(request: web.Request, headers: CIMultiDict[str], operation: O
         async with upstream:
             if upstream.content_type == "text/event-stream":
                 tap = SSETap(strip_usage=strip_usage)
-                headers = response_headers(upstream.headers)
-                headers.update(campaign_headers(meter, campaign_id))
+                headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
                 if upstream.content.is_eof():
                     # The whole stream has arrived already (a short answer from a nearby
                     # upstream): headers and events go out in one send, like a JSON body.
@@ -272,16 +269,15 @@ async def _metered(request: web.Request, headers: CIMultiDict[str], operation: O
                 timing.waiting += time.perf_counter() - waited
             reported = _reported(body)
             entry = meter.record(ticket, reported, status=status, streamed=False)
-            response = web.Response(status=upstream.status, reason=upstream.reason, body=body,
-                                    headers=response_headers(upstream.headers))
-            response.headers.update(campaign_headers(meter, campaign_id))
-            response.headers["X-Request-Cost-USD"] = format_usd(entry.cost_usd)
+            headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
+            headers.append(("X-Request-Cost-USD", format_usd(entry.cost_usd)))
             session_total = meter.session_total_now(campaign_id, session_id)
             if session_total is None:
                 session_total = await meter.session_total(campaign_id, session_id)
             if session_total is not None:
-                response.headers["X-Session-Cost-USD"] = format_usd(session_total)
-            return response
+                headers.append(("X-Session-Cost-USD", format_usd(session_total)))
+            return web.Response(status=upstream.status, reason=upstream.reason, body=body,
+                                headers=headers)
     except ProxyError as exc:
         status = exc.status
         raise

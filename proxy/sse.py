@@ -25,6 +25,9 @@ _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 def event_data(event: bytes) -> bytes | None:
     """The `data:` payload of one event (multi-line data joined by newlines)."""
+    if (event.startswith(b"data: ") and event.endswith(b"\n\n")
+            and event.find(b"\n", 6) == len(event) - 2 and b"\r" not in event):
+        return event[6:-2]  # the usual event: one data line
     lines = [line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     if not lines:
         return None
@@ -42,6 +45,15 @@ def complete_length(data: bytes) -> int:
 # answer: a search that finds nothing scans the whole block, and a block holds a whole stream.
 _BY_LIKELIHOOD = (b"\n\n", b"\r\n\r\n", b"\r\r")
 _LONGEST = max(map(len, _SEPARATORS))
+
+
+def _event_bounds(data: bytes, at: int) -> tuple[int, int]:
+    """Start and end of the event holding position `at`."""
+    if b"\r" not in data:  # the usual stream: one kind of separator to look for
+        start = data.rfind(b"\n\n", 0, at)
+        end = data.find(b"\n\n", at)
+        return (start + 2 if start >= 0 else 0), (end + 2 if end >= 0 else len(data))
+    return _event_start(data, at), _event_end(data, at)
 
 
 def _event_start(data: bytes, at: int) -> int:
@@ -113,8 +125,8 @@ class SSETap:
         done = 0
         mentioned = False  # a usage mention other than an object since `done`
         while at >= 0:
-            if _USAGE_OBJECT.match(events, at):
-                start, end = _event_start(events, at), _event_end(events, at)
+            if events.startswith(b":{", at + 7) or _USAGE_OBJECT.match(events, at):
+                start, end = _event_bounds(events, at)
                 out.append(self._plain(events[done:start]) if mentioned else events[done:start])
                 out.append(self._decoded(events[start:end]))
                 done, mentioned = end, False
@@ -145,8 +157,9 @@ class SSETap:
         if reported.usage is not None:
             self.usage_seen = True
             self._unread.clear()
-            self.reported = Reported(reported.usage, reported.model or self.model,
-                                     reported.response_id or self.response_id)
+            reported.model = reported.model or self.model
+            reported.response_id = reported.response_id or self.response_id
+            self.reported = reported
             if self.strip_usage and isinstance(decoded, dict) and decoded.get("choices") == []:
                 return b""
         return self._plain(event)
