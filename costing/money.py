@@ -32,10 +32,16 @@ def from_units(units: int) -> Decimal:
 
 def format_usd(amount: Decimal) -> str:
     """Plain decimal string, at least cents, no exponent or extra zeros: '0.000123', '5.00'."""
-    # Fixed-point format rounds half-even to the quantum, like `quantize`, at a third of the cost:
-    # every response carries up to five of these.
-    text = format(amount, ".10f").rstrip("0")
-    decimals = len(text) - text.index(".") - 1
+    # Every response carries up to five of these. `str` is the cheapest conversion and already
+    # plain for amounts on the quantum; anything else (an exponent, finer than the quantum, no
+    # point) goes through fixed-point format, which rounds half-even like `quantize`.
+    text = str(amount)
+    point = text.find(".")
+    if point < 0 or len(text) - point > QUANTUM_DIGITS + 1 or "E" in text:
+        text = format(amount, ".10f")
+        point = text.index(".")
+    text = text.rstrip("0")
+    decimals = len(text) - point - 1
     return text + "0" * (2 - decimals) if decimals < 2 else text
 
 
