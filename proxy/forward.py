@@ -244,15 +244,15 @@ async def _metered(request: web.Request, headers: Headers, operation: Operation,
         async with upstream:
             if upstream.content_type == "text/event-stream":
                 tap = SSETap(strip_usage=strip_usage)
-                headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
+                reply_headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
                 if upstream.content.is_eof():
                     # The whole stream has arrived already (a short answer from a nearby
                     # upstream): headers and events go out in one send, like a JSON body.
                     events = await upstream.read()
                     return web.Response(status=upstream.status, reason=upstream.reason,
-                                        body=tap.feed(events) + tap.finish(), headers=headers)
+                                        body=tap.feed(events) + tap.finish(), headers=reply_headers)
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                              headers=headers)
+                                              headers=reply_headers)
                 await response.prepare(request)
                 await _relay(request, upstream, response, timing, tap)
                 return response
@@ -269,15 +269,15 @@ async def _metered(request: web.Request, headers: Headers, operation: Operation,
                 timing.waiting += time.perf_counter() - waited
             reported = _reported(body)
             entry = meter.record(ticket, reported, status=status, streamed=False)
-            headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
-            headers.append(("X-Request-Cost-USD", format_usd(entry.cost_usd)))
+            reply_headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
+            reply_headers.append(("X-Request-Cost-USD", format_usd(entry.cost_usd)))
             session_total = meter.session_total_now(campaign_id, session_id)
             if session_total is None:
                 session_total = await meter.session_total(campaign_id, session_id)
             if session_total is not None:
-                headers.append(("X-Session-Cost-USD", format_usd(session_total)))
+                reply_headers.append(("X-Session-Cost-USD", format_usd(session_total)))
             return web.Response(status=upstream.status, reason=upstream.reason, body=body,
-                                headers=headers)
+                                headers=reply_headers)
     except ProxyError as exc:
         status = exc.status
         raise
