@@ -123,11 +123,8 @@ def from_body(body: Any) -> Reported:
     """Usage, model and id of a non-streamed response body (any metered operation)."""
     if not isinstance(body, dict):
         return Reported(None, None, None)
-    model, response_id = body.get("model"), body.get("id")
-    # `_str`, inline: this runs for every response.
-    return Reported(parse_usage(body.get("usage")),
-                    model[:MAX_MODEL_LENGTH] if type(model) is str and model else None,
-                    response_id[:MAX_ID_LENGTH] if type(response_id) is str and response_id else None)
+    return Reported(parse_usage(body.get("usage")), _str(body.get("model"), MAX_MODEL_LENGTH),
+                    _str(body.get("id"), MAX_ID_LENGTH))
 
 
 def from_event(event: Any) -> Reported:
@@ -135,7 +132,7 @@ def from_event(event: Any) -> Reported:
     if not isinstance(event, dict):
         return Reported(None, None, None)
     kind = event.get("type")
-    if kind is not None and isinstance(kind, str) and kind.startswith("response."):  # chat: None
+    if isinstance(kind, str) and kind.startswith("response."):
         response = event.get("response")
         if not isinstance(response, dict):
             return Reported(None, None, None)
