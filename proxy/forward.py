@@ -60,7 +60,8 @@ def upstream_headers(request: web.Request, settings: Settings) -> Headers:
         dropped.update(token.strip().lower() for token in value.split(","))
     headers = [(name, value) for name, value in request.headers.items()
                if (lower := name.lower()) not in HOP_BY_HOP and lower not in dropped]
-    if settings.openai_api_key is not None and "Authorization" not in request.headers:
+    if settings.openai_api_key is not None and (
+            "authorization" in dropped or "Authorization" not in request.headers):
         headers.append(("Authorization", f"Bearer {settings.openai_api_key.get_secret_value()}"))
     return headers
 
