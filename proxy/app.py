@@ -76,7 +76,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
                                     sock_read=settings.upstream_read_timeout_seconds)
     client = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
-        timeout=timeout, auto_decompress=True, skip_auto_headers=("User-Agent",),
+        timeout=timeout, auto_decompress=True,
         cookie_jar=aiohttp.DummyCookieJar(),
     )
     app[UPSTREAM] = Upstream(client, settings.upstream_base_url)

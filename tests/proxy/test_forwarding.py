@@ -55,6 +55,19 @@ async def test_tag_headers_are_not_forwarded_and_the_rest_is(proxy, fake):
     assert seen.headers["Authorization"] == "Bearer sk-test-key"
 
 
+async def test_the_user_agent_is_the_clients_own_or_none(proxy, fake):
+    await proxy.client().chat.completions.create(model="gpt-4o-mini",
+                                                 messages=[{"role": "user", "content": "hi"}])
+    assert fake.requests[-1].headers["User-Agent"].startswith("AsyncOpenAI/Python")
+    async with aiohttp.ClientSession(skip_auto_headers=["User-Agent"]) as http:
+        response = await http.post(f"{proxy.url}/v1/chat/completions", json={"model": "gpt-4o"})
+        assert response.status == 200
+        response = await http.get(f"{proxy.url}/v1/models")
+        assert response.status == 200
+    assert [r.path for r in fake.requests[-2:]] == ["/v1/chat/completions", "/v1/models"]
+    assert all("User-Agent" not in r.headers for r in fake.requests[-2:])
+
+
 async def test_legacy_completions_embeddings_and_responses(proxy, fake):
     client = proxy.client()
     completion = await client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Once upon")
