@@ -41,8 +41,8 @@ from aiohttp import web
 from costing import schema
 from costing.budget import make_budget
 from costing.db import create_engine
-from costing.money import quantize
-from costing.records import UsageEntry
+from costing.money import quantize, to_units
+from costing.records import UsageEntry, epoch_us
 from costing.settings import Settings
 from costing.store import Store
 from costing.usage import Usage
@@ -121,8 +121,9 @@ def entries(rows: int, campaigns: int, sessions: int, days: int, now: datetime) 
             campaign_id=campaign, session_id=session, operation="chat.completions",
             request_model="gpt-4o-mini", response_model="gpt-4o-mini-2024-07-18",
             usage=Usage(input_tokens=prompt, cached_input_tokens=cached, output_tokens=output),
-            cost_usd=cost, priced_by_default=False, estimated=False, streamed=i % 3 == 0,
-            status_code=200, latency_ms=rng.randrange(200, 4000), created_at=created,
+            cost_units=to_units(cost), priced_by_default=False, estimated=False,
+            streamed=i % 3 == 0, status_code=200, latency_ms=rng.randrange(200, 4000),
+            created_us=epoch_us(created),
             response_id=f"chatcmpl-{i:08d}", api_key_hash="0123456789ab"))
     return out
 

@@ -10,7 +10,6 @@ reservation and the admission check (lease, limit) are skipped. Not for producti
 from __future__ import annotations
 
 import sys
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +17,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from costing import meter
 from costing.gate import Admission, BudgetGate
-from costing.money import ZERO
 from proxy.cli import main
 
 
-async def admit_everything(self: BudgetGate, campaign_id: str, reservation: Decimal) -> Admission:
+async def admit_everything(self: BudgetGate, campaign_id: str, reservation: int) -> Admission:
     view = self.views.get(campaign_id) or await self._load(campaign_id)
-    return self._take(view, campaign_id, ZERO, verified=True)
+    return self._take(view, campaign_id, 0, verified=True)
 
 
-def no_reservation(*_args: Any) -> Decimal:
-    return ZERO
+def no_reservation(*_args: Any) -> int:
+    return 0
 
 
 BudgetGate.admit = admit_everything  # type: ignore[method-assign]
-meter.worst_case_cost = no_reservation  # type: ignore[assignment]
+BudgetGate.admit_now = lambda *_args: None  # type: ignore[method-assign,assignment]
+meter.worst_case_units = no_reservation  # type: ignore[assignment]
 
 if __name__ == "__main__":
     main(["serve"])

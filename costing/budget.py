@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
 
 from costing.errors import InvalidBudget
-from costing.money import ZERO, quantize
-from costing.pricing import Price, cost_of
+from costing.money import from_units, quantize, to_units
+from costing.pricing import Price, cost_units_of
 from costing.usage import RequestFacts
 
 
@@ -16,6 +16,13 @@ from costing.usage import RequestFacts
 class Budget:
     warning_usd: Decimal
     limit_usd: Decimal
+    # The same thresholds in money units, for the request path (see costing.money).
+    warning_units: int = field(init=False, repr=False, compare=False)
+    limit_units: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "warning_units", to_units(self.warning_usd))
+        object.__setattr__(self, "limit_units", to_units(self.limit_usd))
 
 
 class BudgetStatus(StrEnum):
@@ -54,15 +61,21 @@ def status(spent: Decimal, budget: Budget) -> BudgetStatus:
 
 
 def remaining(spent: Decimal, budget: Budget) -> Decimal:
-    return max(budget.limit_usd - spent, ZERO)
+    return from_units(remaining_units(to_units(spent), budget))
 
 
-def worst_case_cost(price: Price, facts: RequestFacts, default_max_output: int) -> Decimal:
-    """What a request may cost at most: estimated prompt plus its output cap (or the default cap)."""
+def remaining_units(spent: int, budget: Budget) -> int:
+    """`remaining` in money units, for the request path."""
+    return max(budget.limit_units - spent, 0)
+
+
+def worst_case_units(price: Price, facts: RequestFacts, default_max_output: int) -> int:
+    """What a request may cost at most, in money units: estimated prompt plus its output cap
+    (or the default cap)."""
     max_output = facts.max_output_tokens
     if max_output is None:
         max_output = default_max_output
-    return cost_of(price, facts.prompt_tokens, 0, max_output)
+    return cost_units_of(price, facts.prompt_tokens, 0, max_output)
 
 
 def admits(spent: Decimal, outstanding: Decimal, reservation: Decimal, budget: Budget) -> bool:

@@ -23,7 +23,7 @@ from decimal import Decimal
 
 from costing.budget import Budget
 from costing.errors import BudgetExceeded, LedgerUnavailable
-from costing.money import ZERO
+from costing.money import ZERO, from_units, to_units
 from costing.records import CampaignSnapshot, UsageEntry
 from costing.store import Store
 from costing.tasks import finish, pause, uninterrupted
@@ -47,19 +47,21 @@ def utcnow() -> datetime:
 
 @dataclass(slots=True)
 class CampaignView:
+    """One campaign as this process sees it; amounts in money units (see costing.money)."""
+
     budget: Budget
-    spent: Decimal
-    pending: Decimal = ZERO
-    inflight: Decimal = ZERO
-    lease: Decimal = ZERO
+    spent: int
+    pending: int = 0
+    inflight: int = 0
+    lease: int = 0
     lease_until: float = 0.0
-    flushed: Decimal = ZERO
+    flushed: int = 0
     stale: bool = False
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
-    def total_spent(self) -> Decimal:
+    def total_spent(self) -> int:
         return self.spent + self.pending
 
     @property
@@ -72,7 +74,7 @@ class Admission:
     """A request let through: what it reserved, and the campaign view at that moment."""
 
     campaign_id: str
-    reservation: Decimal
+    reservation: int  # money units
     verified: bool = True
 
 
@@ -99,7 +101,7 @@ class BudgetGate:
 
     # -- request path ----------------------------------------------------------------------------
 
-    def admit_now(self, campaign_id: str, reservation: Decimal) -> Admission | None:
+    def admit_now(self, campaign_id: str, reservation: int) -> Admission | None:
         """The common case of `admit`, without awaiting: the campaign is known and its lease
         covers the request. None when `admit` has to ask the database; raises BudgetExceeded."""
         view = self.views.get(campaign_id)
@@ -107,21 +109,21 @@ class BudgetGate:
             return None
         now = self.clock()
         view.last_used = now
-        spent = view.spent + view.pending
-        if spent >= view.budget.limit_usd:
-            raise BudgetExceeded(campaign_id, spent, view.budget.limit_usd, reservation)
+        if view.spent + view.pending >= view.budget.limit_units:
+            raise _exceeded(campaign_id, view, reservation)
         if now < view.lease_until and view.inflight + view.pending + reservation <= view.lease:
             return self._take(view, campaign_id, reservation, verified=True)
         return None
 
-    async def admit(self, campaign_id: str, reservation: Decimal) -> Admission:
-        """Admit a request reserving `reservation`, or raise BudgetExceeded / LedgerUnavailable."""
+    async def admit(self, campaign_id: str, reservation: int) -> Admission:
+        """Admit a request reserving `reservation` money units, or raise BudgetExceeded /
+        LedgerUnavailable."""
         view = self.views.get(campaign_id)
         if view is None:
             view = await self._load(campaign_id)
         view.last_used = self.clock()
-        if not view.stale and view.total_spent >= view.budget.limit_usd:
-            raise BudgetExceeded(campaign_id, view.total_spent, view.budget.limit_usd, reservation)
+        if not view.stale and view.total_spent >= view.budget.limit_units:
+            raise _exceeded(campaign_id, view, reservation)
         if view.stale or not self._fits_lease(view, reservation):
             async with view.lock:
                 if not self._fits_lease(view, reservation):
@@ -130,13 +132,13 @@ class BudgetGate:
                         return self._take(view, campaign_id, reservation, verified=False)
         return self._take(view, campaign_id, reservation, verified=True)
 
-    def _take(self, view: CampaignView, campaign_id: str, reservation: Decimal,
+    def _take(self, view: CampaignView, campaign_id: str, reservation: int,
               *, verified: bool) -> Admission:
         view.inflight += reservation
         self.in_flight_requests += 1
         return Admission(campaign_id, reservation, verified)
 
-    def _fits_lease(self, view: CampaignView, reservation: Decimal) -> bool:
+    def _fits_lease(self, view: CampaignView, reservation: int) -> bool:
         return (self.clock() < view.lease_until
                 and view.inflight + view.pending + reservation <= view.lease)
 
@@ -153,10 +155,10 @@ class BudgetGate:
         # Another request may have created the view while this one waited.
         view = self.views.get(campaign_id)
         if view is None:
-            view = self.views[campaign_id] = CampaignView(snapshot.budget, snapshot.spent)
+            view = self.views[campaign_id] = CampaignView(snapshot.budget, to_units(snapshot.spent))
         return view
 
-    async def _grow_lease(self, campaign_id: str, view: CampaignView, reservation: Decimal) -> bool:
+    async def _grow_lease(self, campaign_id: str, view: CampaignView, reservation: int) -> bool:
         """Ask the database for a lease covering this request; False = admitted unverified."""
         try:
             async with asyncio.timeout(self.db_timeout), self.write_lock:
@@ -166,7 +168,8 @@ class BudgetGate:
                 # A grant the caller stops waiting for still lands: the database then holds
                 # more than this view knows, which only ever errs on the small side.
                 grant = await uninterrupted(self.store.acquire_lease(
-                    campaign_id, self.holder_id, held=held, need=held + reservation,
+                    campaign_id, self.holder_id, held=from_units(held),
+                    need=from_units(held + reservation),
                     fraction=self.lease_fraction, now=now,
                     expires_at=now + timedelta(seconds=self.lease_seconds)))
         except DB_ERRORS as exc:
@@ -175,18 +178,18 @@ class BudgetGate:
             return False
         # Cost flushed while we waited may or may not be inside the grant; assume it is not
         # (the lease only ever errs on the small side).
-        view.lease = grant.amount - (view.flushed - flushed_before)
+        view.lease = to_units(grant.amount) - (view.flushed - flushed_before)
         # Renewed leases expire a little earlier locally than in the database, never later.
         view.lease_until = self.clock() + self.lease_seconds * 0.9
         view.budget = grant.budget
         view.stale = False
-        view.spent = max(view.spent, grant.spent)
+        view.spent = max(view.spent, to_units(grant.spent))
         if not grant.admitted:
-            raise BudgetExceeded(campaign_id, view.total_spent, grant.budget.limit_usd, reservation)
+            raise _exceeded(campaign_id, view, reservation)
         return True
 
-    def settle(self, admission: Admission, cost: Decimal) -> None:
-        """The request finished: its reservation becomes its real (unflushed) cost."""
+    def settle(self, admission: Admission, cost: int) -> None:
+        """The request finished: its reservation becomes its real (unflushed) cost, in units."""
         view = self.views[admission.campaign_id]
         view.inflight -= admission.reservation
         view.pending += cost
@@ -200,12 +203,12 @@ class BudgetGate:
     def on_flushed(self, batch: Sequence[UsageEntry], inserted: Sequence[UsageEntry],
                    _seconds: float) -> None:
         for entry in batch:
-            self.views[entry.campaign_id].pending -= entry.cost_usd
+            self.views[entry.campaign_id].pending -= entry.cost_units
         for entry in inserted:
             view = self.views[entry.campaign_id]
-            view.spent += entry.cost_usd
-            view.lease = max(view.lease - entry.cost_usd, ZERO)
-            view.flushed += entry.cost_usd
+            view.spent += entry.cost_units
+            view.lease = max(view.lease - entry.cost_units, 0)
+            view.flushed += entry.cost_units
 
     async def refresh(self) -> None:
         """Re-read spend, budget and leases of active campaigns; renew leases still in use.
@@ -229,12 +232,13 @@ class BudgetGate:
         for campaign_id, snap in snapshots.items():
             view = active[campaign_id]
             view.budget = snap.budget
+            spent = to_units(snap.spent)
             if view.flushed == flushed_before[campaign_id]:
-                view.spent = snap.spent
+                view.spent = spent
             else:
-                view.spent = max(view.spent, snap.spent)
+                view.spent = max(view.spent, spent)
             # A lease smaller in the database than here was revoked (budget changed): follow it.
-            view.lease = min(view.lease, snap.lease)
+            view.lease = min(view.lease, to_units(snap.lease))
             if snap.lease > 0 and view.lease_until > now:
                 view.lease_until = max(view.lease_until, renewed_until)
 
@@ -242,7 +246,7 @@ class BudgetGate:
         """After a budget change: the next request re-reads the budget and leases anew."""
         view = self.views.get(campaign_id)
         if view is not None:
-            view.lease = ZERO
+            view.lease = 0
             view.lease_until = 0.0
             view.stale = True
 
@@ -257,7 +261,7 @@ class BudgetGate:
 
 class SessionCosts:
     """Per-session totals for the X-Session-Cost-USD header: stored total read once per session
-    (in parallel with the upstream call), plus what this process recorded since."""
+    (in parallel with the upstream call), plus what this process recorded since; in money units."""
 
     def __init__(self, store: Store, max_sessions: int = 50_000) -> None:
         self.store = store
@@ -268,7 +272,7 @@ class SessionCosts:
         key = (campaign_id, session_id)
         entry = self._entries.get(key)
         if entry is None:
-            task = asyncio.ensure_future(self.store.session_cost(campaign_id, session_id))
+            task = asyncio.ensure_future(_stored_units(self.store, campaign_id, session_id))
             task.add_done_callback(_consume_error)
             self._entries[key] = _SessionEntry(task)
             if len(self._entries) > self.max_sessions:
@@ -276,7 +280,7 @@ class SessionCosts:
         else:
             self._entries.move_to_end(key)
 
-    def add(self, campaign_id: str, session_id: str, cost: Decimal) -> None:
+    def add(self, campaign_id: str, session_id: str, cost: int) -> None:
         entry = self._entries.get((campaign_id, session_id))
         if entry is not None:
             entry.added += cost
@@ -285,14 +289,14 @@ class SessionCosts:
         """Wait for reads still running, so none outlives the engine (shutdown)."""
         await finish([e.task for e in self._entries.values()], grace_seconds=2.0)
 
-    def total_now(self, campaign_id: str, session_id: str) -> Decimal | None:
+    def total_now(self, campaign_id: str, session_id: str) -> int | None:
         """`total` without awaiting: None unless the stored part has been read successfully."""
         entry = self._entries.get((campaign_id, session_id))
         if entry is None or not entry.task.done() or entry.task.cancelled() or entry.task.exception():
             return None
         return entry.task.result() + entry.added
 
-    async def total(self, campaign_id: str, session_id: str) -> Decimal | None:
+    async def total(self, campaign_id: str, session_id: str) -> int | None:
         entry = self._entries.get((campaign_id, session_id))
         if entry is None:
             return None
@@ -309,10 +313,19 @@ class SessionCosts:
 
 @dataclass(slots=True)
 class _SessionEntry:
-    task: asyncio.Future[Decimal]
-    added: Decimal = ZERO
+    task: asyncio.Future[int]
+    added: int = 0
 
 
-def _consume_error(task: asyncio.Future[Decimal]) -> None:
+async def _stored_units(store: Store, campaign_id: str, session_id: str) -> int:
+    return to_units(await store.session_cost(campaign_id, session_id))
+
+
+def _exceeded(campaign_id: str, view: CampaignView, reservation: int) -> BudgetExceeded:
+    return BudgetExceeded(campaign_id, from_units(view.total_spent), view.budget.limit_usd,
+                          from_units(reservation))
+
+
+def _consume_error(task: asyncio.Future[int]) -> None:
     if not task.cancelled():
         task.exception()

@@ -1,7 +1,10 @@
-"""Money helpers: every amount is a Decimal quantized to 10 decimal places (1e-10 USD).
+"""Money helpers: every amount is exact on a 1e-10 USD quantum.
 
 A fixed quantum makes sums exact and identical on PostgreSQL (NUMERIC) and SQLite (scaled
-integer), so aggregates always equal the sum of the ledger to the last decimal.
+integer), so aggregates always equal the sum of the ledger to the last decimal. Amounts at the
+edges (settings, the API, the database) are Decimals quantized to 10 places; amounts on the
+request path (costs, reservations, budget views, cost headers) are integer *units* of 1e-10
+USD, the same value without Decimal's cost: every request does a dozen sums and five headers.
 """
 
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -27,7 +30,18 @@ def to_units(amount: Decimal) -> int:
 
 
 def from_units(units: int) -> Decimal:
-    return quantize(Decimal(units) / SCALE)
+    """Integer units to Decimal USD on the quantum (exact: no rounding happens)."""
+    return Decimal(units).scaleb(-QUANTUM_DIGITS)
+
+
+def format_units(units: int) -> str:
+    """`format_usd` of an amount in units, without making a Decimal: '0.000123', '5.00'."""
+    whole, fraction = divmod(units, SCALE) if units >= 0 else divmod(-units, SCALE)
+    sign = "" if units >= 0 else "-"
+    if not fraction:
+        return f"{sign}{whole}.00"
+    digits = str(fraction + SCALE)[1:].rstrip("0")  # SCALE + fraction keeps the leading zeros
+    return f"{sign}{whole}.{digits}" if len(digits) > 1 else f"{sign}{whole}.{digits}0"
 
 
 def format_usd(amount: Decimal) -> str:

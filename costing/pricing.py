@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from costing.money import QUANTUM_DIGITS, quantize
+from costing.money import QUANTUM_DIGITS, from_units, to_units
 from costing.usage import Usage
 
 PER_MILLION = Decimal(1_000_000)
@@ -53,19 +53,24 @@ class PriceTableError(ValueError):
 
 
 def cost(price: Price, usage: Usage) -> Decimal:
-    """Cost of a call: cached input at the cached price, reasoning inside output at the output price."""
-    return cost_of(price, usage.input_tokens, usage.cached_input_tokens, usage.output_tokens)
+    """Cost of a call in USD: cached input at the cached price, reasoning inside output at the
+    output price."""
+    return from_units(cost_units(price, usage))
 
 
-def cost_of(price: Price, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> Decimal:
-    """`cost` over plain counts (input includes cached), for callers that have no Usage."""
+def cost_units(price: Price, usage: Usage) -> int:
+    """`cost` in money units (1e-10 USD), as the request path keeps amounts."""
+    return cost_units_of(price, usage.input_tokens, usage.cached_input_tokens, usage.output_tokens)
+
+
+def cost_units_of(price: Price, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> int:
+    """`cost_units` over plain counts (input includes cached), for callers that have no Usage."""
     uncached = max(input_tokens - cached_input_tokens, 0)
     units = price.units
     if units is not None:  # the same value as below, without Decimal division and rounding
-        return Decimal(uncached * units[0] + cached_input_tokens * units[1]
-                       + output_tokens * units[2]).scaleb(-QUANTUM_DIGITS)
+        return uncached * units[0] + cached_input_tokens * units[1] + output_tokens * units[2]
     total = uncached * price.input + cached_input_tokens * price.cached_input + output_tokens * price.output
-    return quantize(total / PER_MILLION)
+    return to_units(total / PER_MILLION)
 
 
 def base_model(model: str) -> str:

@@ -3,29 +3,48 @@
 from __future__ import annotations
 
 import random
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from costing.budget import Budget
-from costing.money import ZERO
+from costing.money import ZERO, from_units
 from costing.usage import Usage
 
 # A generator of our own, seeded once from the OS: code that seeds the global `random` (test
 # tools, libraries) must never make record ids repeat.
 _ids = random.Random()
+# The version (4) and variant bits of a random UUID, as uuid.UUID(version=4) sets them.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def new_id() -> uuid.UUID:
-    """A random (version 4) UUID without uuid4's system call: record ids need uniqueness, not secrecy."""
-    return uuid.UUID(int=_ids.getrandbits(128), version=4)
+def new_id() -> int:
+    """A random version 4 UUID as its 128-bit integer, without uuid4's system call or building a
+    uuid.UUID per request (the store makes one where a driver wants it): record ids need
+    uniqueness, not secrecy."""
+    return (_ids.getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET
+
+
+def epoch_us(moment: datetime) -> int:
+    """Microseconds since the Unix epoch of an aware datetime, exactly."""
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def from_epoch_us(us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=us)
 
 
 @dataclass(slots=True)
 class UsageEntry:
-    """One metered request, as it will be written to `usage_records`."""
+    """One metered request, as it will be written to `usage_records`.
+
+    Made for every request and written in batches, so its amount, time and id are kept as
+    integers (money units, epoch microseconds, the UUID's 128 bits): cheap to take, sum and
+    format, and converted only where a driver needs a Decimal, datetime or UUID.
+    """
 
     campaign_id: str
     session_id: str
@@ -33,20 +52,28 @@ class UsageEntry:
     request_model: str | None
     response_model: str | None
     usage: Usage
-    cost_usd: Decimal
+    cost_units: int
     priced_by_default: bool
     estimated: bool
     streamed: bool
     status_code: int
     latency_ms: int
-    created_at: datetime
+    created_us: int
     response_id: str | None = None
     api_key_hash: str | None = None
-    id: uuid.UUID = field(default_factory=new_id)
+    id: int = field(default_factory=new_id)
 
     @property
     def model(self) -> str | None:
         return self.response_model or self.request_model
+
+    @property
+    def cost_usd(self) -> Decimal:
+        return from_units(self.cost_units)
+
+    @property
+    def created_at(self) -> datetime:
+        return from_epoch_us(self.created_us)
 
 
 @dataclass(slots=True)
@@ -73,7 +100,7 @@ class Totals:
         """Totals of many entries; one pass per column is faster than one `add` per entry."""
         usages = [e.usage for e in entries]
         return cls(
-            cost_usd=sum((e.cost_usd for e in entries), ZERO),
+            cost_usd=from_units(sum(e.cost_units for e in entries)),
             requests=len(entries),
             input_tokens=sum(u.input_tokens for u in usages),
             cached_input_tokens=sum(u.cached_input_tokens for u in usages),

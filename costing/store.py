@@ -10,10 +10,11 @@ the aggregates always equal the sum of `usage_records`.
 from __future__ import annotations
 
 import functools
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -30,7 +31,7 @@ from costing.models import (
     SessionCostSnapshot,
     UsageRecord,
 )
-from costing.money import ZERO, to_units
+from costing.money import ZERO, from_units
 from costing.records import (
     CampaignSnapshot,
     CampaignTotals,
@@ -39,6 +40,7 @@ from costing.records import (
     SessionTotals,
     Totals,
     UsageEntry,
+    from_epoch_us,
 )
 
 RECORDS: Table = UsageRecord.__table__  # type: ignore[assignment]
@@ -73,6 +75,7 @@ class Store:
         self.engine = engine
         self.default_budget = default_budget
         self._dialect = engine.dialect.name
+        self._returning = False  # see write_batch
         # Built once: constructing these upserts (each `excluded` proxies every column) cost more
         # main-thread time than writing a small batch.
         self._add_to_campaigns = self._upsert_adding(CAMPAIGNS, ["campaign_id"], seen=True)
@@ -117,12 +120,30 @@ class Store:
         if not entries:
             return []
         entries = list({e.id: e for e in entries}.values())  # one id, one row, one increment
+        if self._returning:
+            inserted = await self._write(entries, holder_id, returning=True)
+            # Known records come in runs (an upstream repeating ids, a replica replaying a
+            # backlog): return ids until a batch has none, rather than write each batch twice.
+            self._returning = len(inserted) < len(entries)
+            return inserted
+        try:
+            return await self._write(entries, holder_id, returning=False)
+        except _SomeWereKnown:
+            self._returning = True
+            return await self._write(entries, holder_id, returning=True)
+
+    async def _write(self, entries: list[UsageEntry], holder_id: str, *,
+                     returning: bool) -> list[UsageEntry]:
+        """One transaction. Without `returning` the insert only counts its rows, which is
+        cheaper, and raises _SomeWereKnown (rolling back) when fewer than all went in: then the
+        caller writes again with `returning`, to learn which ones did."""
+        insert = _insert_records_postgresql if self._dialect == "postgresql" else _insert_records_sqlite
         async with self.engine.begin() as conn:
-            if self._dialect == "postgresql":
-                inserted_ids = await _insert_records_postgresql(conn, entries)
+            inserted_ids = await insert(conn, entries, returning)
+            if inserted_ids is None:
+                inserted = entries
             else:
-                inserted_ids = await _insert_records_sqlite(conn, entries)
-            inserted = [e for e in entries if e.id.int in inserted_ids]
+                inserted = [e for e in entries if e.id in inserted_ids]
             await self._add_to_aggregates(conn, inserted, holder_id)
         return inserted
 
@@ -132,9 +153,9 @@ class Store:
         if not entries:
             return
         # Group once by the finest key, then roll the few groups up: per-row work stays minimal.
-        groups: dict[tuple[str, str, date], list[UsageEntry]] = defaultdict(list)
+        groups: dict[tuple[str, str, int], list[UsageEntry]] = defaultdict(list)
         for e in entries:
-            groups[(e.campaign_id, e.session_id, e.created_at.date())].append(e)
+            groups[(e.campaign_id, e.session_id, e.created_us // US_PER_DAY)].append(e)
         campaigns: dict[str, _Span] = {}
         sessions: dict[tuple[str, str], _Span] = {}
         days: dict[tuple[str, date], Totals] = defaultdict(Totals)
@@ -142,7 +163,7 @@ class Store:
             span = _Span.of(group)
             _merge_span(campaigns, c, span)
             _merge_span(sessions, (c, s), span)
-            days[(c, d)].merge(span.totals)
+            days[(c, EPOCH_DAY + timedelta(days=d))].merge(span.totals)
         # Sorted keys: every writer locks rows in one order, so replicas cannot deadlock.
         await conn.execute(
             self._add_to_campaigns,
@@ -360,8 +381,10 @@ def lease_expiry(now: datetime, seconds: float) -> datetime:
 # -- ledger inserts -----------------------------------------------------------------------------
 # The ledger insert is the one statement whose cost grows with traffic, so it bypasses
 # SQLAlchemy's per-row parameter processing: PostgreSQL gets one array per column (a single
-# prepared statement whatever the batch size), SQLite multi-row VALUES. Both return the ids
-# actually inserted, which is what keeps the aggregate increments idempotent.
+# prepared statement whatever the batch size), SQLite multi-row VALUES. Only the rows actually
+# inserted are added to the aggregates, which keeps the increments idempotent: the insert counts
+# its rows, and in the rare batch where not all went in, it runs again returning their ids
+# (returning ids for every batch cost about a tenth of the write).
 
 RECORD_COLUMNS = (
     "id", "created_at", "campaign_id", "session_id", "operation", "request_model", "response_model",
@@ -376,8 +399,10 @@ _PG_ARRAY_TYPES = (
 _PG_INSERT = (
     f"INSERT INTO usage_records ({', '.join(RECORD_COLUMNS)}) SELECT * FROM unnest("
     + ", ".join(f"${i}::{kind}[]" for i, kind in enumerate(_PG_ARRAY_TYPES, 1))
-    + ") ON CONFLICT DO NOTHING RETURNING id"
+    + ") ON CONFLICT DO NOTHING"
 )
+US_PER_DAY = 86_400_000_000
+EPOCH_DAY = date(1970, 1, 1)
 # Multi-row statements come in power-of-two sizes only: sqlite3 caches compiled statements per
 # connection by their text, and one text per batch size grew the cache by tens of MB (soak test).
 _SQLITE_MAX_ROWS = 256
@@ -395,52 +420,88 @@ def _sqlite_chunks(count: int) -> list[int]:
     return sizes
 
 
-def _record_tuple(e: UsageEntry, *, sqlite: bool = False) -> tuple[Any, ...]:
-    """One ledger row in RECORD_COLUMNS order; SQLite takes id, time and money as it stores them."""
+class _SomeWereKnown(Exception):
+    """A batch held records already in the ledger (a retried batch, a repeated response id)."""
+
+
+def _record_tuple(e: UsageEntry) -> tuple[Any, ...]:
+    """One ledger row in RECORD_COLUMNS order, as PostgreSQL takes it."""
     u = e.usage
-    record_id: Any
-    created_at: Any
-    cost: Any
-    if sqlite:
-        record_id, created_at, cost = e.id.hex, sqlite_timestamp(e.created_at), to_units(e.cost_usd)
-    else:
-        record_id, created_at, cost = e.id, e.created_at, e.cost_usd
-    return (record_id, created_at, e.campaign_id, e.session_id, e.operation, e.request_model,
-            e.response_model, u.input_tokens, u.cached_input_tokens, u.output_tokens,
-            u.reasoning_tokens, cost, e.priced_by_default, e.estimated, e.streamed,
-            e.status_code, e.latency_ms, e.response_id, e.api_key_hash)
+    return (uuid.UUID(int=e.id), from_epoch_us(e.created_us), e.campaign_id, e.session_id,
+            e.operation, e.request_model, e.response_model, u.input_tokens, u.cached_input_tokens,
+            u.output_tokens, u.reasoning_tokens, from_units(e.cost_units), e.priced_by_default,
+            e.estimated, e.streamed, e.status_code, e.latency_ms, e.response_id, e.api_key_hash)
 
 
-async def _insert_records_postgresql(conn: AsyncConnection, entries: Sequence[UsageEntry]) -> set[int]:
+async def _insert_records_postgresql(conn: AsyncConnection, entries: Sequence[UsageEntry],
+                                     returning: bool) -> set[int] | None:
+    """Insert, skipping known records; the ids inserted with `returning`, else None once all
+    went in (raises _SomeWereKnown when some did not)."""
     columns = list(zip(*(_record_tuple(e) for e in entries), strict=True))
-    result = await conn.exec_driver_sql(_PG_INSERT, tuple(list(column) for column in columns))
-    return {row[0].int for row in result}
+    arrays = tuple(list(column) for column in columns)
+    if returning:
+        result = await conn.exec_driver_sql(_PG_INSERT + " RETURNING id", arrays)
+        return {row[0].int for row in result}
+    result = await conn.exec_driver_sql(_PG_INSERT, arrays)
+    if result.rowcount != len(entries):
+        raise _SomeWereKnown
+    return None
 
 
-def sqlite_timestamp(moment: datetime) -> str:
-    """A timestamp as SQLAlchemy's SQLite dialect stores it (naive UTC, always microseconds)."""
-    if moment.tzinfo is not UTC:
-        moment = moment.astimezone(UTC)
-    return moment.isoformat(" ", "microseconds")[:26]
+class _SQLiteTimestamps:
+    """Epoch microseconds as SQLAlchemy's SQLite dialect stores a timestamp (naive UTC, always
+    microseconds), for one batch. Entries come in time order, so the text up to the second is
+    made once per second of the batch and the rest is digits: isoformat per row cost more than
+    the rest of the row."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def __call__(self, us: int) -> str:
+        second, micro = divmod(us, 1_000_000)
+        if second != self.second:
+            self.second = second
+            self.prefix = from_epoch_us(second * 1_000_000).isoformat(" ", "seconds")[:19] + "."
+        return self.prefix + str(micro + 1_000_000)[1:]
 
 
-async def _insert_records_sqlite(conn: AsyncConnection, entries: Sequence[UsageEntry]) -> set[int]:
+async def _insert_records_sqlite(conn: AsyncConnection, entries: Sequence[UsageEntry],
+                                 returning: bool) -> set[int] | None:
+    """As _insert_records_postgresql; SQLite takes id, time and money as it stores them (hex,
+    text, integer units), and booleans as the integers sqlite3 binds without adapting."""
     inserted: set[int] = set()
+    count = 0
     start = 0
+    timestamp = _SQLiteTimestamps()
     for size in _sqlite_chunks(len(entries)):
         params: list[Any] = []
         for e in entries[start:start + size]:
-            params += _record_tuple(e, sqlite=True)
+            u = e.usage
+            params += (f"{e.id:032x}", timestamp(e.created_us), e.campaign_id, e.session_id,
+                       e.operation, e.request_model, e.response_model, u.input_tokens,
+                       u.cached_input_tokens, u.output_tokens, u.reasoning_tokens, e.cost_units,
+                       1 if e.priced_by_default else 0, 1 if e.estimated else 0,
+                       1 if e.streamed else 0, e.status_code, e.latency_ms, e.response_id,
+                       e.api_key_hash)
         start += size
-        result = await conn.exec_driver_sql(_sqlite_insert(size), tuple(params))
-        inserted.update(int(row[0], 16) for row in result)
-    return inserted
+        result = await conn.exec_driver_sql(_sqlite_insert(size, returning), tuple(params))
+        if returning:
+            inserted.update(int(row[0], 16) for row in result)
+        else:
+            count += result.rowcount
+    if returning:
+        return inserted
+    if count != len(entries):
+        raise _SomeWereKnown
+    return None
 
 
 @functools.cache
-def _sqlite_insert(rows: int) -> str:
+def _sqlite_insert(rows: int, returning: bool) -> str:
     return (f"INSERT INTO usage_records ({', '.join(RECORD_COLUMNS)}) VALUES "
-            + ", ".join([_SQLITE_ROW] * rows) + " ON CONFLICT DO NOTHING RETURNING id")
+            + ", ".join([_SQLITE_ROW] * rows) + " ON CONFLICT DO NOTHING"
+            + (" RETURNING id" if returning else ""))
 
 
 @dataclass(slots=True)
@@ -453,8 +514,8 @@ class _Span:
 
     @classmethod
     def of(cls, entries: Sequence[UsageEntry]) -> _Span:
-        moments = [e.created_at for e in entries]
-        return cls(Totals.of(entries), min(moments), max(moments))
+        moments = [e.created_us for e in entries]
+        return cls(Totals.of(entries), from_epoch_us(min(moments)), from_epoch_us(max(moments)))
 
     def values(self) -> dict[str, Any]:
         return {**_totals_values(self.totals), "first_seen": self.first_seen, "last_seen": self.last_seen}

@@ -20,7 +20,7 @@ from yarl import URL
 from costing import budget as rules
 from costing.errors import BudgetExceeded
 from costing.meter import Meter, Ticket
-from costing.money import format_usd
+from costing.money import format_units, from_units
 from costing.settings import Settings
 from costing.usage import Operation, Reported, from_body, operation_for, request_facts
 from proxy.errors import ProxyError, answer
@@ -72,14 +72,14 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> Headers:
 
 
 def campaign_headers(meter: Meter, campaign_id: str) -> Headers:
-    standing = meter.standing(campaign_id)
+    spent, budget = meter.standing(campaign_id)
     headers = [
-        ("X-Campaign-Cost-USD", format_usd(standing.spent)),
-        ("X-Campaign-Limit-USD", format_usd(standing.budget.limit_usd)),
-        ("X-Campaign-Remaining-USD", format_usd(rules.remaining(standing.spent, standing.budget))),
+        ("X-Campaign-Cost-USD", format_units(spent)),
+        ("X-Campaign-Limit-USD", format_units(budget.limit_units)),
+        ("X-Campaign-Remaining-USD", format_units(rules.remaining_units(spent, budget))),
     ]
-    if standing.spent >= standing.budget.warning_usd:
-        headers.append(("X-Cost-Warning", rules.warning_text(campaign_id, standing.spent, standing.budget)))
+    if spent >= budget.warning_units:
+        headers.append(("X-Cost-Warning", rules.warning_text(campaign_id, from_units(spent), budget)))
     return headers
 
 
@@ -275,12 +275,12 @@ async def _metered(request: web.Request, headers: Headers, operation: Operation,
             reported = _reported(body)
             entry = meter.record(ticket, reported, status=status, streamed=False)
             reply_headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
-            reply_headers.append(("X-Request-Cost-USD", format_usd(entry.cost_usd)))
+            reply_headers.append(("X-Request-Cost-USD", format_units(entry.cost_units)))
             session_total = meter.session_total_now(campaign_id, session_id)
             if session_total is None:
                 session_total = await meter.session_total(campaign_id, session_id)
             if session_total is not None:
-                reply_headers.append(("X-Session-Cost-USD", format_usd(session_total)))
+                reply_headers.append(("X-Session-Cost-USD", format_units(session_total)))
             return web.Response(status=upstream.status, reason=upstream.reason, body=body,
                                 headers=reply_headers)
     except ProxyError as exc:

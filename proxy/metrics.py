@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections import Counter as Counter_
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from itertools import accumulate
@@ -23,6 +22,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from costing.budget import Budget
+from costing.money import SCALE
 from costing.records import UsageEntry
 
 OTHER = "_other"
@@ -170,14 +170,14 @@ class Metrics:
         self.flush_duration.observe(seconds)
         self.written.inc(len(inserted))
         requests: Counter_[tuple[str, ...]] = Counter_()
-        costs: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
+        costs: Counter_[tuple[str, ...]] = Counter_()  # money units
         tokens: Counter_[tuple[str, ...]] = Counter_()
         for e in inserted:
             campaign = self.campaign(e.campaign_id)
             model = self.model(e.model or "unknown")
             requests[(campaign, e.operation, str(e.status_code))] += 1
-            if e.cost_usd:
-                costs[(campaign, model)] += e.cost_usd
+            if e.cost_units:
+                costs[(campaign, model)] += e.cost_units
             usage = e.usage
             for kind, count in zip(TOKEN_TYPES, (usage.input_tokens, usage.cached_input_tokens,
                                                  usage.output_tokens, usage.reasoning_tokens),
@@ -194,7 +194,7 @@ class Metrics:
         for key, count in requests.items():
             self._child(self.requests, key).inc(count)
         for key, amount in costs.items():
-            self._child(self.cost, key).inc(float(amount))
+            self._child(self.cost, key).inc(amount / SCALE)
         for key, count in tokens.items():
             self._child(self.tokens, key).inc(count)
 

@@ -23,12 +23,12 @@ from costing.budget import (
     remaining,
     status,
     warning_text,
-    worst_case_cost,
+    worst_case_units,
 )
 from costing.errors import CostingError, InvalidBudget
-from costing.money import QUANTUM
-from costing.pricing import Price
-from costing.usage import Operation, RequestFacts, request_facts
+from costing.money import QUANTUM, from_units
+from costing.pricing import Price, cost_units_of
+from costing.usage import MAX_TOKENS, Operation, RequestFacts, request_facts
 
 D = Decimal
 BUDGET = Budget(warning_usd=D("1.00"), limit_usd=D("5.00"))
@@ -142,6 +142,10 @@ def test_remaining_is_the_limit_minus_spend_and_never_negative(spent, left):
 
 
 # -- worst_case_cost -----------------------------------------------------------------------------
+
+
+def worst_case_cost(price: Price, facts: RequestFacts, default_max_output: int) -> Decimal:
+    return from_units(worst_case_units(price, facts, default_max_output))
 
 
 def _facts(prompt_tokens: int, max_output_tokens: int | None) -> RequestFacts:
@@ -259,5 +263,7 @@ def test_the_warning_text_names_the_campaign_spend_limit_and_threshold():
 
 def test_the_worst_case_of_any_request_body_is_a_storable_amount():
     facts = request_facts(Operation.CHAT, {"messages": [], "max_completion_tokens": 10**40, "n": 10**9})
-    amount = worst_case_cost(Price(Decimal(10**7), Decimal(10**7), Decimal(10**7)), facts, 4096)
-    assert amount.is_finite() and amount == amount.quantize(QUANTUM)
+    price = Price(Decimal(10**7), Decimal(10**7), Decimal(10**7))
+    # The output cap is bounded like every token count, so the reservation stays a number the
+    # database stores (NUMERIC(20,10) would refuse 10**40 tokens' worth).
+    assert worst_case_units(price, facts, 4096) == cost_units_of(price, facts.prompt_tokens, 0, MAX_TOKENS)

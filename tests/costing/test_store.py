@@ -13,14 +13,15 @@ from conftest import make_settings
 from hypothesis import given
 from hypothesis import strategies as st
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from costing.budget import make_budget
 from costing.db import create_engine
 from costing.models import SessionCostSnapshot
-from costing.records import UsageEntry
-from costing.store import Store, _sqlite_chunks, sqlite_timestamp
+from costing.money import to_units
+from costing.records import UsageEntry, epoch_us
+from costing.store import Store, _sqlite_chunks
 from costing.usage import Usage
 
 
@@ -29,9 +30,10 @@ def entry(campaign: str = "c1", session: str = "s1", *, response_id: str | None 
     return UsageEntry(
         campaign_id=campaign, session_id=session, operation="chat.completions",
         request_model="gpt-4o-mini", response_model="gpt-4o-mini-2024-07-18",
-        usage=Usage(**usage) if usage else Usage(120, 20, 60, 10), cost_usd=Decimal(cost),
+        usage=Usage(**usage) if usage else Usage(120, 20, 60, 10), cost_units=to_units(Decimal(cost)),
         priced_by_default=False, estimated=False, streamed=True, status_code=200, latency_ms=7,
-        created_at=at or datetime.now(UTC), response_id=response_id, api_key_hash="0123456789ab")
+        created_us=epoch_us(at or datetime.now(UTC)), response_id=response_id,
+        api_key_hash="0123456789ab")
 
 
 @pytest.fixture
@@ -51,8 +53,8 @@ async def test_every_field_of_an_entry_reads_back_exactly(store: Store, engine: 
     written = entry(response_id="chatcmpl-1", at=at, cost="0.1234567891")
     assert await store.write_batch([written], "holder") == [written]
     [row] = await ledger_rows(engine)
-    assert (row.id, row.created_at, row.campaign_id, row.session_id, row.operation) == (
-        written.id, at, "c1", "s1", "chat.completions")
+    assert (row.id.int, row.id.version, row.created_at, row.campaign_id, row.session_id,
+            row.operation) == (written.id, 4, at, "c1", "s1", "chat.completions")
     assert (row.request_model, row.response_model, row.cost_usd, row.response_id, row.api_key_hash) == (
         "gpt-4o-mini", "gpt-4o-mini-2024-07-18", Decimal("0.1234567891"), "chatcmpl-1", "0123456789ab")
     assert (row.input_tokens, row.cached_input_tokens, row.output_tokens, row.reasoning_tokens) == (
@@ -68,6 +70,36 @@ async def test_a_retried_batch_counts_once(store: Store, engine: AsyncEngine) ->
     assert len(await ledger_rows(engine)) == 6
     sums = await assert_aggregates_match_ledger(engine)
     assert sums["c1"][:2] == (Decimal("0.0000540000") * 6, 6)
+
+
+async def test_only_a_batch_with_known_records_asks_which_rows_went_in(store: Store,
+                                                                      engine: AsyncEngine) -> None:
+    """Returning the inserted ids costs about a tenth of a batch's write, so a batch of new
+    records only counts its rows; one holding a known record is written again, returning ids,
+    and only its new records count."""
+    statements: list[str] = []
+    event.listen(engine.sync_engine, "before_cursor_execute",
+                 lambda _c, _cur, statement, *_args: statements.append(statement))
+    fresh = [entry(response_id=f"r{i}") for i in range(3)]
+    assert await store.write_batch(fresh, "h") == fresh
+    inserts = [s for s in statements if s.startswith("INSERT INTO usage_records")]
+    assert inserts and not any("RETURNING" in s for s in inserts)
+    statements.clear()
+    again = [fresh[0], entry(response_id="r9")]
+    assert await store.write_batch(again, "h") == [again[1]]
+    inserts = [s for s in statements if s.startswith("INSERT INTO usage_records")]
+    assert "RETURNING" not in inserts[0] and "RETURNING" in inserts[-1]
+    # Known records come in runs: later batches return ids at once (one insert, not two) until
+    # a batch has no known record.
+    new = [entry() for _ in range(3)]
+    for batch, inserted, returning in (([fresh[1], new[0]], [new[0]], True),
+                                       ([new[1]], [new[1]], True),
+                                       ([new[2]], [new[2]], False)):
+        statements.clear()
+        assert await store.write_batch(batch, "h") == inserted
+        inserts = [s for s in statements if s.startswith("INSERT INTO usage_records")]
+        assert len(inserts) == 1 and ("RETURNING" in inserts[0]) == returning
+    await assert_aggregates_match_ledger(engine)
 
 
 async def test_a_response_id_seen_before_is_skipped_with_its_increments(store: Store,
@@ -101,15 +133,21 @@ async def test_a_large_mixed_batch_keeps_aggregates_equal_to_the_ledger(store: S
 async def test_sqlite_timestamps_are_stored_as_sqlalchemy_stores_them(engine: AsyncEngine,
                                                                      store: Store) -> None:
     """Range queries compare the stored text, so the fast path must write SQLAlchemy's format."""
+    # Same second, next microsecond, back a second (out of order), another hour given in another
+    # zone, a second later at 999999 microseconds, and before 1970.
     moments = [datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
-               datetime(2026, 1, 2, 4, 4, 5, 6, tzinfo=timezone(timedelta(hours=1)))]
+               datetime(2026, 1, 2, 3, 4, 4, 10, tzinfo=UTC),
+               datetime(2026, 1, 2, 5, 4, 5, 6, tzinfo=timezone(timedelta(hours=1))),
+               datetime(2026, 1, 2, 3, 4, 6, 999_999, tzinfo=UTC),
+               datetime(1969, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC)]
     await store.write_batch([entry(at=m) for m in moments], "h")
     async with engine.connect() as conn:
-        stored = [r[0] for r in await conn.execute(text("SELECT created_at FROM usage_records"))]
+        query = text("SELECT created_at FROM usage_records ORDER BY rowid")
+        stored = [r[0] for r in await conn.execute(query)]
         processor = conn.dialect.type_descriptor(SessionCostSnapshot.__table__.c.first_seen.type.impl)
     expected = [processor.bind_processor(engine.dialect)(m.astimezone(UTC).replace(tzinfo=None))
                 for m in moments]
-    assert sorted(stored) == sorted(expected) == sorted(sqlite_timestamp(m) for m in moments)
+    assert stored == expected
 
 
 

@@ -14,8 +14,9 @@ import pytest
 from conftest import make_settings, spawn_proxy
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 
-from costing.budget import worst_case_cost
+from costing.budget import worst_case_units
 from costing.db import create_engine
+from costing.money import from_units
 from costing.pricing import PriceTable
 from costing.usage import Operation, request_facts
 
@@ -33,7 +34,7 @@ def answer_what_is_reserved(fake: Any) -> Decimal:
     facts = request_facts(Operation.CHAT, CAPPED_CALL)
     fake.behaviour.prompt_tokens = facts.prompt_tokens
     fake.behaviour.completion_tokens = 100
-    return worst_case_cost(PRICES.quote("gpt-4o-mini").price, facts, 4096)
+    return from_units(worst_case_units(PRICES.quote("gpt-4o-mini").price, facts, 4096))
 
 
 async def alternate_calls(clients: list[openai.AsyncOpenAI], body: dict[str, Any],

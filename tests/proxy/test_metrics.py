@@ -89,11 +89,13 @@ async def test_5000_campaigns_keep_the_scrape_bounded(start_proxy, fake):
     proxy = await start_proxy(metrics_max_campaigns=50)
     from datetime import UTC, datetime
 
-    from costing.records import UsageEntry
+    from costing.money import to_units
+    from costing.records import UsageEntry, epoch_us
     from costing.usage import Usage
 
     entries = [UsageEntry(f"camp-{i}", "s", "chat.completions", "gpt-4o", "gpt-4o", Usage(1, 0, 1, 0),
-                          Decimal("0.00001"), False, False, False, 200, 1, datetime.now(UTC))
+                          to_units(Decimal("0.00001")), False, False, False, 200, 1,
+                          epoch_us(datetime.now(UTC)))
                for i in range(5000)]
     proxy.metrics.on_flushed(entries, entries, 0.01)
     samples = await _scrape(proxy)
@@ -108,7 +110,8 @@ def test_model_names_chosen_by_clients_cannot_grow_the_scrape():
 
     from prometheus_client import CollectorRegistry
 
-    from costing.records import UsageEntry
+    from costing.money import to_units
+    from costing.records import UsageEntry, epoch_us
     from costing.usage import Usage
     from proxy.metrics import MAX_MODEL_LABELS, Metrics
 
@@ -118,7 +121,8 @@ def test_model_names_chosen_by_clients_cannot_grow_the_scrape():
     for i in range(count):
         metrics.observe_operation("chat.completions", f"made-up-{i}", None, 0.1, "404")
     entries = [UsageEntry("c", "s", "chat.completions", f"asked-{i}", f"answered-{i}", Usage(1, 0, 1, 0),
-                          Decimal("0.00001"), False, False, False, 200, 1, datetime.now(UTC))
+                          to_units(Decimal("0.00001")), False, False, False, 200, 1,
+                          epoch_us(datetime.now(UTC)))
                for i in range(count)]
     metrics.on_flushed(entries, entries, 0.01)
     for family in registry.collect():

@@ -10,7 +10,8 @@ from decimal import Decimal
 
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 
-from costing.records import UsageEntry
+from costing.money import to_units
+from costing.records import UsageEntry, epoch_us
 from costing.usage import MAX_MODEL_LENGTH, MAX_TOKENS, Usage
 
 MESSAGES = [{"role": "user", "content": "Roll for initiative."}]
@@ -43,15 +44,15 @@ async def test_a_record_the_database_refuses_is_dropped_alone_and_the_writer_goe
     # two good records of the same batch. It bypasses the meter, so nothing else can make one.
     refused = UsageEntry(
         campaign_id="c1", session_id="s1", operation="chat.completions", request_model="x",
-        response_model=None, usage=Usage(1, 0, 1, 0), cost_usd=Decimal("1e12"),
+        response_model=None, usage=Usage(1, 0, 1, 0), cost_units=to_units(Decimal("1e12")),
         priced_by_default=False, estimated=False, streamed=False, status_code=200, latency_ms=1,
-        created_at=datetime.now(UTC))
+        created_us=epoch_us(datetime.now(UTC)))
     proxy.ledger.submit(refused)
     await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     await proxy.flush(within=15)
     await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     await proxy.flush()
     rows = await ledger_rows(proxy.engine)
-    assert len(rows) == 3 and refused.id not in {r.id for r in rows}
+    assert len(rows) == 3 and refused.id not in {r.id.int for r in rows}
     assert dropped(proxy) == 1
     await assert_aggregates_match_ledger(proxy.engine)
