@@ -273,8 +273,8 @@ class SessionCosts:
         entry = self._entries.get(key)
         if entry is None:
             task = asyncio.ensure_future(_stored_units(self.store, campaign_id, session_id))
-            task.add_done_callback(_consume_error)
-            self._entries[key] = _SessionEntry(task)
+            entry = self._entries[key] = _SessionEntry(task)
+            task.add_done_callback(entry.on_read)
             if len(self._entries) > self.max_sessions:
                 self._entries.popitem(last=False)
         else:
@@ -292,9 +292,9 @@ class SessionCosts:
     def total_now(self, campaign_id: str, session_id: str) -> int | None:
         """`total` without awaiting: None unless the stored part has been read successfully."""
         entry = self._entries.get((campaign_id, session_id))
-        if entry is None or not entry.task.done() or entry.task.cancelled() or entry.task.exception():
+        if entry is None or entry.stored is None:
             return None
-        return entry.task.result() + entry.added
+        return entry.stored + entry.added
 
     async def total(self, campaign_id: str, session_id: str) -> int | None:
         entry = self._entries.get((campaign_id, session_id))
@@ -315,6 +315,12 @@ class SessionCosts:
 class _SessionEntry:
     task: asyncio.Future[int]
     added: int = 0
+    stored: int | None = None  # the task's result once it succeeded
+
+    def on_read(self, task: asyncio.Future[int]) -> None:
+        # Retrieving the exception also keeps asyncio from logging it as never retrieved.
+        if not task.cancelled() and task.exception() is None:
+            self.stored = task.result()
 
 
 async def _stored_units(store: Store, campaign_id: str, session_id: str) -> int:
@@ -325,7 +331,3 @@ def _exceeded(campaign_id: str, view: CampaignView, reservation: int) -> BudgetE
     return BudgetExceeded(campaign_id, from_units(view.total_spent), view.budget.limit_usd,
                           from_units(reservation))
 
-
-def _consume_error(task: asyncio.Future[int]) -> None:
-    if not task.cancelled():
-        task.exception()

@@ -8,7 +8,6 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import NamedTuple
 
 from costing.budget import Budget, worst_case_units
 from costing.errors import LedgerUnavailable
@@ -43,13 +42,6 @@ class Ticket:
     settled: bool = False
 
 
-class CampaignStanding(NamedTuple):
-    """What the response headers say about the campaign after a request (spent in money units)."""
-
-    spent: int
-    budget: Budget
-
-
 class Meter:
     def __init__(self, prices: PriceTable, gate: BudgetGate, ledger: Ledger,
                  sessions: SessionCosts, *, default_max_output_tokens: int) -> None:
@@ -59,9 +51,26 @@ class Meter:
         self.sessions = sessions
         self.default_max_output_tokens = default_max_output_tokens
 
+    def admit_now(self, campaign_id: str, session_id: str, operation: Operation,
+                  facts: RequestFacts, authorization: str | None) -> Ticket | None:
+        """`admit` without awaiting, when this process's budget lease covers the request (nearly
+        always); None when the gate has to ask the database. Raises as `admit` does."""
+        quote, reservation = self._reserve(facts)
+        admission = self.gate.admit_now(campaign_id, reservation)
+        if admission is None:
+            return None
+        return self._ticket(campaign_id, session_id, operation, facts, quote, admission, authorization)
+
     async def admit(self, campaign_id: str, session_id: str, operation: Operation,
                     facts: RequestFacts, authorization: str | None) -> Ticket:
         """Reserve the request's worst-case cost, or raise BudgetExceeded / LedgerUnavailable."""
+        quote, reservation = self._reserve(facts)
+        admission = (self.gate.admit_now(campaign_id, reservation)
+                     or await self.gate.admit(campaign_id, reservation))
+        return self._ticket(campaign_id, session_id, operation, facts, quote, admission, authorization)
+
+    def _reserve(self, facts: RequestFacts) -> tuple[Quote, int]:
+        """The request's price and worst-case cost, once the ledger can take its record."""
         if not self.ledger.has_room(self.gate.in_flight_requests + 1):
             raise LedgerUnavailable("usage cannot be recorded right now (ledger buffer full)")
         if self.gate.fail_closed and not self.ledger.healthy:
@@ -69,9 +78,10 @@ class Meter:
             # lease held from before the outage would still cover the request.
             raise LedgerUnavailable("the cost database is unavailable")
         quote = self.prices.quote(facts.model)
-        reservation = worst_case_units(quote.price, facts, self.default_max_output_tokens)
-        admission = (self.gate.admit_now(campaign_id, reservation)
-                     or await self.gate.admit(campaign_id, reservation))
+        return quote, worst_case_units(quote.price, facts, self.default_max_output_tokens)
+
+    def _ticket(self, campaign_id: str, session_id: str, operation: Operation, facts: RequestFacts,
+                quote: Quote, admission: Admission, authorization: str | None) -> Ticket:
         self.sessions.touch(campaign_id, session_id)
         return Ticket(campaign_id, session_id, operation, facts, quote, admission,
                       key_hash(authorization))
@@ -110,11 +120,13 @@ class Meter:
             self.ledger.submit(entry)
         return entry
 
-    def standing(self, campaign_id: str) -> CampaignStanding:
-        view = self.gate.view(campaign_id)
+    def standing(self, campaign_id: str) -> tuple[int, Budget]:
+        """What the response headers say about the campaign after a request: its spend in
+        money units, and its budget."""
+        view = self.gate.views.get(campaign_id)
         if view is None:
-            return CampaignStanding(0, self.gate.default_budget)
-        return CampaignStanding(view.total_spent, view.budget)
+            return 0, self.gate.default_budget
+        return view.spent + view.pending, view.budget
 
     async def session_total(self, campaign_id: str, session_id: str) -> int | None:
         return await self.sessions.total(campaign_id, session_id)

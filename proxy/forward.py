@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, istr
 from yarl import URL
 
 from costing import budget as rules
@@ -71,15 +72,26 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> Headers:
     return [(name, value) for name, value in upstream.items() if name.lower() not in RESPONSE_DROPPED]
 
 
+# Names as istr, as aiohttp's own: a multidict then skips case-folding them per response.
+CAMPAIGN_COST = istr("X-Campaign-Cost-USD")
+CAMPAIGN_LIMIT = istr("X-Campaign-Limit-USD")
+CAMPAIGN_REMAINING = istr("X-Campaign-Remaining-USD")
+COST_WARNING = istr("X-Cost-Warning")
+REQUEST_COST = istr("X-Request-Cost-USD")
+SESSION_COST = istr("X-Session-Cost-USD")
+# Limits are few and change rarely; spend changes with every request.
+_limit_text = lru_cache(maxsize=256)(format_units)
+
+
 def campaign_headers(meter: Meter, campaign_id: str) -> Headers:
     spent, budget = meter.standing(campaign_id)
-    headers = [
-        ("X-Campaign-Cost-USD", format_units(spent)),
-        ("X-Campaign-Limit-USD", format_units(budget.limit_units)),
-        ("X-Campaign-Remaining-USD", format_units(rules.remaining_units(spent, budget))),
+    headers: Headers = [
+        (CAMPAIGN_COST, format_units(spent)),
+        (CAMPAIGN_LIMIT, _limit_text(budget.limit_units)),
+        (CAMPAIGN_REMAINING, format_units(rules.remaining_units(spent, budget))),
     ]
     if spent >= budget.warning_units:
-        headers.append(("X-Cost-Warning", rules.warning_text(campaign_id, from_units(spent), budget)))
+        headers.append((COST_WARNING, rules.warning_text(campaign_id, from_units(spent), budget)))
     return headers
 
 
@@ -234,9 +246,10 @@ async def _metered(request: web.Request, headers: Headers, operation: Operation,
         parsed["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                     "include_usage": True}
         raw = orjson.dumps(parsed)
+    authorization = request.headers.get("Authorization")
     try:
-        ticket = await meter.admit(campaign_id, session_id, operation, facts,
-                                   request.headers.get("Authorization"))
+        ticket = (meter.admit_now(campaign_id, session_id, operation, facts, authorization)
+                  or await meter.admit(campaign_id, session_id, operation, facts, authorization))
     except BudgetExceeded:
         metrics.on_blocked(campaign_id)
         raise
@@ -275,12 +288,12 @@ async def _metered(request: web.Request, headers: Headers, operation: Operation,
             reported = _reported(body)
             entry = meter.record(ticket, reported, status=status, streamed=False)
             reply_headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
-            reply_headers.append(("X-Request-Cost-USD", format_units(entry.cost_units)))
+            reply_headers.append((REQUEST_COST, format_units(entry.cost_units)))
             session_total = meter.session_total_now(campaign_id, session_id)
             if session_total is None:
                 session_total = await meter.session_total(campaign_id, session_id)
             if session_total is not None:
-                reply_headers.append(("X-Session-Cost-USD", format_units(session_total)))
+                reply_headers.append((SESSION_COST, format_units(session_total)))
             return web.Response(status=upstream.status, reason=upstream.reason, body=body,
                                 headers=reply_headers)
     except ProxyError as exc:
