@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import aiohttp
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDictProxy, istr
 from yarl import URL
 
@@ -131,7 +131,18 @@ def _has_dot_segment(path: str) -> bool:
 def _target(request: web.Request) -> URL:
     # rel_url, not raw_path: an absolute-form target (GET http://host/v1/...) must not carry
     # its scheme and host into the upstream URL.
-    return URL(request.app[UPSTREAM].base_url + request.rel_url.raw_path_qs, encoded=True)
+    return _upstream_url(request.app[UPSTREAM].base_url, request.rel_url.raw_path_qs)
+
+
+@lru_cache(maxsize=1024)
+def _upstream_url(base_url: str, path_qs: str) -> URL:
+    """URLs are immutable, and nearly every request goes to one of a few paths."""
+    return URL(base_url + path_qs, encoded=True)
+
+
+def _is_event_stream(headers: CIMultiDictProxy[str]) -> bool:
+    """`content_type == "text/event-stream"` without aiohttp parsing every parameter."""
+    return headers.get(hdrs.CONTENT_TYPE, "").partition(";")[0].strip().lower() == "text/event-stream"
 
 
 async def _send(request: web.Request, headers: Headers, body: object,
@@ -260,7 +271,7 @@ async def _metered(request: web.Request, headers: Headers, operation: Operation,
         upstream = await _send(request, headers, raw, timing)
         status = upstream.status
         async with upstream:
-            if upstream.content_type == "text/event-stream":
+            if _is_event_stream(upstream.headers):
                 tap = SSETap(strip_usage=strip_usage)
                 reply_headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
                 if upstream.content.is_eof():

@@ -11,8 +11,10 @@ import openai
 import orjson
 import pytest
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from costing.pricing import PriceTable
+from proxy.forward import _is_event_stream
 
 PRICES = PriceTable.load(default_per_1k_prompt=Decimal("0.00015"),
                          default_per_1k_completion=Decimal("0.0006"))
@@ -66,6 +68,16 @@ async def test_the_user_agent_is_the_clients_own_or_none(proxy, fake):
         assert response.status == 200
     assert [r.path for r in fake.requests[-2:]] == ["/v1/chat/completions", "/v1/models"]
     assert all("User-Agent" not in r.headers for r in fake.requests[-2:])
+
+
+@pytest.mark.parametrize(("content_type", "is_stream"), [
+    ("text/event-stream", True), ("text/event-stream; charset=utf-8", True),
+    ("Text/Event-Stream ;charset=utf-8", True), (" text/event-stream", True),
+    ("text/event-streams", False), ("application/json", False), ("", False), (None, False),
+])
+def test_a_body_is_relayed_as_events_exactly_when_its_media_type_is_event_stream(content_type, is_stream):
+    headers = CIMultiDict() if content_type is None else CIMultiDict({"Content-Type": content_type})
+    assert _is_event_stream(CIMultiDictProxy(headers)) is is_stream
 
 
 async def test_legacy_completions_embeddings_and_responses(proxy, fake):
