@@ -33,7 +33,7 @@ class Ticket:
 
     campaign_id: str
     session_id: str
-    operation: Operation
+    operation: str  # the Operation's value: enum `.value` is a Python-level property
     facts: RequestFacts
     quote: Quote
     admission: Admission
@@ -83,7 +83,8 @@ class Meter:
     def _ticket(self, campaign_id: str, session_id: str, operation: Operation, facts: RequestFacts,
                 quote: Quote, admission: Admission, authorization: str | None) -> Ticket:
         self.sessions.touch(campaign_id, session_id)
-        return Ticket(campaign_id, session_id, operation, facts, quote, admission,
+        # str() of a StrEnum member is its value, without `.value`'s descriptor call.
+        return Ticket(campaign_id, session_id, str(operation), facts, quote, admission,
                       key_hash(authorization))
 
     def record(self, ticket: Ticket, reported: Reported | None, *, status: int, streamed: bool,
@@ -107,7 +108,7 @@ class Meter:
         amount = cost_units(quote.price, usage)
         # Positional, in field order: keyword matching of 16 fields cost more than the rest.
         entry = UsageEntry(
-            ticket.campaign_id, ticket.session_id, ticket.operation.value, ticket.facts.model,
+            ticket.campaign_id, ticket.session_id, ticket.operation, ticket.facts.model,
             response_model, usage, amount, quote.priced_by_default, estimated, streamed, status,
             int((time.perf_counter() - ticket.started) * 1000), time.time_ns() // 1000,
             reported.response_id if reported and 200 <= status < 300 else None,

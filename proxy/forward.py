@@ -27,7 +27,7 @@ from costing.usage import Operation, Reported, from_body, operation_for, request
 from proxy.errors import ProxyError, answer
 from proxy.metrics import Metrics
 from proxy.sse import SSETap
-from proxy.state import METER, METRICS, SETTINGS, UPSTREAM
+from proxy.state import METER, METRICS, SETTINGS, UPSTREAM, Upstream
 from proxy.tags import tag_value
 
 HOP_BY_HOP = frozenset({
@@ -106,7 +106,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
 def _dispatch(request: web.Request) -> Awaitable[web.StreamResponse]:
     """Check the request and pick its path: a plain function, so the handler is one frame less."""
     timing = Timing()
-    settings = request.app[SETTINGS]
+    app = request.app  # a property that walks the match info: read once
+    settings = app[SETTINGS]
     if _has_dot_segment(request.path):
         raise ProxyError(404, "Not found: a path with '.' or '..' segments is never forwarded",
                          code="not_found")
@@ -114,13 +115,14 @@ def _dispatch(request: web.Request) -> Awaitable[web.StreamResponse]:
     session_id = tag_value(request.headers, settings.session_header)
     operation = operation_for(request.method, request.path)
     headers = upstream_headers(request, settings)
-    if request.content_length is not None and request.content_length > settings.max_request_body_bytes:
-        raise ProxyError(413, f"Request body too large: {request.content_length} bytes, the limit "
+    length = request.content_length
+    if length is not None and length > settings.max_request_body_bytes:
+        raise ProxyError(413, f"Request body too large: {length} bytes, the limit "
                               f"is {settings.max_request_body_bytes} (MAX_REQUEST_BODY_BYTES)",
                          code="request_too_large")
     if operation is None:
-        return _pass_through(request, headers, timing)
-    return _metered(request, headers, operation, campaign_id, session_id, timing)
+        return _pass_through(request, app, headers, length, timing)
+    return _metered(request, app, headers, operation, campaign_id, session_id, timing)
 
 
 def _has_dot_segment(path: str) -> bool:
@@ -128,10 +130,10 @@ def _has_dot_segment(path: str) -> bool:
     return "/." in path and any(segment in (".", "..") for segment in path.split("/"))
 
 
-def _target(request: web.Request) -> URL:
+def _target(request: web.Request, upstream: Upstream) -> URL:
     # rel_url, not raw_path: an absolute-form target (GET http://host/v1/...) must not carry
     # its scheme and host into the upstream URL.
-    return _upstream_url(request.app[UPSTREAM].base_url, request.rel_url.raw_path_qs)
+    return _upstream_url(upstream.base_url, request.rel_url.raw_path_qs)
 
 
 @lru_cache(maxsize=1024)
@@ -145,16 +147,16 @@ def _is_event_stream(headers: CIMultiDictProxy[str]) -> bool:
     return headers.get(hdrs.CONTENT_TYPE, "").partition(";")[0].strip().lower() == "text/event-stream"
 
 
-async def _send(request: web.Request, headers: Headers, body: object,
+async def _send(request: web.Request, upstream: Upstream, headers: Headers, body: object,
                 timing: Timing) -> aiohttp.ClientResponse:
     """Open the upstream request; connection failures become 502 and timeouts 504."""
-    client = request.app[UPSTREAM].client
+    client = upstream.client
     # Only a client that sent no User-Agent needs aiohttp's own kept out: asking for that on
     # every request takes aiohttp's slow header path (a multidict copy per request).
     skip = None if "User-Agent" in request.headers else NO_USER_AGENT
     sent = time.perf_counter()
     try:
-        response = await client.request(request.method, _target(request), headers=headers,
+        response = await client.request(request.method, _target(request, upstream), headers=headers,
                                         data=body, allow_redirects=False, skip_auto_headers=skip)
     except TimeoutError as exc:
         raise ProxyError(504, "The upstream API did not answer in time", type="server_error",
@@ -179,13 +181,12 @@ async def _body_stream(request: web.Request, limit: int):
         yield chunk
 
 
-async def _pass_through(request: web.Request, headers: Headers,
-                        timing: Timing) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
-    body = _body_stream(request, settings.max_request_body_bytes) if request.body_exists else None
-    if request.content_length is not None:
-        headers.append(("Content-Length", str(request.content_length)))
-    upstream = await _send(request, headers, body, timing)
+async def _pass_through(request: web.Request, app: web.Application, headers: Headers,
+                        length: int | None, timing: Timing) -> web.StreamResponse:
+    body = _body_stream(request, app[SETTINGS].max_request_body_bytes) if request.body_exists else None
+    if length is not None:
+        headers.append(("Content-Length", str(length)))
+    upstream = await _send(request, app[UPSTREAM], headers, body, timing)
     async with upstream:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers=response_headers(upstream.headers))
@@ -238,10 +239,11 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, respons
     return True
 
 
-async def _metered(request: web.Request, headers: Headers, operation: Operation,
-                   campaign_id: str, session_id: str, timing: Timing) -> web.StreamResponse:
-    meter = request.app[METER]
-    metrics = request.app[METRICS]
+async def _metered(request: web.Request, app: web.Application, headers: Headers,
+                   operation: Operation, campaign_id: str, session_id: str,
+                   timing: Timing) -> web.StreamResponse:
+    meter = app[METER]
+    metrics = app[METRICS]
     raw = await request.read()
     try:
         parsed = orjson.loads(raw)
@@ -268,7 +270,7 @@ async def _metered(request: web.Request, headers: Headers, operation: Operation,
     reported: Reported | None = None
     tap: SSETap | None = None
     try:
-        upstream = await _send(request, headers, raw, timing)
+        upstream = await _send(request, app[UPSTREAM], headers, raw, timing)
         status = upstream.status
         async with upstream:
             if _is_event_stream(upstream.headers):
@@ -331,6 +333,6 @@ def _observe(metrics: Metrics, ticket: Ticket, reported: Reported | None, status
              timing: Timing) -> None:
     seconds = time.perf_counter() - ticket.started
     error_type = "" if status < 400 else str(status)
-    metrics.observe_operation(ticket.operation.value, ticket.facts.model,
+    metrics.observe_operation(ticket.operation, ticket.facts.model,
                               reported.model if reported else None, seconds, error_type)
     metrics.overhead.observe(timing.overhead())
