@@ -455,7 +455,7 @@ class _SQLiteTimestamps:
     the rest of the row."""
 
     def __init__(self) -> None:
-        self.second = -1
+        self.second: int | None = None
         self.prefix = ""
 
     def __call__(self, us: int) -> str:

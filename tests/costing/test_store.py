@@ -133,13 +133,13 @@ async def test_a_large_mixed_batch_keeps_aggregates_equal_to_the_ledger(store: S
 async def test_sqlite_timestamps_are_stored_as_sqlalchemy_stores_them(engine: AsyncEngine,
                                                                      store: Store) -> None:
     """Range queries compare the stored text, so the fast path must write SQLAlchemy's format."""
-    # Same second, next microsecond, back a second (out of order), another hour given in another
-    # zone, a second later at 999999 microseconds, and before 1970.
-    moments = [datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+    # Before 1970 first (its second is -1), the same second, the next microsecond, back a second
+    # (out of order), another hour given in another zone, a second later at 999999 microseconds.
+    moments = [datetime(1969, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC),
+               datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
                datetime(2026, 1, 2, 3, 4, 4, 10, tzinfo=UTC),
                datetime(2026, 1, 2, 5, 4, 5, 6, tzinfo=timezone(timedelta(hours=1))),
-               datetime(2026, 1, 2, 3, 4, 6, 999_999, tzinfo=UTC),
-               datetime(1969, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC)]
+               datetime(2026, 1, 2, 3, 4, 6, 999_999, tzinfo=UTC)]
     await store.write_batch([entry(at=m) for m in moments], "h")
     async with engine.connect() as conn:
         query = text("SELECT created_at FROM usage_records ORDER BY rowid")
