@@ -35,7 +35,8 @@ def from_units(units: int) -> Decimal:
 
 
 def format_units(units: int) -> str:
-    """`format_usd` of an amount in units, without making a Decimal: '0.000123', '5.00'."""
+    """An amount in units as a plain decimal string of USD: at least cents, no exponent, no
+    extra zeros ('0.000123', '5.00'), made without a Decimal (every response carries several)."""
     whole, fraction = divmod(units, SCALE) if units >= 0 else divmod(-units, SCALE)
     sign = "" if units >= 0 else "-"
     if not fraction:
@@ -45,18 +46,8 @@ def format_units(units: int) -> str:
 
 
 def format_usd(amount: Decimal) -> str:
-    """Plain decimal string, at least cents, no exponent or extra zeros: '0.000123', '5.00'."""
-    # Every response carries up to five of these. `str` is the cheapest conversion and already
-    # plain for amounts on the quantum; anything else (an exponent, finer than the quantum, no
-    # point) goes through fixed-point format, which rounds half-even like `quantize`.
-    text = str(amount)
-    point = text.find(".")
-    if point < 0 or len(text) - point > QUANTUM_DIGITS + 1 or "E" in text:
-        text = format(amount, ".10f")
-        point = text.index(".")
-    text = text.rstrip("0")
-    decimals = len(text) - point - 1
-    return text + "0" * (2 - decimals) if decimals < 2 else text
+    """`format_units` of a Decimal, rounded half-even to the quantum first."""
+    return format_units(to_units(amount))
 
 
 def parse_usd(text: str) -> Decimal:

@@ -13,7 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from costing.errors import BudgetExceeded, CostingError, InvalidBudget, format_money
-from costing.money import QUANTUM, SCALE, ZERO, format_usd, from_units, parse_usd, quantize, to_units
+from costing.money import (
+    QUANTUM,
+    SCALE,
+    ZERO,
+    format_units,
+    format_usd,
+    from_units,
+    parse_usd,
+    quantize,
+    to_units,
+)
 
 D = Decimal
 
@@ -53,6 +63,15 @@ def test_quantize_rounds_half_even_to_the_quantum():
 ])
 def test_format_usd_gives_at_least_cents_and_no_exponent_or_extra_zeros(amount, text):
     assert format_usd(amount) == text
+
+
+@given(st.integers(min_value=-10**19, max_value=10**19))
+def test_format_units_is_the_plain_decimal_string_of_the_amount(units):
+    text = format_units(units)
+    whole, _, fraction = text.partition(".")
+    assert whole.lstrip("-").isdigit() and fraction.isdigit() and 2 <= len(fraction) <= 10
+    assert len(fraction) == 2 or not fraction.endswith("0")
+    assert D(text) == from_units(units) and text == format_usd(from_units(units))
 
 
 def test_format_usd_rounds_amounts_finer_than_the_quantum():
