@@ -77,6 +77,9 @@ def _event_end(data: bytes, at: int) -> int:
 
 
 class SSETap:
+    # Slots: one tap is made for every streamed request.
+    __slots__ = ("_partial", "_unread", "model", "reported", "response_id", "strip_usage", "usage_seen")
+
     def __init__(self, *, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
         self.usage_seen = False
