@@ -7,6 +7,7 @@ proxy meters the real JSON and the client receives a body that matches its heade
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ HOP_BY_HOP = frozenset({
 RESPONSE_DROPPED = HOP_BY_HOP | {"content-encoding"}
 STREAMED_USAGE_OPERATIONS = (Operation.CHAT, Operation.COMPLETIONS)
 NO_USER_AGENT = ("User-Agent",)
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before the answer
 
 
 @dataclass(slots=True)
@@ -267,11 +269,12 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
         metrics.on_blocked(campaign_id)
         raise
     status = 502
+    answered = False
     reported: Reported | None = None
     tap: SSETap | None = None
     try:
         upstream = await _send(request, app[UPSTREAM], headers, raw, timing)
-        status = upstream.status
+        status, answered = upstream.status, True
         async with upstream:
             if _is_event_stream(upstream.headers):
                 tap = SSETap(strip_usage=strip_usage)
@@ -311,6 +314,10 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                                 headers=reply_headers)
     except ProxyError as exc:
         status = exc.status
+        raise
+    except asyncio.CancelledError:
+        if not answered:  # the client left first: recorded as nginx logs it, not as an upstream 502
+            status = CLIENT_CLOSED_REQUEST
         raise
     finally:
         if tap is not None:

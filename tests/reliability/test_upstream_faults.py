@@ -110,6 +110,22 @@ async def test_connection_reset_before_the_answer_is_a_502_recorded_at_zero_cost
     await assert_aggregates_match_ledger(proxy.engine)
 
 
+async def test_a_client_that_hangs_up_before_the_answer_is_recorded_as_499_not_502(proxy, fake):
+    """The upstream did nothing wrong: the record says the client left (nginx's 499), at zero cost."""
+    fake.behaviour.hold = asyncio.Event()
+    try:
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(TimeoutError):
+                await http.post(f"{proxy.url}/v1/chat/completions", json=CHAT, headers=TAGS,
+                                timeout=aiohttp.ClientTimeout(total=0.3))
+        await proxy.flush(within=15)
+    finally:
+        fake.behaviour.hold.set()
+    [row] = await ledger_rows(proxy.engine)
+    assert (row.campaign_id, row.status_code, row.cost_usd, row.estimated) == ("c1", 499, 0, False)
+    await assert_aggregates_match_ledger(proxy.engine)
+
+
 async def test_a_json_answer_cut_off_halfway_is_a_clean_502(proxy, fake):
     fake.behaviour.truncate_body = True
     async with aiohttp.ClientSession() as http:
