@@ -109,7 +109,7 @@ class BudgetGate:
             return None
         now = self.clock()
         view.last_used = now
-        if view.spent + view.pending >= view.budget.limit_units:
+        if view.total_spent >= view.budget.limit_units:
             raise _exceeded(campaign_id, view, reservation)
         if now < view.lease_until and view.inflight + view.pending + reservation <= view.lease:
             return self._take(view, campaign_id, reservation, verified=True)

@@ -65,8 +65,8 @@ class Meter:
                     facts: RequestFacts, authorization: str | None) -> Ticket:
         """Reserve the request's worst-case cost, or raise BudgetExceeded / LedgerUnavailable."""
         quote, reservation = self._reserve(facts)
-        admission = (self.gate.admit_now(campaign_id, reservation)
-                     or await self.gate.admit(campaign_id, reservation))
+        # gate.admit covers the case admit_now takes too, so callers need not try that first.
+        admission = await self.gate.admit(campaign_id, reservation)
         return self._ticket(campaign_id, session_id, operation, facts, quote, admission, authorization)
 
     def _reserve(self, facts: RequestFacts) -> tuple[Quote, int]:
@@ -124,10 +124,10 @@ class Meter:
     def standing(self, campaign_id: str) -> tuple[int, Budget]:
         """What the response headers say about the campaign after a request: its spend in
         money units, and its budget."""
-        view = self.gate.views.get(campaign_id)
+        view = self.gate.view(campaign_id)
         if view is None:
             return 0, self.gate.default_budget
-        return view.spent + view.pending, view.budget
+        return view.total_spent, view.budget
 
     async def session_total(self, campaign_id: str, session_id: str) -> int | None:
         return await self.sessions.total(campaign_id, session_id)
