@@ -18,6 +18,7 @@ import argparse
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,13 +39,24 @@ def thread_ticks(pid: int) -> dict[str, tuple[int, int]]:
     return ticks
 
 
-def wait_port(port: int) -> None:
-    for _ in range(300):
-        if subprocess.run(["bash", "-c", f"echo > /dev/tcp/127.0.0.1/{port}"],
-                          capture_output=True).returncode == 0:
-            return
+def ticks_spent(before: dict[str, tuple[int, int]],
+                after: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """(user, system) ticks each thread used between two readings (threads may come and go)."""
+    spent = {}
+    for thread, (user, system) in after.items():
+        user_before, system_before = before.get(thread, (0, 0))
+        spent[thread] = (user - user_before, system - system_before)
+    return spent
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
         time.sleep(0.2)
-    raise SystemExit(f"nothing listens on port {port}")
+    raise SystemExit(f"nothing listens on port {port} after {timeout}s")
 
 
 def main() -> None:
@@ -61,8 +73,6 @@ def main() -> None:
     if args.stream:
         script = script.replace('"messages"', '"stream":true,"messages"')
     (tmp / "post.lua").write_text(script)
-    subprocess.run(["nginx", "-c", str(BENCH / "nginx.conf"), "-p", f"{tmp}/"], check=True)
-    log = open(tmp / "server.log", "w")
     if args.floor:
         command = [sys.executable, str(BENCH / "passthrough.py"), str(PORT), upstream]
         env = dict(os.environ)
@@ -72,34 +82,39 @@ def main() -> None:
                    COST_WARNING_THRESHOLD_USD="1000000", COST_LIMIT_THRESHOLD_USD="1000000",
                    DATABASE_URL=os.environ.get("BENCH_DATABASE_URL",
                                                f"sqlite+aiosqlite:///{tmp}/bench.db"))
-    server = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+
+    def wrk(seconds: int) -> str:
+        return subprocess.run(
+            ["wrk", "-t1", "-c32", f"-d{seconds}s", "-s", str(tmp / "post.lua"),
+             f"http://127.0.0.1:{PORT}/v1/chat/completions"],
+            capture_output=True, text=True, check=True).stdout
+
+    subprocess.run(["nginx", "-c", str(BENCH / "nginx.conf"), "-p", f"{tmp}/"], check=True)
     try:
-        wait_port(PORT)
-        wrk = ["wrk", "-t1", "-c32", f"-d{args.seconds}s", "-s", str(tmp / "post.lua"),
-               f"http://127.0.0.1:{PORT}/v1/chat/completions"]
-        subprocess.run([*wrk[:3], "-d3s", *wrk[4:]], capture_output=True, check=True)  # warm-up
-        for _ in range(args.rounds):
-            before = thread_ticks(server.pid)
-            out = subprocess.run(wrk, capture_output=True, text=True, check=True).stdout
-            after = thread_ticks(server.pid)
-            requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-            rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-
-            def per_request(ticks: int, n: int = requests) -> float:
-                return ticks / TICKS / n * 1e6
-
-            user = sum(a[0] - before.get(t, (0, 0))[0] for t, a in after.items())
-            system = sum(a[1] - before.get(t, (0, 0))[1] for t, a in after.items())
-            threads = {t: round(per_request(sum(a) - sum(before.get(t, (0, 0)))), 1)
-                       for t, a in after.items() if sum(a) > sum(before.get(t, (0, 0)))}
-            print(f"req/s {rate:7.0f}  user {per_request(user):6.1f} us/req  "
-                  f"system {per_request(system):5.1f} us/req  threads {threads}")
-    finally:
-        server.send_signal(signal.SIGTERM)
+        with open(tmp / "server.log", "w") as log:
+            server = subprocess.Popen(command, env=env, stdout=log, stderr=log)
         try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            wait_port(PORT)
+            wrk(3)  # warm-up
+            for _ in range(args.rounds):
+                before = thread_ticks(server.pid)
+                out = wrk(args.seconds)
+                spent = ticks_spent(before, thread_ticks(server.pid))
+                requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+                rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+                us_per_request = 1e6 / TICKS / requests
+                user = sum(u for u, _ in spent.values()) * us_per_request
+                system = sum(s for _, s in spent.values()) * us_per_request
+                threads = {t: round((u + s) * us_per_request, 1) for t, (u, s) in spent.items() if u + s}
+                print(f"req/s {rate:7.0f}  user {user:6.1f} us/req  "
+                      f"system {system:5.1f} us/req  threads {threads}")
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    finally:
         os.kill(int((tmp / "upstream.pid").read_text()), signal.SIGQUIT)
 
 
