@@ -173,14 +173,30 @@ async def _send(request: web.Request, upstream: Upstream, headers: Headers, body
     return response
 
 
+def _too_large(limit: int) -> ProxyError:
+    return ProxyError(413, f"Request body too large: the limit is {limit} bytes "
+                           "(MAX_REQUEST_BODY_BYTES)", code="request_too_large")
+
+
 async def _body_stream(request: web.Request, limit: int):
     seen = 0
     async for chunk in request.content.iter_any():
         seen += len(chunk)
         if seen > limit:
-            raise ProxyError(413, f"Request body too large: the limit is {limit} bytes "
-                                  "(MAX_REQUEST_BODY_BYTES)", code="request_too_large")
+            raise _too_large(limit)
         yield chunk
+
+
+async def _request_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body; without `read()`'s awaits and copies when all of it has arrived
+    with the headers (the usual JSON request)."""
+    content = request.content
+    if content.is_eof():
+        body = content.read_nowait()
+        if len(body) > limit:  # a chunked body: no Content-Length was checked before
+            raise _too_large(limit)
+        return body
+    return await request.read()
 
 
 async def _pass_through(request: web.Request, app: web.Application, headers: Headers,
@@ -246,7 +262,7 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                    timing: Timing) -> web.StreamResponse:
     meter = app[METER]
     metrics = app[METRICS]
-    raw = await request.read()
+    raw = await _request_body(request, app[SETTINGS].max_request_body_bytes)
     try:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -282,7 +298,7 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                 if upstream.content.is_eof():
                     # The whole stream has arrived already (a short answer from a nearby
                     # upstream): headers and events go out in one send, like a JSON body.
-                    events = await upstream.read()
+                    events = upstream.content.read_nowait()
                     return web.Response(status=upstream.status, reason=upstream.reason,
                                         body=tap.feed(events) + tap.finish(), headers=reply_headers)
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
@@ -292,7 +308,7 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                 return response
             waited = time.perf_counter()
             try:
-                body = await upstream.read()
+                body = await _whole_body(upstream)
             except TimeoutError as exc:
                 raise ProxyError(504, "The upstream API stopped answering in time",
                                  type="server_error", code="upstream_timeout") from exc
@@ -327,6 +343,13 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                                  streamed_chars=tap.streamed_chars() if tap and not tap.usage_seen
                                  else 0)
         _observe(metrics, ticket, reported, status, timing)
+
+
+async def _whole_body(upstream: aiohttp.ClientResponse) -> bytes:
+    """The upstream body; without `read()`'s awaits when all of it has arrived (the usual case)."""
+    if upstream.content.is_eof():
+        return upstream.content.read_nowait()
+    return await upstream.read()
 
 
 def _reported(body: bytes) -> Reported | None:
