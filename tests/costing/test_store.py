@@ -54,7 +54,7 @@ async def test_every_field_of_an_entry_reads_back_exactly(store: Store, engine: 
     assert await store.write_batch([written], "holder") == [written]
     [row] = await ledger_rows(engine)
     assert (row.id.int, row.id.version, row.created_at, row.campaign_id, row.session_id,
-            row.operation) == (written.id, 4, at, "c1", "s1", "chat.completions")
+            row.operation) == (written.id, 7, at, "c1", "s1", "chat.completions")
     assert (row.request_model, row.response_model, row.cost_usd, row.response_id, row.api_key_hash) == (
         "gpt-4o-mini", "gpt-4o-mini-2024-07-18", Decimal("0.1234567891"), "chatcmpl-1", "0123456789ab")
     assert (row.input_tokens, row.cached_input_tokens, row.output_tokens, row.reasoning_tokens) == (
