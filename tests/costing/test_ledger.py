@@ -72,3 +72,54 @@ async def test_close_finishes_a_write_in_flight_instead_of_cancelling_it(databas
         assert sorted(row.response_id for row in rows) == [f"r{i}" for i in range(5)]
     finally:
         await engine.dispose()
+
+
+async def test_records_that_arrive_during_a_write_wait_for_the_next_interval(database_url: str) -> None:
+    """Under steady load a write is followed by a pause of one interval, not by another write of
+    whatever arrived meanwhile: batches stay large and writes few."""
+    engine = create_engine(make_settings(database_url=database_url).database)
+    store = Store(engine, make_budget(Decimal(1), Decimal(5)))
+    ledger = Ledger(store, "holder", flush_interval=0.05, batch_size=100, max_records=1000)
+    written: list[int] = []
+    ledger.listeners.append(lambda batch, _inserted, _seconds: written.append(len(batch)))
+    ledger.start()
+    try:
+        async with table_locked(database_url):
+            ledger.submit(entry(response_id="first"))
+            async with asyncio.timeout(5):
+                while not ledger.writing.locked():  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
+            ledger.flush_interval = 3.0  # the wait after this write: long enough to observe
+            for i in range(5):
+                ledger.submit(entry(response_id=f"r{i}"))
+        async with asyncio.timeout(5):
+            while not written:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        await asyncio.sleep(0.5)
+        assert written == [1] and len(ledger) == 5  # still waiting, not written straight after
+        assert await ledger.close() == 0
+        assert written == [1, 5]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_backlog_of_full_batches_is_written_without_waiting(database_url: str) -> None:
+    engine = create_engine(make_settings(database_url=database_url).database)
+    store = Store(engine, make_budget(Decimal(1), Decimal(5)))
+    ledger = Ledger(store, "holder", flush_interval=30.0, batch_size=10, max_records=1000)
+    written: list[int] = []
+    ledger.listeners.append(lambda batch, _inserted, _seconds: written.append(len(batch)))
+    ledger.start()
+    try:
+        for i in range(25):
+            ledger.submit(entry(response_id=f"r{i}"))
+        async with asyncio.timeout(5):
+            while len(written) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)
+        assert written == [10, 10] and len(ledger) == 5  # the part batch waits for the interval
+        assert await ledger.close() == 0
+        assert written == [10, 10, 5]
+        assert len(await ledger_rows(engine)) == 25
+    finally:
+        await engine.dispose()
