@@ -1,10 +1,11 @@
 """The ledger writer: the request path hands finished usage over without waiting; a background
 task writes it in batches, one transaction per batch, and keeps it until the write succeeds.
 
-Crash window: at most one flush interval of records (LEDGER_FLUSH_INTERVAL_SECONDS) lives only
-in memory. On a database outage records wait in a bounded buffer; the proxy refuses new
-metered requests (503) before that buffer could overflow, so nothing admitted is ever dropped,
-but for a record the database refuses on its own while it answers (see `_write_apart`).
+Crash window: at most one flush interval (LEDGER_FLUSH_INTERVAL_SECONDS), plus the write in
+progress, of records lives only in memory. On a database outage records wait in a bounded
+buffer; the proxy refuses new metered requests (503) before that buffer could overflow, so
+nothing admitted is ever dropped, but for a record the database refuses on its own while it
+answers (see `_write_apart`).
 """
 
 from __future__ import annotations
