@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 
+import pytest
 from conftest import make_settings
 from ledger_check import ledger_rows
 from sqlalchemy.engine import make_url
@@ -47,79 +48,78 @@ async def table_locked(database_url: str) -> AsyncIterator[None]:
         await engine.dispose()
 
 
-async def test_close_finishes_a_write_in_flight_instead_of_cancelling_it(database_url: str) -> None:
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
     engine = create_engine(make_settings(database_url=database_url).database)
-    store = Store(engine, make_budget(Decimal(1), Decimal(5)))
+    try:
+        yield Store(engine, make_budget(Decimal(1), Decimal(5)))
+    finally:
+        await engine.dispose()
+
+
+async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Polled: nothing signals these moments, and none is added for a test."""
+    async with asyncio.timeout(seconds):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+def batch_sizes(ledger: Ledger) -> list[int]:
+    """The size of every batch the ledger writes from now on, in order."""
+    sizes: list[int] = []
+    ledger.listeners.append(lambda batch, _inserted, _seconds: sizes.append(len(batch)))
+    return sizes
+
+
+async def test_close_finishes_a_write_in_flight_instead_of_cancelling_it(database_url: str,
+                                                                         store: Store) -> None:
     ledger = Ledger(store, "holder", flush_interval=0.01, batch_size=100, max_records=1000)
     ledger.start()
     writer = ledger._task
     assert writer is not None
-    try:
-        async with table_locked(database_url):
-            for i in range(5):
-                ledger.submit(entry(response_id=f"r{i}"))
-            async with asyncio.timeout(5):
-                # Polled: nothing signals that a write has begun, and none is added for a test.
-                while not ledger.writing.locked():  # noqa: ASYNC110
-                    await asyncio.sleep(0.005)
-            closing = asyncio.create_task(ledger.close(grace_seconds=30))
-            await asyncio.sleep(0.3)
-            assert not closing.done()  # waiting for the write, which waits for the lock
-            assert not writer.done()
-        assert await asyncio.wait_for(closing, 10) == 0
-        assert not writer.cancelled()
-        rows = await ledger_rows(engine)
-        assert sorted(row.response_id for row in rows) == [f"r{i}" for i in range(5)]
-    finally:
-        await engine.dispose()
+    async with table_locked(database_url):
+        for i in range(5):
+            ledger.submit(entry(response_id=f"r{i}"))
+        await until(ledger.writing.locked)
+        closing = asyncio.create_task(ledger.close(grace_seconds=30))
+        await asyncio.sleep(0.3)
+        assert not closing.done()  # waiting for the write, which waits for the lock
+        assert not writer.done()
+    assert await asyncio.wait_for(closing, 10) == 0
+    assert not writer.cancelled()
+    rows = await ledger_rows(store.engine)
+    assert sorted(row.response_id for row in rows) == [f"r{i}" for i in range(5)]
 
 
-async def test_records_that_arrive_during_a_write_wait_for_the_next_interval(database_url: str) -> None:
+async def test_records_that_arrive_during_a_write_wait_for_the_next_interval(database_url: str,
+                                                                              store: Store) -> None:
     """Under steady load a write is followed by a pause of one interval, not by another write of
     whatever arrived meanwhile: batches stay large and writes few."""
-    engine = create_engine(make_settings(database_url=database_url).database)
-    store = Store(engine, make_budget(Decimal(1), Decimal(5)))
     ledger = Ledger(store, "holder", flush_interval=0.05, batch_size=100, max_records=1000)
-    written: list[int] = []
-    ledger.listeners.append(lambda batch, _inserted, _seconds: written.append(len(batch)))
+    written = batch_sizes(ledger)
     ledger.start()
-    try:
-        async with table_locked(database_url):
-            ledger.submit(entry(response_id="first"))
-            async with asyncio.timeout(5):
-                while not ledger.writing.locked():  # noqa: ASYNC110
-                    await asyncio.sleep(0.005)
-            ledger.flush_interval = 3.0  # the wait after this write: long enough to observe
-            for i in range(5):
-                ledger.submit(entry(response_id=f"r{i}"))
-        async with asyncio.timeout(5):
-            while not written:  # noqa: ASYNC110
-                await asyncio.sleep(0.005)
-        await asyncio.sleep(0.5)
-        assert written == [1] and len(ledger) == 5  # still waiting, not written straight after
-        assert await ledger.close() == 0
-        assert written == [1, 5]
-    finally:
-        await engine.dispose()
-
-
-async def test_a_backlog_of_full_batches_is_written_without_waiting(database_url: str) -> None:
-    engine = create_engine(make_settings(database_url=database_url).database)
-    store = Store(engine, make_budget(Decimal(1), Decimal(5)))
-    ledger = Ledger(store, "holder", flush_interval=30.0, batch_size=10, max_records=1000)
-    written: list[int] = []
-    ledger.listeners.append(lambda batch, _inserted, _seconds: written.append(len(batch)))
-    ledger.start()
-    try:
-        for i in range(25):
+    async with table_locked(database_url):
+        ledger.submit(entry(response_id="first"))
+        await until(ledger.writing.locked)
+        ledger.flush_interval = 3.0  # the wait after this write: long enough to observe
+        for i in range(5):
             ledger.submit(entry(response_id=f"r{i}"))
-        async with asyncio.timeout(5):
-            while len(written) < 2:  # noqa: ASYNC110
-                await asyncio.sleep(0.005)
-        await asyncio.sleep(0.2)
-        assert written == [10, 10] and len(ledger) == 5  # the part batch waits for the interval
-        assert await ledger.close() == 0
-        assert written == [10, 10, 5]
-        assert len(await ledger_rows(engine)) == 25
-    finally:
-        await engine.dispose()
+    await until(lambda: bool(written))
+    await asyncio.sleep(0.5)
+    assert written == [1] and len(ledger) == 5  # still waiting, not written straight after
+    assert await ledger.close() == 0
+    assert written == [1, 5]
+
+
+async def test_a_backlog_of_full_batches_is_written_without_waiting(store: Store) -> None:
+    ledger = Ledger(store, "holder", flush_interval=30.0, batch_size=10, max_records=1000)
+    written = batch_sizes(ledger)
+    ledger.start()
+    for i in range(25):
+        ledger.submit(entry(response_id=f"r{i}"))
+    await until(lambda: len(written) == 2)
+    await asyncio.sleep(0.2)
+    assert written == [10, 10] and len(ledger) == 5  # the part batch waits for the interval
+    assert await ledger.close() == 0
+    assert written == [10, 10, 5]
+    assert len(await ledger_rows(store.engine)) == 25
