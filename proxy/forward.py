@@ -187,16 +187,19 @@ async def _body_stream(request: web.Request, limit: int):
         yield chunk
 
 
+async def _whole_body(message: web.Request | aiohttp.ClientResponse) -> bytes:
+    """A request's or an upstream answer's body; without `read()`'s awaits and copies when all of
+    it has arrived already (the usual JSON request, most answers)."""
+    if message.content.is_eof():
+        return message.content.read_nowait()
+    return await message.read()
+
+
 async def _request_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body; without `read()`'s awaits and copies when all of it has arrived
-    with the headers (the usual JSON request)."""
-    content = request.content
-    if content.is_eof():
-        body = content.read_nowait()
-        if len(body) > limit:  # a chunked body: no Content-Length was checked before
-            raise _too_large(limit)
-        return body
-    return await request.read()
+    body = await _whole_body(request)
+    if len(body) > limit:  # a chunked body taken whole: no Content-Length was checked before
+        raise _too_large(limit)
+    return body
 
 
 async def _pass_through(request: web.Request, app: web.Application, headers: Headers,
@@ -343,13 +346,6 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                                  streamed_chars=tap.streamed_chars() if tap and not tap.usage_seen
                                  else 0)
         _observe(metrics, ticket, reported, status, timing)
-
-
-async def _whole_body(upstream: aiohttp.ClientResponse) -> bytes:
-    """The upstream body; without `read()`'s awaits when all of it has arrived (the usual case)."""
-    if upstream.content.is_eof():
-        return upstream.content.read_nowait()
-    return await upstream.read()
 
 
 def _reported(body: bytes) -> Reported | None:
