@@ -18,7 +18,6 @@ from sqlalchemy import (
     Numeric,
     String,
     TypeDecorator,
-    UniqueConstraint,
     Uuid,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -119,7 +118,8 @@ class UsageRecord(TokenCounts, Base):
     __table_args__ = (
         Index("ix_usage_records_campaign_created", "campaign_id", "created_at"),
         Index("ix_usage_records_campaign_session", "campaign_id", "session_id"),
-        UniqueConstraint("response_id", name="uq_usage_records_response_id"),
+        # Not unique: OpenAI-compatible upstreams reuse ids; the record id is the idempotency key.
+        Index("ix_usage_records_response_id", "response_id"),
     )
 
 

@@ -3,7 +3,7 @@ lease budget, read totals, manage budgets and deleted sessions.
 
 Every aggregate changes only by atomic increments (`SET x = x + excluded.x`) in the same
 transaction that inserts the ledger rows, and only for rows actually inserted (the insert is
-idempotent on the record id and the upstream response id), so retries never double count and
+idempotent on the proxy's own record id), so retries never double count and
 the aggregates always equal the sum of `usage_records`.
 """
 
@@ -113,17 +113,17 @@ class Store:
     async def write_batch(self, entries: Sequence[UsageEntry], holder_id: str) -> list[UsageEntry]:
         """Insert ledger rows and add them to every aggregate in one transaction.
 
-        Returns the entries actually inserted (duplicates of an already-recorded response id or
-        record id are skipped, and so are their increments). Recorded cost is taken off this
-        process's budget lease in the same transaction, since it now counts as spend.
+        Returns the entries actually inserted (a record id already in the ledger, from a retried
+        batch or a replayed spool, is skipped, and so are its increments). Recorded cost is taken
+        off this process's budget lease in the same transaction, since it now counts as spend.
         """
         if not entries:
             return []
         entries = list({e.id: e for e in entries}.values())  # one id, one row, one increment
         if self._returning:
             inserted = await self._write(entries, holder_id, returning=True)
-            # Known records come in runs (an upstream repeating ids, a replica replaying a
-            # backlog): return ids until a batch has none, rather than write each batch twice.
+            # Known records come in runs (a retried batch, a replayed backlog): return ids until
+            # a batch has none, rather than write each batch twice.
             self._returning = len(inserted) < len(entries)
             return inserted
         try:
@@ -399,7 +399,7 @@ _PG_ARRAY_TYPES = (
 _PG_INSERT = (
     f"INSERT INTO usage_records ({', '.join(RECORD_COLUMNS)}) SELECT * FROM unnest("
     + ", ".join(f"${i}::{kind}[]" for i, kind in enumerate(_PG_ARRAY_TYPES, 1))
-    + ") ON CONFLICT DO NOTHING"
+    + ") ON CONFLICT (id) DO NOTHING"
 )
 US_PER_DAY = 86_400_000_000
 EPOCH_DAY = date(1970, 1, 1)
@@ -421,7 +421,7 @@ def _sqlite_chunks(count: int) -> list[int]:
 
 
 class _SomeWereKnown(Exception):
-    """A batch held records already in the ledger (a retried batch, a repeated response id)."""
+    """A batch held records already in the ledger (a retried batch, a replayed backlog)."""
 
 
 def _record_tuple(e: UsageEntry) -> tuple[Any, ...]:
@@ -500,7 +500,7 @@ async def _insert_records_sqlite(conn: AsyncConnection, entries: Sequence[UsageE
 @functools.cache
 def _sqlite_insert(rows: int, returning: bool) -> str:
     return (f"INSERT INTO usage_records ({', '.join(RECORD_COLUMNS)}) VALUES "
-            + ", ".join([_SQLITE_ROW] * rows) + " ON CONFLICT DO NOTHING"
+            + ", ".join([_SQLITE_ROW] * rows) + " ON CONFLICT (id) DO NOTHING"
             + (" RETURNING id" if returning else ""))
 
 

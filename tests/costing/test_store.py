@@ -102,14 +102,18 @@ async def test_only_a_batch_with_known_records_asks_which_rows_went_in(store: St
     await assert_aggregates_match_ledger(engine)
 
 
-async def test_a_response_id_seen_before_is_skipped_with_its_increments(store: Store,
-                                                                      engine: AsyncEngine) -> None:
-    await store.write_batch([entry(response_id="same")], "h")
-    inserted = await store.write_batch([entry(response_id="same"), entry(response_id="same"),
-                                        entry(response_id="other")], "h")
-    assert [e.response_id for e in inserted] == ["other"]
-    assert len(await ledger_rows(engine)) == 2
-    await assert_aggregates_match_ledger(engine)
+async def test_a_reused_response_id_is_a_row_of_its_own(store: Store, engine: AsyncEngine) -> None:
+    """OpenAI-compatible upstreams reuse response ids (Ollama mints `chatcmpl-<0..998>`): every
+    distinct call is its own row and its own increment; only the record id is idempotent."""
+    await store.write_batch([entry("c1", response_id="chatcmpl-123")], "h")
+    inserted = await store.write_batch([entry("c2", response_id="chatcmpl-123"),
+                                        entry("c2", response_id="chatcmpl-123"),
+                                        entry("c1", response_id="other")], "h")
+    assert [(e.campaign_id, e.response_id) for e in inserted] == [
+        ("c2", "chatcmpl-123"), ("c2", "chatcmpl-123"), ("c1", "other")]
+    assert len(await ledger_rows(engine)) == 4
+    sums = await assert_aggregates_match_ledger(engine)
+    assert sums["c2"][1] == 2 and sums["c1"][1] == 2
 
 
 async def test_a_large_mixed_batch_keeps_aggregates_equal_to_the_ledger(store: Store,
