@@ -60,6 +60,9 @@ class Ledger:
         self.listeners: list[FlushListener] = []
         self.error_listeners: list[Callable[[BaseException], None]] = []
         self.drop_listeners: list[Callable[[UsageEntry], None]] = []
+        # Told how many records of a committed batch the ledger already held (their record id):
+        # a retried batch, a replayed spool, a final state read twice. Never silent.
+        self.known_listeners: list[Callable[[int], None]] = []
         self._buffer: deque[UsageEntry] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -134,6 +137,12 @@ class Ledger:
             started = time.perf_counter()
             inserted = await self.store.write_batch(entries, self.holder_id)
             elapsed = time.perf_counter() - started
+            known = len({e.id for e in entries}) - len(inserted) if len(inserted) < len(entries) else 0
+            if known:
+                log.info("%d usage records were in the ledger already (same record id): "
+                         "not counted again", known)
+                for on_known in self.known_listeners:
+                    on_known(known)
             if from_buffer_head:
                 for _ in entries:
                     self._buffer.popleft()

@@ -5,17 +5,25 @@ reported to a priced ledger entry. The HTTP edge calls this; it knows nothing of
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from costing.background import BackgroundResponses
 from costing.budget import Budget, worst_case_units
 from costing.errors import LedgerUnavailable
 from costing.gate import Admission, BudgetGate, SessionCosts
 from costing.ledger import Ledger
 from costing.pricing import PriceTable, Quote, cost_units
-from costing.records import UsageEntry
+from costing.records import UsageEntry, derived_id
 from costing.usage import Operation, Reported, RequestFacts, Usage, estimate_usage
+
+log = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before the answer
+MAX_LOGGED_MODELS = 1000
 
 
 @lru_cache(maxsize=1024)
@@ -50,8 +58,12 @@ class Meter:
         self.ledger = ledger
         self.sessions = sessions
         self.default_max_output_tokens = default_max_output_tokens
+        self.background = BackgroundResponses()
+        # Called with every entry handed to the ledger (the live feed, say); must not block.
+        self.listeners: list[Callable[[UsageEntry], None]] = []
+        self._unknown_models: set[str] = set()
 
-    def admit_now(self, campaign_id: str, session_id: str, operation: Operation,
+    def admit_now(self, campaign_id: str, session_id: str, operation: str,
                   facts: RequestFacts, authorization: str | None) -> Ticket | None:
         """`admit` without awaiting, when this process's budget lease covers the request (nearly
         always); None when the gate has to ask the database. Raises as `admit` does."""
@@ -61,7 +73,7 @@ class Meter:
             return None
         return self._ticket(campaign_id, session_id, operation, facts, quote, admission, authorization)
 
-    async def admit(self, campaign_id: str, session_id: str, operation: Operation,
+    async def admit(self, campaign_id: str, session_id: str, operation: str,
                     facts: RequestFacts, authorization: str | None) -> Ticket:
         """Reserve the request's worst-case cost, or raise BudgetExceeded / LedgerUnavailable."""
         quote, reservation = self._reserve(facts)
@@ -80,23 +92,24 @@ class Meter:
         quote = self.prices.quote(facts.model)
         return quote, worst_case_units(quote.price, facts, self.default_max_output_tokens)
 
-    def _ticket(self, campaign_id: str, session_id: str, operation: Operation, facts: RequestFacts,
+    def _ticket(self, campaign_id: str, session_id: str, operation: str, facts: RequestFacts,
                 quote: Quote, admission: Admission, authorization: str | None) -> Ticket:
         self.sessions.touch(campaign_id, session_id)
-        # str() of a StrEnum member is its value, without `.value`'s descriptor call.
-        return Ticket(campaign_id, session_id, str(operation), facts, quote, admission,
+        return Ticket(campaign_id, session_id, operation, facts, quote, admission,
                       key_hash(authorization))
 
     def record(self, ticket: Ticket, reported: Reported | None, *, status: int, streamed: bool,
                streamed_chars: int = 0) -> UsageEntry:
         """Price what the upstream reported (or estimate it) and hand the entry to the ledger.
 
-        Idempotent per ticket: a second call returns without recording twice.
+        Without usage, a call the upstream answered (2xx) or the client left (499) is estimated:
+        prompt plus the output streamed so far, as OpenAI bills work it did. Idempotent per
+        ticket: a second call returns without recording twice.
         """
         usage: Usage | None = reported.usage if reported else None
         estimated = False
         if usage is None:
-            if 200 <= status < 300:
+            if 200 <= status < 300 or status == CLIENT_CLOSED_REQUEST:
                 usage = estimate_usage(ticket.facts.prompt_tokens, streamed_chars)
                 estimated = True
             else:
@@ -105,21 +118,98 @@ class Meter:
         quote = self.prices.quote(response_model) if response_model else ticket.quote
         if quote.priced_by_default and not ticket.quote.priced_by_default:
             quote = ticket.quote
-        amount = cost_units(quote.price, usage)
+        entry = self._entry(ticket.campaign_id, ticket.session_id, ticket.operation,
+                            ticket.facts.model, reported if 200 <= status < 300 else None, usage,
+                            quote, estimated, streamed, status, ticket.started, ticket.api_key_hash)
+        if ticket.settled:
+            return entry
+        if ticket.facts.background and 200 <= status < 300:
+            # Queued in the background: the final state, read later, is what gets metered.
+            if estimated:
+                if reported is not None and reported.response_id:
+                    self.background.remember(reported.response_id, ticket.campaign_id,
+                                             ticket.session_id)
+                entry.cost_units = 0
+                self._settle(ticket, 0)
+                return entry
+            if not self.background.first(entry):
+                self._settle(ticket, 0)  # this process metered that final state already
+                return entry
+        self._settle(ticket, entry.cost_units)
+        self._submit(entry)
+        return entry
+
+    def record_unpriced(self, ticket: Ticket, *, status: int) -> UsageEntry:
+        """A call on a billable path the proxy cannot price yet: a ledger row at cost 0, flagged
+        `priced_by_default`, so the ledger shows it."""
+        entry = self._entry(ticket.campaign_id, ticket.session_id, ticket.operation, None, None,
+                            Usage(), self.prices.quote(None), False, False, status, ticket.started,
+                            ticket.api_key_hash)
+        entry.cost_units = 0
+        if not ticket.settled:
+            self._settle(ticket, 0)
+            self._submit(entry)
+        return entry
+
+    async def record_final_state(self, campaign_id: str, session_id: str, reported: Reported,
+                                 *, status: int, streamed: bool, started: float,
+                                 authorization: str | None) -> UsageEntry | None:
+        """Meter a background response whose final state was read (a retrieval, its stream or
+        its cancellation), once: its record id derives from the response, so any number of
+        reads, here or on other replicas, make one ledger row. Recorded under the campaign and
+        session that created it when this process saw that, else under the reader's tags.
+        Never refused: the work is done and billed."""
+        if reported.background_at is None or reported.usage is None or not 200 <= status < 300:
+            return None
+        if reported.response_id:
+            campaign_id, session_id = self.background.owner(reported.response_id,
+                                                            campaign_id, session_id)
+        entry = self._entry(campaign_id, session_id, Operation.RESPONSES.value, None, reported,
+                            reported.usage, self.prices.quote(reported.model), False, streamed,
+                            status, started, key_hash(authorization))
+        if not self.background.first(entry):
+            return None
+        await self.gate.charge(campaign_id, entry.cost_units)
+        self.sessions.touch(campaign_id, session_id)
+        self.sessions.add(campaign_id, session_id, entry.cost_units)
+        self._submit(entry)
+        return entry
+
+    def _entry(self, campaign_id: str, session_id: str, operation: str, request_model: str | None,
+               reported: Reported | None, usage: Usage, quote: Quote, estimated: bool,
+               streamed: bool, status: int, started: float, api_key_hash: str | None) -> UsageEntry:
+        if quote.priced_by_default:
+            self._unknown_model(request_model if reported is None else reported.model or request_model)
         # Positional, in field order: keyword matching of 16 fields cost more than the rest.
         entry = UsageEntry(
-            ticket.campaign_id, ticket.session_id, ticket.operation, ticket.facts.model,
-            response_model, usage, amount, quote.priced_by_default, estimated, streamed, status,
-            int((time.perf_counter() - ticket.started) * 1000), time.time_ns() // 1000,
-            reported.response_id if reported and 200 <= status < 300 else None,
-            ticket.api_key_hash,
+            campaign_id, session_id, operation, request_model,
+            reported.model if reported else None, usage, cost_units(quote.price, usage),
+            quote.priced_by_default, estimated, streamed, status,
+            int((time.perf_counter() - started) * 1000), time.time_ns() // 1000,
+            reported.response_id if reported else None, api_key_hash,
         )
-        if not ticket.settled:
-            ticket.settled = True
-            self.gate.settle(ticket.admission, amount)
-            self.sessions.add(ticket.campaign_id, ticket.session_id, amount)
-            self.ledger.submit(entry)
+        if reported is not None and reported.background_at is not None and reported.usage is not None:
+            entry.id = derived_id(f"background:{reported.response_id}:{reported.background_at}")
         return entry
+
+    def _settle(self, ticket: Ticket, cost: int) -> None:
+        ticket.settled = True
+        self.gate.settle(ticket.admission, cost)
+        self.sessions.add(ticket.campaign_id, ticket.session_id, cost)
+
+    def _submit(self, entry: UsageEntry) -> None:
+        self.ledger.submit(entry)
+        for listener in self.listeners:
+            listener(entry)
+
+    def _unknown_model(self, model: str | None) -> None:
+        """Log the first call priced with the default prices, per model (bounded)."""
+        key = model or ""
+        if key in self._unknown_models or len(self._unknown_models) >= MAX_LOGGED_MODELS:
+            return
+        self._unknown_models.add(key)
+        log.warning("model %r is not in the price table: priced with the default prices "
+                    "(OPENAI_PRICE_PER_1K_*); add it to PRICES_FILE", model)
 
     def standing(self, campaign_id: str) -> tuple[int, Budget]:
         """What the response headers say about the campaign after a request: its spend in

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Sequence
@@ -35,6 +36,14 @@ def new_id() -> int:
     rand = _ids.getrandbits(74)
     return (((time.time_ns() // 1_000_000) << 80) | _VERSION_7 | ((rand >> 62) << 64) | _VARIANT
             | (rand & _RAND_B))
+
+
+def derived_id(key: str) -> int:
+    """A record id that is the same wherever `key` is seen (RFC 9562 version 8: SHA-256 bits):
+    for a call that several reads may report, such as a background response's final state, so
+    the ledger's idempotent insert keeps one row."""
+    bits = int.from_bytes(hashlib.sha256(key.encode()).digest()[:16])
+    return (bits & ~(0xF << 76) & ~(0b11 << 62)) | (0x8 << 76) | _VARIANT
 
 
 def epoch_us(moment: datetime) -> int:

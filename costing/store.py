@@ -79,7 +79,8 @@ class Store:
         # Built once: constructing these upserts (each `excluded` proxies every column) cost more
         # main-thread time than writing a small batch.
         self._add_to_campaigns = self._upsert_adding(CAMPAIGNS, ["campaign_id"], seen=True)
-        self._add_to_sessions = self._upsert_adding(SESSIONS, ["campaign_id", "session_id"], seen=True)
+        self._add_to_sessions = self._upsert_adding(SESSIONS, ["campaign_id", "session_id"], seen=True,
+                                                    revive=True)
         self._add_to_days = self._upsert_adding(DAILY, ["campaign_id", "day"], seen=False)
         spent = bindparam("spent", type_=Money())
         self._take_from_lease = (
@@ -94,8 +95,12 @@ class Store:
         module: Any = postgresql if self._dialect == "postgresql" else sqlite
         return module.insert(table)
 
-    def _upsert_adding(self, table: Table, keys: Sequence[str], *, seen: bool) -> Any:
-        """INSERT ... ON CONFLICT (keys) DO UPDATE adding every total (atomic increments)."""
+    def _upsert_adding(self, table: Table, keys: Sequence[str], *, seen: bool,
+                       revive: bool = False) -> Any:
+        """INSERT ... ON CONFLICT (keys) DO UPDATE adding every total (atomic increments).
+
+        `revive`: a call in a deleted session clears its `deleted_at` (its earlier cost stays),
+        so the session lists keep adding up to the campaign."""
         stmt = self._insert(table)
         changes: dict[str, Any] = {
             name: table.c[name] + stmt.excluded[name] for name in TOTAL_COLUMNS
@@ -108,6 +113,8 @@ class Store:
             changes["last_seen"] = case(
                 (last.is_(None), stmt.excluded.last_seen),
                 (stmt.excluded.last_seen > last, stmt.excluded.last_seen), else_=last)
+        if revive:
+            changes["deleted_at"] = None
         return stmt.on_conflict_do_update(index_elements=list(keys), set_=changes)
 
     async def write_batch(self, entries: Sequence[UsageEntry], holder_id: str) -> list[UsageEntry]:

@@ -77,11 +77,23 @@ class Usage:
 
 @dataclass(slots=True)  # not frozen: made per request, see Usage
 class Reported:
-    """What one response body or terminal stream event tells about the call."""
+    """What one response body or terminal stream event tells about the call.
+
+    `background_at`: for a Responses object created with `background: true`, its `created_at`;
+    such a response is metered from its final state, once, whoever reads it (see costing.meter).
+    """
 
     usage: Usage | None
     model: str | None
     response_id: str | None
+    background_at: int | None = None
+
+
+def _background_at(response: dict[str, Any]) -> int | None:
+    if response.get("background") is not True:
+        return None
+    created = response.get("created_at")
+    return created if type(created) is int else 0
 
 
 def _int(value: Any) -> int:
@@ -124,7 +136,8 @@ def from_body(body: Any) -> Reported:
     if not isinstance(body, dict):
         return Reported(None, None, None)
     return Reported(parse_usage(body.get("usage")), _str(body.get("model"), MAX_MODEL_LENGTH),
-                    _str(body.get("id"), MAX_ID_LENGTH))
+                    _str(body.get("id"), MAX_ID_LENGTH),
+                    _background_at(body) if body.get("object") == "response" else None)
 
 
 def from_event(event: Any) -> Reported:
@@ -138,7 +151,7 @@ def from_event(event: Any) -> Reported:
             return Reported(None, None, None)
         usage = parse_usage(response.get("usage")) if kind in TERMINAL_RESPONSE_EVENTS else None
         return Reported(usage, _str(response.get("model"), MAX_MODEL_LENGTH),
-                        _str(response.get("id"), MAX_ID_LENGTH))
+                        _str(response.get("id"), MAX_ID_LENGTH), _background_at(response))
     return from_body(event)
 
 
@@ -187,6 +200,7 @@ class RequestFacts:
     include_usage: bool
     prompt_tokens: int
     max_output_tokens: int | None
+    background: bool = False  # Responses `background: true`: metered when its final state is read
 
 
 # A tuple, not a set: a "type" that is a list or an object must compare, not fail to hash.
@@ -295,7 +309,7 @@ def request_facts(operation: Operation, body: Any) -> RequestFacts:
         candidates = max(_count(body.get("n")), _count(body.get("best_of")), 1)
         max_output = min(max_output * candidates, MAX_TOKENS)
     return RequestFacts(model, stream, include_usage, min(_prompt_tokens(shape, body), MAX_TOKENS),
-                        max_output)
+                        max_output, body.get("background") is True)
 
 
 def estimate_usage(prompt_tokens: int, streamed_chars: int) -> Usage:

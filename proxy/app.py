@@ -101,6 +101,7 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     ledger.listeners += [gate.on_flushed, metrics.on_flushed]
     ledger.error_listeners.append(metrics.on_flush_error)
     ledger.drop_listeners.append(lambda _entry: metrics.dropped.inc())
+    ledger.known_listeners.append(metrics.known.inc)
     metrics.queue_depth.set_function(lambda: len(ledger))
     app[LEDGER] = ledger
     app[GATE] = gate

@@ -20,11 +20,13 @@ from multidict import CIMultiDictProxy, istr
 from yarl import URL
 
 from costing import budget as rules
+from costing.endpoints import Endpoint, Kind, classify, normalize
 from costing.errors import BudgetExceeded
-from costing.meter import Meter, Ticket
+from costing.meter import CLIENT_CLOSED_REQUEST, Meter, Ticket
 from costing.money import format_units, from_units
 from costing.settings import Settings
-from costing.usage import Operation, Reported, from_body, operation_for, request_facts
+from costing.tasks import uninterrupted
+from costing.usage import Operation, Reported, RequestFacts, from_body, request_facts
 from proxy.errors import ProxyError, answer
 from proxy.metrics import Metrics
 from proxy.sse import SSETap
@@ -39,7 +41,6 @@ HOP_BY_HOP = frozenset({
 RESPONSE_DROPPED = HOP_BY_HOP | {"content-encoding"}
 STREAMED_USAGE_OPERATIONS = (Operation.CHAT, Operation.COMPLETIONS)
 NO_USER_AGENT = ("User-Agent",)
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before the answer
 
 
 @dataclass(slots=True)
@@ -110,21 +111,30 @@ def _dispatch(request: web.Request) -> Awaitable[web.StreamResponse]:
     timing = Timing()
     app = request.app  # a property that walks the match info: read once
     settings = app[SETTINGS]
-    if _has_dot_segment(request.path):
+    path = request.path
+    if "//" in path:  # what an upstream that merges slashes would serve
+        path = normalize(path)
+    if _has_dot_segment(path):
         raise ProxyError(404, "Not found: a path with '.' or '..' segments is never forwarded",
                          code="not_found")
     campaign_id = tag_value(request.headers, settings.campaign_header)
     session_id = tag_value(request.headers, settings.session_header)
-    operation = operation_for(request.method, request.path)
+    endpoint = classify(request.method, path)
     headers = upstream_headers(request, settings)
     length = request.content_length
     if length is not None and length > settings.max_request_body_bytes:
         raise ProxyError(413, f"Request body too large: {length} bytes, the limit "
                               f"is {settings.max_request_body_bytes} (MAX_REQUEST_BODY_BYTES)",
                          code="request_too_large")
-    if operation is None:
+    kind = endpoint.kind
+    if kind is Kind.METERED:
+        assert endpoint.metered is not None
+        return _metered(request, app, headers, endpoint, campaign_id, session_id, timing)
+    if kind is Kind.FREE:
         return _pass_through(request, app, headers, length, timing)
-    return _metered(request, app, headers, operation, campaign_id, session_id, timing)
+    if kind is Kind.BILLABLE:
+        return _billable(request, app, headers, length, endpoint, campaign_id, session_id, timing)
+    return _retrieval(request, app, headers, campaign_id, session_id, timing)
 
 
 def _has_dot_segment(path: str) -> bool:
@@ -140,8 +150,10 @@ def _target(request: web.Request, upstream: Upstream) -> URL:
 
 @lru_cache(maxsize=1024)
 def _upstream_url(base_url: str, path_qs: str) -> URL:
-    """URLs are immutable, and nearly every request goes to one of a few paths."""
-    return URL(base_url + path_qs, encoded=True)
+    """URLs are immutable, and nearly every request goes to one of a few paths. Repeated slashes
+    are merged: the upstream gets the path the proxy metered."""
+    path, mark, query = path_qs.partition("?")
+    return URL(base_url + normalize(path) + mark + query, encoded=True)
 
 
 def _is_event_stream(headers: CIMultiDictProxy[str]) -> bool:
@@ -202,18 +214,137 @@ async def _request_body(request: web.Request, limit: int) -> bytes:
     return body
 
 
+@dataclass(slots=True)
+class Outcome:
+    """How a call ended, for its ledger row: the upstream's status once it answered."""
+
+    status: int = 502
+    answered: bool = False
+
+    def answer(self, status: int) -> None:
+        self.status, self.answered = status, True
+
+    def fail(self, exc: BaseException) -> None:
+        """Called as an exception leaves the handler: a departing client (cancellation) before
+        the answer is recorded as nginx logs it (499), not as an upstream failure."""
+        if isinstance(exc, ProxyError):
+            self.status = exc.status
+        elif isinstance(exc, asyncio.CancelledError) and not self.answered:
+            self.status = CLIENT_CLOSED_REQUEST
+
+
 async def _pass_through(request: web.Request, app: web.Application, headers: Headers,
-                        length: int | None, timing: Timing) -> web.StreamResponse:
+                        length: int | None, timing: Timing, outcome: Outcome | None = None,
+                        extra: Headers | None = None) -> web.StreamResponse:
     body = _body_stream(request, app[SETTINGS].max_request_body_bytes) if request.body_exists else None
     if length is not None:
         headers.append(("Content-Length", str(length)))
     upstream = await _send(request, app[UPSTREAM], headers, body, timing)
+    if outcome is not None:
+        outcome.answer(upstream.status)
     async with upstream:
+        reply_headers = response_headers(upstream.headers)
+        if extra:
+            reply_headers += extra
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers=response_headers(upstream.headers))
+                                      headers=reply_headers)
         await response.prepare(request)
         await _relay(request, upstream, response, timing, None)
         return response
+
+
+UNPRICED = RequestFacts(None, False, False, 0, 0)  # reserves nothing: refused only at the limit
+
+
+async def _billable(request: web.Request, app: web.Application, headers: Headers,
+                    length: int | None, endpoint: Endpoint, campaign_id: str, session_id: str,
+                    timing: Timing) -> web.StreamResponse:
+    """A billable call the proxy cannot price: gated by the budget, forwarded untouched (the
+    body streamed: uploads can be large), recorded at cost 0 so the ledger shows it."""
+    meter = app[METER]
+    ticket = await _admit(app, campaign_id, session_id, endpoint.operation, UNPRICED,
+                          request.headers.get("Authorization"))
+    outcome = Outcome()
+    try:
+        return await _pass_through(request, app, headers, length, timing, outcome,
+                                   campaign_headers(meter, campaign_id))
+    except BaseException as exc:
+        outcome.fail(exc)
+        raise
+    finally:
+        meter.record_unpriced(ticket, status=outcome.status)
+
+
+async def _admit(app: web.Application, campaign_id: str, session_id: str, operation: str,
+                 facts: RequestFacts, authorization: str | None) -> Ticket:
+    """The budget gate: a ticket, or BudgetExceeded (counted) / LedgerUnavailable."""
+    meter = app[METER]
+    try:
+        return (meter.admit_now(campaign_id, session_id, operation, facts, authorization)
+                or await meter.admit(campaign_id, session_id, operation, facts, authorization))
+    except BudgetExceeded:
+        app[METRICS].on_blocked(campaign_id)
+        raise
+
+
+async def _retrieval(request: web.Request, app: web.Application, headers: Headers,
+                     campaign_id: str, session_id: str, timing: Timing) -> web.StreamResponse:
+    """`GET /v1/responses/{id}` (or its stream) and its cancellation: forwarded as they are; a
+    background response's final state in the answer is metered once (never refused: the work
+    is done)."""
+    raw = await _request_body(request, app[SETTINGS].max_request_body_bytes) if request.body_exists \
+        else None
+    started = time.perf_counter()
+    upstream = await _send(request, app[UPSTREAM], headers, raw, timing)
+    reported: Reported | None = None
+    tap: SSETap | None = None
+    try:
+        async with upstream:
+            if _is_event_stream(upstream.headers):
+                tap = SSETap(strip_usage=False)
+                return await _stream_back(request, upstream, response_headers(upstream.headers),
+                                          tap, timing)
+            body = await _answer_body(upstream, timing)
+            reported = _reported(body)
+            return web.Response(status=upstream.status, reason=upstream.reason, body=body,
+                                headers=response_headers(upstream.headers))
+    finally:
+        if tap is not None:
+            reported = tap.result()
+        if reported is not None and reported.background_at is not None:
+            await uninterrupted(app[METER].record_final_state(
+                campaign_id, session_id, reported, status=upstream.status, streamed=tap is not None,
+                started=started, authorization=request.headers.get("Authorization")))
+
+
+async def _stream_back(request: web.Request, upstream: aiohttp.ClientResponse, reply_headers: Headers,
+                       tap: SSETap, timing: Timing) -> web.StreamResponse:
+    """Relay an event stream through `tap`: event by event, or in one send when the whole stream
+    has arrived already (a short answer from a nearby upstream), like a JSON body."""
+    if upstream.content.is_eof():
+        events = upstream.content.read_nowait()
+        return web.Response(status=upstream.status, reason=upstream.reason,
+                            body=tap.feed(events) + tap.finish(), headers=reply_headers)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                  headers=reply_headers)
+    await response.prepare(request)
+    await _relay(request, upstream, response, timing, tap)
+    return response
+
+
+async def _answer_body(upstream: aiohttp.ClientResponse, timing: Timing) -> bytes:
+    """An upstream JSON answer, whole; a timeout is 504 and a broken answer 502."""
+    waited = time.perf_counter()
+    try:
+        return await _whole_body(upstream)
+    except TimeoutError as exc:
+        raise ProxyError(504, "The upstream API stopped answering in time",
+                         type="server_error", code="upstream_timeout") from exc
+    except aiohttp.ClientError as exc:
+        raise ProxyError(502, "The upstream API broke off its answer",
+                         type="server_error", code="upstream_incomplete") from exc
+    finally:
+        timing.waiting += time.perf_counter() - waited
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse,
@@ -261,10 +392,11 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, respons
 
 
 async def _metered(request: web.Request, app: web.Application, headers: Headers,
-                   operation: Operation, campaign_id: str, session_id: str,
+                   endpoint: Endpoint, campaign_id: str, session_id: str,
                    timing: Timing) -> web.StreamResponse:
     meter = app[METER]
-    metrics = app[METRICS]
+    operation = endpoint.metered
+    assert operation is not None
     raw = await _request_body(request, app[SETTINGS].max_request_body_bytes)
     try:
         parsed = orjson.loads(raw)
@@ -280,48 +412,24 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
         parsed["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                     "include_usage": True}
         raw = orjson.dumps(parsed)
-    authorization = request.headers.get("Authorization")
-    try:
-        ticket = (meter.admit_now(campaign_id, session_id, operation, facts, authorization)
-                  or await meter.admit(campaign_id, session_id, operation, facts, authorization))
-    except BudgetExceeded:
-        metrics.on_blocked(campaign_id)
-        raise
-    status = 502
-    answered = False
+    ticket = await _admit(app, campaign_id, session_id, endpoint.operation, facts,
+                          request.headers.get("Authorization"))
+    outcome = Outcome()
     reported: Reported | None = None
     tap: SSETap | None = None
     try:
         upstream = await _send(request, app[UPSTREAM], headers, raw, timing)
-        status, answered = upstream.status, True
+        outcome.answer(upstream.status)
         async with upstream:
             if _is_event_stream(upstream.headers):
                 tap = SSETap(strip_usage=strip_usage)
-                reply_headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
-                if upstream.content.is_eof():
-                    # The whole stream has arrived already (a short answer from a nearby
-                    # upstream): headers and events go out in one send, like a JSON body.
-                    events = upstream.content.read_nowait()
-                    return web.Response(status=upstream.status, reason=upstream.reason,
-                                        body=tap.feed(events) + tap.finish(), headers=reply_headers)
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                              headers=reply_headers)
-                await response.prepare(request)
-                await _relay(request, upstream, response, timing, tap)
-                return response
-            waited = time.perf_counter()
-            try:
-                body = await _whole_body(upstream)
-            except TimeoutError as exc:
-                raise ProxyError(504, "The upstream API stopped answering in time",
-                                 type="server_error", code="upstream_timeout") from exc
-            except aiohttp.ClientError as exc:
-                raise ProxyError(502, "The upstream API broke off its answer",
-                                 type="server_error", code="upstream_incomplete") from exc
-            finally:
-                timing.waiting += time.perf_counter() - waited
+                return await _stream_back(
+                    request, upstream,
+                    response_headers(upstream.headers) + campaign_headers(meter, campaign_id),
+                    tap, timing)
+            body = await _answer_body(upstream, timing)
             reported = _reported(body)
-            entry = meter.record(ticket, reported, status=status, streamed=False)
+            entry = meter.record(ticket, reported, status=outcome.status, streamed=False)
             reply_headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
             reply_headers.append((REQUEST_COST, format_units(entry.cost_units)))
             session_total = meter.session_total_now(campaign_id, session_id)
@@ -331,21 +439,16 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                 reply_headers.append((SESSION_COST, format_units(session_total)))
             return web.Response(status=upstream.status, reason=upstream.reason, body=body,
                                 headers=reply_headers)
-    except ProxyError as exc:
-        status = exc.status
-        raise
-    except asyncio.CancelledError:
-        if not answered:  # the client left first: recorded as nginx logs it, not as an upstream 502
-            status = CLIENT_CLOSED_REQUEST
+    except BaseException as exc:
+        outcome.fail(exc)
         raise
     finally:
         if tap is not None:
             reported = tap.result()
         if not ticket.settled:
-            entry = meter.record(ticket, reported, status=status, streamed=tap is not None,
-                                 streamed_chars=tap.streamed_chars() if tap and not tap.usage_seen
-                                 else 0)
-        _observe(metrics, ticket, reported, status, timing)
+            meter.record(ticket, reported, status=outcome.status, streamed=tap is not None,
+                         streamed_chars=tap.streamed_chars() if tap and not tap.usage_seen else 0)
+        _observe(app[METRICS], ticket, reported, outcome.status, timing)
 
 
 def _reported(body: bytes) -> Reported | None:

@@ -158,6 +158,13 @@ class Metrics:
         self.dropped = Counter("llm_ledger_records_dropped",
                                "Usage records that could not be kept (stays 0 by design)",
                                registry=registry)
+        self.known = Counter("llm_ledger_records_known",
+                             "Records not inserted because the ledger already held their id (a "
+                             "retried batch, a replayed spool, a final state read twice)",
+                             registry=registry)
+        self.priced_by_default = Counter("llm_requests_priced_by_default",
+                                         "Calls priced with the default prices (model not in the "
+                                         "price table)", ["model"], registry=registry)
         self.flush_errors = Counter("llm_ledger_flush_errors", "Failed ledger batch writes",
                                     registry=registry)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -169,6 +176,7 @@ class Metrics:
         """Count a committed batch: summed per label set first, so a batch costs few updates."""
         self.flush_duration.observe(seconds)
         self.written.inc(len(inserted))
+        by_default: Counter_[str] = Counter_()
         requests: Counter_[tuple[str, ...]] = Counter_()
         costs: Counter_[tuple[str, ...]] = Counter_()  # money units
         tokens: Counter_[tuple[str, ...]] = Counter_()
@@ -176,6 +184,8 @@ class Metrics:
             campaign = self.campaign(e.campaign_id)
             model = self.model(e.model or "unknown")
             requests[(campaign, e.operation, str(e.status_code))] += 1
+            if e.priced_by_default:
+                by_default[model] += 1
             if e.cost_units:
                 costs[(campaign, model)] += e.cost_units
             usage = e.usage
@@ -197,6 +207,8 @@ class Metrics:
             self._child(self.cost, key).inc(amount / SCALE)
         for key, count in tokens.items():
             self._child(self.tokens, key).inc(count)
+        for model, count in by_default.items():
+            self._child(self.priced_by_default, (model,)).inc(count)
 
     def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
         """Labelled child, cached: `labels()` is the costliest part of an update."""

@@ -53,6 +53,9 @@ class Behaviour:
     truncate_body: bool = False  # JSON: send the headers and half the body, then reset
     strict_types: bool = False  # 400 (as OpenAI does) for wrongly typed well-known body fields
     stream_whole: bool = False  # stream: every event in one body with a length, in one write
+    # Added for ledger completeness:
+    id_pool: int | None = None  # ids cycle through this many values, as Ollama's chatcmpl-<0..998>
+    background_polls: int = 2  # a background response is in_progress for this many retrievals
 
 
 @dataclass
@@ -71,6 +74,9 @@ class FakeUpstream:
     behaviour: Behaviour = field(default_factory=Behaviour)
     requests: list[Recorded] = field(default_factory=list)
     url: str = ""
+    # Background responses by id: [body of the creating request, retrievals so far, created_at].
+    background: dict[str, list[Any]] = field(default_factory=dict)
+    issued: int = 0  # ids minted so far (for id_pool)
     # Paths of streamed answers the proxy stopped reading (its connection closed under the fake).
     closed_by_peer: list[str] = field(default_factory=list)
     peer_closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -124,6 +130,9 @@ class FakeUpstream:
             error = b.error_body or {"error": {"message": f"fake error {b.status}", "type": kind,
                                                "param": None, "code": code}}
             return web.json_response(error, status=b.status)
+        if path.startswith("/v1/responses/") and (
+                (request.method == "GET" and path.count("/") == 3) or path.endswith("/cancel")):
+            return await self._background_state(request, path)
         if path == "/v1/models" and request.method == "GET":
             return web.json_response({"object": "list", "data": [
                 {"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "system"}]})
@@ -153,6 +162,9 @@ class FakeUpstream:
         return model + "-2024-07-18" if model == "gpt-4o-mini" else model
 
     def _id(self, prefix: str) -> str:
+        if self.behaviour.id_pool:
+            self.issued += 1
+            return f"{prefix}{self.issued % self.behaviour.id_pool}"
         return self.behaviour.response_id or f"{prefix}{uuid.uuid4().hex}"
 
     def _words(self) -> list[str]:
@@ -303,8 +315,40 @@ class FakeUpstream:
                 "tools": [], "temperature": 1.0, "top_p": 1.0, "error": None,
                 "incomplete_details": None, "instructions": None, "metadata": {}, "usage": usage}
 
+    async def _background_state(self, request: web.Request, path: str) -> web.StreamResponse:
+        """GET /v1/responses/{id} (or ?stream=true) and POST .../cancel of a background response:
+        in progress for `background_polls` retrievals, then completed with its usage."""
+        parts = path.split("/")
+        rid, cancel = parts[3], len(parts) == 5 and parts[4] == "cancel"
+        if rid not in self.background:
+            return web.json_response({"error": {"message": f"No response with id '{rid}'.",
+                                                "type": "invalid_request_error", "param": None,
+                                                "code": None}}, status=404)
+        body, polls, created_at = self.background[rid]
+        self.background[rid][1] = polls + 1
+        model = self._model(body)
+        status = "cancelled" if cancel else (
+            "completed" if polls >= self.behaviour.background_polls else "in_progress")
+        state = {**self._response(rid, model, "completed" if status == "completed" else status,
+                                  self.behaviour.reply if status == "completed" else None),
+                 "background": True, "status": status, "created_at": created_at}
+        if status == "cancelled":  # billed for the work done before the cancellation
+            state["usage"] = {"input_tokens": self.behaviour.prompt_tokens, "output_tokens": 1,
+                              "input_tokens_details": {"cached_tokens": 0},
+                              "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 13}
+        if request.query.get("stream") != "true" or status != "completed":
+            return self._json(state)
+        events = [f"event: response.{status}\n".encode() + b"data: "
+                  + orjson.dumps({"type": f"response.{status}", "sequence_number": 0,
+                                  "response": state}) + b"\n\n"]
+        return await self._stream(request, events)
+
     async def _responses(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         rid, model = self._id("resp_"), self._model(body)
+        if body.get("background") is True and not body.get("stream"):
+            queued = self._response(rid, model, "queued", None)
+            self.background[rid] = [body, 0, queued["created_at"]]
+            return self._json({**queued, "background": True})
         if not body.get("stream"):
             return self._json(self._response(rid, model, "completed", self.behaviour.reply))
         seq = iter(range(10_000))

@@ -70,12 +70,28 @@ async def test_deleted_sessions_keep_their_cost_in_the_campaign(proxy, fake):
         assert [s["session_id"] for s in listed["sessions"]] == ["keep"]
         everything = await _get(http, f"{proxy.url}/costs/campaigns/gamma/sessions?include_deleted=true")
         assert {s["session_id"] for s in everything["sessions"]} == {"keep", "gone"}
-    # Usage recorded for a deleted session still counts.
+    await assert_aggregates_match_ledger(proxy.engine)
+
+
+async def test_a_call_in_a_deleted_session_revives_it(proxy, fake):
+    """A deleted session that is used again is listed again with all its cost (the earlier
+    included), so the session list still adds up to the campaign."""
+    await _traffic(proxy, {"gamma": ["keep", "gone", "gone"]})
+    async with aiohttp.ClientSession() as http:
+        gone = await _get(http, f"{proxy.url}/costs/campaigns/gamma/sessions/gone")
+        async with http.delete(f"{proxy.url}/costs/campaigns/gamma/sessions/gone") as response:
+            assert response.status == 200
     await _traffic(proxy, {"gamma": ["gone"]})
     async with aiohttp.ClientSession() as http:
-        later = await _get(http, f"{proxy.url}/costs/campaigns/gamma")
-    assert Decimal(later["cost_usd"]) > Decimal(after["cost_usd"])
-    assert Decimal(later["deleted_sessions_cost_usd"]) > Decimal(gone["cost_usd"])
+        campaign = await _get(http, f"{proxy.url}/costs/campaigns/gamma")
+        listed = await _get(http, f"{proxy.url}/costs/campaigns/gamma/sessions")
+        revived = await _get(http, f"{proxy.url}/costs/campaigns/gamma/sessions/gone")
+    assert {s["session_id"] for s in listed["sessions"]} == {"keep", "gone"}
+    assert revived["deleted_at"] is None and revived["requests"] == 3
+    assert Decimal(revived["cost_usd"]) > Decimal(gone["cost_usd"])
+    assert campaign["deleted_sessions_cost_usd"] == "0.00"
+    assert sum(Decimal(s["cost_usd"]) for s in listed["sessions"]) == Decimal(campaign["cost_usd"])
+    assert sum(s["requests"] for s in listed["sessions"]) == campaign["requests"]
     await assert_aggregates_match_ledger(proxy.engine)
 
 

@@ -110,8 +110,10 @@ async def test_connection_reset_before_the_answer_is_a_502_recorded_at_zero_cost
     await assert_aggregates_match_ledger(proxy.engine)
 
 
-async def test_a_client_that_hangs_up_before_the_answer_is_recorded_as_499_not_502(proxy, fake):
-    """The upstream did nothing wrong: the record says the client left (nginx's 499), at zero cost."""
+async def test_a_client_that_hangs_up_before_the_answer_is_recorded_at_its_estimate(proxy, fake):
+    """The upstream did nothing wrong: the record says the client left (nginx's 499). OpenAI bills
+    the work it did, so the call is recorded at the request's estimate (its prompt), flagged
+    `estimated`, never at $0 (the SDKs' retry-on-timeout would multiply unrecorded calls)."""
     fake.behaviour.hold = asyncio.Event()
     try:
         async with aiohttp.ClientSession() as http:
@@ -122,7 +124,24 @@ async def test_a_client_that_hangs_up_before_the_answer_is_recorded_as_499_not_5
     finally:
         fake.behaviour.hold.set()
     [row] = await ledger_rows(proxy.engine)
-    assert (row.campaign_id, row.status_code, row.cost_usd, row.estimated) == ("c1", 499, 0, False)
+    assert (row.campaign_id, row.status_code, row.estimated) == ("c1", 499, True)
+    assert row.input_tokens > 0 and row.output_tokens == 0 and row.cost_usd > 0
+    await assert_aggregates_match_ledger(proxy.engine)
+
+
+async def test_each_sdk_retry_after_a_timeout_is_its_own_estimated_row(proxy, fake):
+    """The openai SDK times out on a slow answer and retries: OpenAI bills each attempt's prompt,
+    so each attempt is a row at its estimate, cost above zero."""
+    fake.behaviour.delay = 3.0
+    client = proxy.client(timeout=0.4, max_retries=2)
+    with pytest.raises(openai.APITimeoutError):
+        await client.chat.completions.create(model="gpt-4o-mini",
+                                             messages=[{"role": "user", "content": "hi " * 50}])
+    await proxy.flush(within=15)
+    rows = await ledger_rows(proxy.engine)
+    assert len(rows) == 3
+    assert all(r.status_code == 499 and r.estimated and r.cost_usd > 0 for r in rows)
+    assert len({r.cost_usd for r in rows}) == 1  # the same prompt, the same estimate
     await assert_aggregates_match_ledger(proxy.engine)
 
 
