@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
 
-from costing.usage import Operation, operation_for
+from costing.usage import OPERATION_PATHS, Operation
 
 
 class Kind(Enum):
@@ -88,11 +88,17 @@ def normalize(path: str) -> str:
     return path
 
 
+# By path, not by Operation: enum members hash in Python code, and every request asks.
+_METERED = {path: Endpoint(Kind.METERED, operation.value, operation)
+            for path, operation in OPERATION_PATHS.items()}
+
+
 def classify(method: str, path: str) -> Endpoint:
     """The kind of a request to a normalised `path`; the metered four are a dict lookup."""
-    operation = operation_for(method, path)
-    if operation is not None:
-        return Endpoint(Kind.METERED, operation.value, operation)
+    if method == "POST":
+        found = _METERED.get(path) or _METERED.get(path.rstrip("/"))
+        if found is not None:
+            return found
     return _classify_other(method, path.rstrip("/"))
 
 

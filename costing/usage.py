@@ -23,7 +23,7 @@ class Operation(StrEnum):
     RESPONSES = "responses"
 
 
-_OPERATION_PATHS = {
+OPERATION_PATHS = {
     "/v1/chat/completions": Operation.CHAT,
     "/v1/completions": Operation.COMPLETIONS,
     "/v1/embeddings": Operation.EMBEDDINGS,
@@ -53,7 +53,7 @@ def operation_for(method: str, path: str) -> Operation | None:
     """The metered operation of a request, or None when the request is only forwarded."""
     if method != "POST":
         return None
-    return _OPERATION_PATHS.get(path.rstrip("/"))
+    return OPERATION_PATHS.get(path.rstrip("/"))
 
 
 @dataclass(slots=True)
