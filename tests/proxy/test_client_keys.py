@@ -12,7 +12,12 @@ import logging
 import aiohttp
 import openai
 import pytest
+from conftest import make_settings
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
+from pydantic import ValidationError
+
+from costing.settings import describe_error, parse_client_keys
+from proxy.keys import open_proxy_refusal
 
 SERVER_KEY = "sk-server-secret-0123"
 KEY_A = "pk-alpha-7f3c9e1b2d4a"
@@ -143,3 +148,31 @@ async def test_with_keys_and_no_server_key_the_upstream_gets_no_authorization(st
     proxy = await start_proxy(proxy_api_keys=KEY_A)
     await client(proxy, KEY_A).models.list()
     assert "authorization" not in {k.lower() for k in fake.requests[-1].headers}
+
+
+# -- PROXY_API_KEYS and the open-proxy rule, as configuration ------------------------------------
+
+
+def test_keys_parse_with_optional_campaign_binding_and_base64_padding():
+    assert parse_client_keys(" k1 , k2=camp-2,, a2V5==") == {"k1": None, "k2": "camp-2", "a2V5==": None}
+
+
+@pytest.mark.parametrize("raw", ["k1=bad campaign", "k1=a,k1=b", " , ", "k 1"])
+def test_bad_keys_are_one_line_naming_the_variable_and_never_the_key(raw):
+    with pytest.raises(ValidationError) as caught:
+        make_settings(proxy_api_keys=raw)
+    line = describe_error(caught.value)
+    assert "PROXY_API_KEYS" in line and "\n" not in line and "k1" not in line
+
+
+@pytest.mark.parametrize(("host", "refused"), [
+    ("0.0.0.0", True), ("::", True), ("", True), ("192.0.2.7", True),
+    ("127.0.0.1", False), ("127.0.0.2", False), ("::1", False), ("localhost", False),
+])
+def test_serving_beyond_loopback_with_a_server_key_needs_client_keys(host, refused):
+    settings = make_settings(proxy_host=host, openai_api_key=SERVER_KEY)
+    assert (open_proxy_refusal(settings) is not None) is refused
+    for allowed in (make_settings(proxy_host=host, openai_api_key=SERVER_KEY, proxy_api_keys=KEY_A),
+                    make_settings(proxy_host=host, openai_api_key=SERVER_KEY, allow_open_proxy=True),
+                    make_settings(proxy_host=host)):  # no server key: clients bring their own
+        assert open_proxy_refusal(allowed) is None
