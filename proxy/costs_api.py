@@ -255,6 +255,9 @@ async def delete_budget(request: web.Request) -> web.Response:
 # -- access ----------------------------------------------------------------------------------------
 
 
+is_loopback = access.is_loopback  # the rule's old home; callers may still import it from here
+
+
 def check_access(request: web.Request) -> None:
     """Raise unless the caller may use /costs (token, or loopback when no token is set)."""
     access.check(request, request.config_dict[SETTINGS].costs_api_token, "/costs", "COSTS_API_TOKEN")
