@@ -88,17 +88,21 @@ def ssl_argument(target: DatabaseTarget) -> ssl.SSLContext | str | bool | None:
         return mode
     if mode in ("allow", "prefer", "require") and target.sslrootcert:
         mode = "verify-ca"
-    if mode in ("verify-ca", "verify-full"):
-        cafile = None if target.sslrootcert in (None, "system") else target.sslrootcert
-        context = ssl.create_default_context(cafile=cafile)
-        context.check_hostname = mode == "verify-full"
-    else:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if target.sslcert:
-        context.load_cert_chain(target.sslcert, keyfile=target.sslkey,
-                                password=target.sslpassword or None)
+    try:
+        if mode in ("verify-ca", "verify-full"):
+            cafile = None if target.sslrootcert in (None, "system") else target.sslrootcert
+            context = ssl.create_default_context(cafile=cafile)
+            context.check_hostname = mode == "verify-full"
+        else:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if target.sslcert:
+            context.load_cert_chain(target.sslcert, keyfile=target.sslkey,
+                                    password=target.sslpassword or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise DatabaseUnavailable(f"DATABASE_URL: cannot load the TLS files (sslrootcert, sslcert, "
+                                  f"sslkey): {exc.strerror or exc}") from exc
     return context
 
 

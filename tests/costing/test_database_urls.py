@@ -14,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from costing.db import connect_args, create_engine, ssl_argument
+from costing.errors import DatabaseUnavailable
 from costing.settings import Settings, describe_error, parse_database_url
 
 BASE = "postgresql://app:pw@db.example.com:5432/costs"
@@ -107,3 +108,9 @@ def test_an_unknown_parameter_or_value_is_one_line_naming_database_url_and_it(qu
         Settings(_env_file=None)  # type: ignore[call-arg]
     line = describe_error(caught.value)
     assert "\n" not in line and "DATABASE_URL" in line and named in line
+
+
+def test_a_missing_tls_file_is_one_line_naming_database_url(tmp_path):
+    with pytest.raises(DatabaseUnavailable) as caught:
+        ssl_argument(target(f"sslmode=verify-full&sslrootcert={tmp_path / 'missing.crt'}"))
+    assert str(caught.value).startswith("DATABASE_URL: ") and "\n" not in str(caught.value)
