@@ -1,4 +1,5 @@
-# llm-cost-proxy: `docker build -t llm-cost-proxy .` then `docker run -p 8080:8080 llm-cost-proxy`
+# llm-cost-proxy: `docker build -t llm-cost-proxy .` then
+#   docker run -v llm-costs:/data -p 127.0.0.1:8080:8080 -e PROXY_API_KEYS=... -e OPENAI_API_KEY=... llm-cost-proxy
 # (or `docker compose up -d` for PostgreSQL, Prometheus and Grafana around it).
 FROM python:3.11-slim
 
@@ -18,12 +19,16 @@ RUN pip install . \
     && mkdir -p /data \
     && chown app:app /data
 
-# Without DATABASE_URL the embedded SQLite file lands in /data (the working directory).
+# The state of a proxy without PostgreSQL lives in the volume /data: the embedded SQLite ledger
+# and the local spool of records not yet committed.
 WORKDIR /data
 USER app
+VOLUME ["/data"]
 
 ENV PROXY_HOST=0.0.0.0 \
-    PROXY_PORT=8080
+    PROXY_PORT=8080 \
+    DATABASE_URL=sqlite+aiosqlite:////data/llm-costs.db \
+    LEDGER_SPOOL_DIR=/data/llm-costs-spool
 EXPOSE 8080
 
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \

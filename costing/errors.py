@@ -50,3 +50,7 @@ def format_money(amount: Decimal) -> str:
     """Human text for messages: cents, more digits only when cents would hide the amount."""
     cents = amount.quantize(Decimal("0.01"))
     return str(cents) if cents == amount or amount >= 1 else format_usd(amount)
+
+
+class DatabaseUnavailable(CostingError):
+    """The database cannot be used at start (missing SQLite directory, unreachable server)."""

@@ -31,7 +31,8 @@ def key_hash(authorization: str | None) -> str | None:
     """A short, non-reversible fingerprint of the API key: enough to tell keys apart in the ledger."""
     if not authorization:
         return None
-    key = authorization.removeprefix("Bearer ").strip()
+    scheme, _, credentials = authorization.strip().partition(" ")
+    key = credentials.strip() if scheme.lower() == "bearer" else authorization.strip()
     return hashlib.sha256(key.encode()).hexdigest()[:12] if key else None
 
 

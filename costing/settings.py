@@ -5,6 +5,7 @@ Everything configurable lives here; no other module reads `os.environ`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -17,36 +18,110 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from costing.money import MAX_USD
 
 TAG_HEADER_PATTERN = r"^[A-Za-z][A-Za-z0-9-]{0,63}$"
+TAG_VALUE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 
 @dataclass(frozen=True)
 class DatabaseTarget:
-    """A SQLAlchemy async URL plus the PostgreSQL schema the app asked for (Prisma's `?schema=`)."""
+    """A SQLAlchemy async URL, the PostgreSQL schema the app asked for (Prisma's `?schema=`) and
+    the libpq/Prisma connection parameters `costing.db` turns into asyncpg arguments."""
 
     url: str
     schema: str | None = None
+    sslmode: str | None = None
+    sslrootcert: str | None = None
+    sslcert: str | None = None
+    sslkey: str | None = None
+    sslpassword: str | None = None
+    application_name: str | None = None
+    connect_timeout: float | None = None
+    pgbouncer: bool = False
+    statement_cache_size: int | None = None
+    pool_size: int | None = None
+    pool_timeout: float | None = None
 
     @property
     def is_sqlite(self) -> bool:
         return self.url.startswith("sqlite")
 
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file, None for an in-memory or URI database."""
+        if not self.is_sqlite:
+            return None
+        path = self.url.split(":///", 1)[1].split("?", 1)[0] if ":///" in self.url else ""
+        if not path or path == ":memory:" or path.startswith("file:"):
+            return None
+        return Path(path)
+
+
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# libpq/Prisma query parameters and what becomes of them (see the README, "Database URLs").
+_TEXT_PARAMETERS = ("sslrootcert", "sslcert", "sslkey", "sslpassword", "application_name")
+_IGNORED_PARAMETERS = ("socket_timeout", "sslaccept")  # Prisma-only, no asyncpg equivalent
+_PASSED_PARAMETERS = ("host", "port", "prepared_statement_cache_size", "command_timeout")
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _number(name: str, value: str, kind: type[int] | type[float], minimum: float) -> Any:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ValueError(f"parameter {name}={value!r} is not a number") from None
+    if number < minimum:
+        raise ValueError(f"parameter {name}={value!r} must be at least {minimum}")
+    return number
+
+
+def _postgresql_target(netloc: str, path: str, query: list[tuple[str, str]]) -> DatabaseTarget:
+    fields: dict[str, Any] = {}
+    passed: list[tuple[str, str]] = []
+    for name, value in query:
+        if name == "schema":
+            fields["schema"] = value or None
+        elif name in ("sslmode", "ssl"):  # `ssl` is SQLAlchemy's spelling for asyncpg
+            mode = {"true": "require", "false": "disable"}.get(value.lower(), value.lower())
+            if mode not in SSL_MODES:
+                raise ValueError(f"parameter {name}={value!r}: use one of {', '.join(SSL_MODES)}")
+            fields["sslmode"] = mode
+        elif name in _TEXT_PARAMETERS:
+            fields[name] = value or None
+        elif name == "connect_timeout":
+            seconds = _number(name, value, float, 0)
+            fields[name] = seconds or None  # libpq: 0 means wait forever
+        elif name == "pgbouncer":
+            if value.lower() not in _BOOLEANS:
+                raise ValueError(f"parameter pgbouncer={value!r}: use true or false")
+            fields[name] = _BOOLEANS[value.lower()]
+        elif name == "statement_cache_size":
+            fields[name] = _number(name, value, int, 0)
+        elif name == "connection_limit":
+            fields["pool_size"] = _number(name, value, int, 1)
+        elif name == "pool_timeout":
+            fields[name] = _number(name, value, float, 0) or None
+        elif name in _PASSED_PARAMETERS:
+            passed.append((name, value))
+        elif name not in _IGNORED_PARAMETERS:
+            raise ValueError(f"unknown parameter {name!r} (see the README, \"Database URLs\", for "
+                             "those the proxy understands)")
+    if fields.get("pgbouncer"):
+        passed.append(("prepared_statement_cache_size", "0"))
+    url = urlunsplit(("postgresql+asyncpg", netloc, path, urlencode(passed), ""))
+    return DatabaseTarget(url, **fields)
+
 
 def parse_database_url(raw: str) -> DatabaseTarget:
-    """Accept SQLAlchemy URLs and the app's Prisma-style `postgresql://...?schema=public` as is."""
+    """Accept SQLAlchemy URLs and the libpq/Prisma URLs of hosted PostgreSQL services as they are:
+    the driver, `schema` and the connection parameters are mapped, unknown parameters refused."""
     raw = raw.strip()
     parts = urlsplit(raw)
     scheme = parts.scheme.lower()
     if scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
         query = parse_qsl(parts.query, keep_blank_values=True)
-        schema = next((v for k, v in query if k == "schema"), None)
-        # Prisma-only options that asyncpg would reject as unknown server settings.
-        prisma_only = {"schema", "connection_limit", "pool_timeout", "pgbouncer", "sslaccept",
-                       "socket_timeout", "connect_timeout", "statement_cache_size"}
-        rest = [(k, v) for k, v in query if k not in prisma_only]
-        if not parts.hostname and not parts.path.strip("/"):
+        if not parts.hostname and not parts.path.strip("/") and not any(k == "host" for k, _ in query):
             raise ValueError("a PostgreSQL URL needs a host and a database name")
-        url = urlunsplit(("postgresql+asyncpg", parts.netloc, parts.path, urlencode(rest), ""))
-        return DatabaseTarget(url, schema or None)
+        return _postgresql_target(parts.netloc, parts.path, query)
     if scheme in ("sqlite", "sqlite+aiosqlite"):
         return DatabaseTarget("sqlite+aiosqlite:" + raw.split(":", 1)[1])
     raise ValueError(
@@ -95,6 +170,12 @@ class Settings(BaseSettings):
     shutdown_timeout_seconds: float = Field(30.0, ge=0)
     log_level: str = "INFO"
 
+    # Client keys and exposed deployments (#17).
+    proxy_api_keys: SecretStr | None = None
+    allow_open_proxy: bool = False
+    metrics_token: SecretStr | None = None
+    database_connect_timeout_seconds: float = Field(30.0, ge=0)
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -109,7 +190,22 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL such as https://api.openai.com")
         return value.strip().rstrip("/")
 
-    @field_validator("openai_api_key", "costs_api_token", "prices_file", mode="before")
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        if value.strip().upper() not in LOG_LEVELS:
+            raise ValueError(f"use one of {', '.join(LOG_LEVELS)}")
+        return value.strip().upper()
+
+    @field_validator("proxy_api_keys")
+    @classmethod
+    def _check_client_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_client_keys(value.get_secret_value())
+        return value
+
+    @field_validator("openai_api_key", "costs_api_token", "prices_file", "proxy_api_keys",
+                     "metrics_token", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -125,6 +221,52 @@ class Settings(BaseSettings):
     @property
     def database(self) -> DatabaseTarget:
         return parse_database_url(self.database_url)
+
+    @property
+    def upstream_base(self) -> str:
+        """UPSTREAM_BASE_URL without a trailing `/v1`: the incoming `/v1/...` path is appended to
+        it, and an SDK-style base URL (`https://api.groq.com/openai/v1`) is a common copy."""
+        return self.upstream_base_url.removesuffix("/v1")
+
+    @property
+    def client_keys(self) -> dict[str, str | None]:
+        """PROXY_API_KEYS as {key: bound campaign or None}; empty when unset."""
+        if self.proxy_api_keys is None:
+            return {}
+        return parse_client_keys(self.proxy_api_keys.get_secret_value())
+
+    @property
+    def metrics_access_token(self) -> SecretStr | None:
+        """/metrics takes METRICS_TOKEN, else the /costs token; with neither, loopback only."""
+        return self.metrics_token if self.metrics_token is not None else self.costs_api_token
+
+
+def parse_client_keys(raw: str) -> dict[str, str | None]:
+    """`key1,key2=campaign` -> {key: bound campaign or None}. Messages never quote a key.
+
+    A key ending in `=` (base64 padding) is a key, not a binding: a binding needs a campaign.
+    """
+    keys: dict[str, str | None] = {}
+    for position, item in enumerate((part.strip() for part in raw.split(",")), start=1):
+        if not item:
+            continue
+        key, sep, campaign = item.rpartition("=")
+        if not sep or not campaign:
+            key, campaign_id = item, None
+        else:
+            campaign_id = campaign.strip()
+            key = key.strip()
+            if not TAG_VALUE.fullmatch(campaign_id):
+                raise ValueError(f"key {position}: the campaign after '=' must be 1-128 characters "
+                                 "of letters, digits and _ . : -")
+        if not key or any(c.isspace() for c in key):
+            raise ValueError(f"key {position} is empty or holds spaces")
+        if key in keys and keys[key] != campaign_id:
+            raise ValueError(f"key {position} is listed twice with different campaigns")
+        keys[key] = campaign_id
+    if not keys:
+        raise ValueError("no key given (comma-separated keys, or leave it unset)")
+    return keys
 
 
 def describe_error(error: ValidationError) -> str:

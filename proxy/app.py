@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from costing import schema
 from costing.budget import make_budget
-from costing.db import create_engine
+from costing.db import create_engine, wait_until_reachable
 from costing.gate import BudgetGate, SessionCosts
 from costing.ledger import Ledger
 from costing.meter import Meter
@@ -32,8 +32,20 @@ from costing.tasks import finish, pause
 from proxy import costs_api, health
 from proxy.errors import add_fallback
 from proxy.forward import forward
+from proxy.keys import ClientKeys
 from proxy.metrics import Metrics
-from proxy.state import ENGINE, GATE, LEDGER, METER, METRICS, SETTINGS, STORE, UPSTREAM, Upstream
+from proxy.state import (
+    CLIENT_KEYS,
+    ENGINE,
+    GATE,
+    LEDGER,
+    METER,
+    METRICS,
+    SETTINGS,
+    STORE,
+    UPSTREAM,
+    Upstream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +64,7 @@ def holder_id() -> str:
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    await wait_until_reachable(settings.database, settings.database_connect_timeout_seconds)
     if settings.auto_migrate:
         await schema.upgrade(settings)
     engine = create_engine(settings.database)
@@ -79,7 +92,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         timeout=timeout, auto_decompress=True,
         cookie_jar=aiohttp.DummyCookieJar(),
     )
-    app[UPSTREAM] = Upstream(client, settings.upstream_base_url)
+    app[UPSTREAM] = Upstream(client, settings.upstream_base)
     yield
     await client.close()
 
@@ -145,6 +158,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
 def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
     app = web.Application(client_max_size=settings.max_request_body_bytes)
     app[SETTINGS] = settings
+    app[CLIENT_KEYS] = ClientKeys.from_settings(settings)
     app[METRICS] = Metrics(registry if registry is not None else CollectorRegistry(),
                            settings.metrics_max_campaigns)
     app.cleanup_ctx.extend([_database, _upstream, _metering])

@@ -30,7 +30,7 @@ from costing.usage import Operation, Reported, RequestFacts, from_body, request_
 from proxy.errors import ProxyError, answer
 from proxy.metrics import Metrics
 from proxy.sse import SSETap
-from proxy.state import METER, METRICS, SETTINGS, UPSTREAM, Upstream
+from proxy.state import CLIENT_KEYS, METER, METRICS, SETTINGS, UPSTREAM, Upstream
 from proxy.tags import tag_value
 
 HOP_BY_HOP = frozenset({
@@ -61,6 +61,8 @@ Headers = list[tuple[str, str]]
 def upstream_headers(request: web.Request, settings: Settings) -> Headers:
     """The client's headers minus hop-by-hop ones (and those its Connection header names) and tags."""
     dropped = {settings.campaign_header.lower(), settings.session_header.lower()}
+    if settings.proxy_api_keys is not None:  # the client's key is the proxy's, never upstream's
+        dropped.add("authorization")
     for value in request.headers.getall("Connection", ()):
         dropped.update(token.strip().lower() for token in value.split(","))
     headers = [(name, value) for name, value in request.headers.items()
@@ -117,7 +119,9 @@ def _dispatch(request: web.Request) -> Awaitable[web.StreamResponse]:
     if _has_dot_segment(path):
         raise ProxyError(404, "Not found: a path with '.' or '..' segments is never forwarded",
                          code="not_found")
-    campaign_id = tag_value(request.headers, settings.campaign_header)
+    keys = app[CLIENT_KEYS]
+    bound = keys.admit(request.headers) if keys is not None else None  # 401 / 403
+    campaign_id = bound or tag_value(request.headers, settings.campaign_header)
     session_id = tag_value(request.headers, settings.session_header)
     endpoint = classify(request.method, path)
     headers = upstream_headers(request, settings)

@@ -1,4 +1,5 @@
-"""Liveness, readiness (database reachable and schema current) and the Prometheus endpoint."""
+"""Liveness, readiness (database reachable and schema current) and the Prometheus endpoint
+(behind the /costs access rule: it shows campaign ids and spend)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from costing import schema
 from costing.tasks import uninterrupted
+from proxy import access
 from proxy.errors import answering
 from proxy.state import ENGINE, LEDGER, METRICS, SETTINGS
 
@@ -43,6 +45,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """Campaign ids and spend: the /costs access rule, with METRICS_TOKEN (else COSTS_API_TOKEN)."""
+    access.check(request, request.app[SETTINGS].metrics_access_token, "/metrics", "METRICS_TOKEN")
     payload = generate_latest(request.app[METRICS].registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

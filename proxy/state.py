@@ -13,6 +13,7 @@ from costing.ledger import Ledger
 from costing.meter import Meter
 from costing.settings import Settings
 from costing.store import Store
+from proxy.keys import ClientKeys
 from proxy.metrics import Metrics
 
 
@@ -32,3 +33,5 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 LEDGER = web.AppKey("ledger", Ledger)
 GATE = web.AppKey("gate", BudgetGate)
 METER = web.AppKey("meter", Meter)
+# None unless PROXY_API_KEYS is set; a plain value built from the settings, nothing to close.
+CLIENT_KEYS: web.AppKey[ClientKeys | None] = web.AppKey("client_keys")

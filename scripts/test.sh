@@ -12,6 +12,7 @@ python3 -m venv .venv
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   command -v prometheus >/dev/null || missing+=(prometheus)
+  command -v openssl >/dev/null || missing+=(openssl)  # the TLS database tests' certificates
   command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
   if [ ${#missing[@]} -gt 0 ]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null \

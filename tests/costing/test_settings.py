@@ -162,10 +162,11 @@ def test_every_postgresql_spelling_uses_asyncpg(scheme):
     assert parse_database_url(f"{scheme}://u:p@db:5432/costs").url == "postgresql+asyncpg://u:p@db:5432/costs"
 
 
-def test_prisma_only_options_are_dropped_and_others_kept():
+def test_prisma_and_libpq_options_are_mapped_out_of_the_url():
     target = parse_database_url("postgresql://u:p@db/costs?schema=game&connection_limit=5&pool_timeout=10"
-                                "&application_name=proxy")
-    assert target == DatabaseTarget("postgresql+asyncpg://u:p@db/costs?application_name=proxy", "game")
+                                "&application_name=proxy&socket_timeout=3")
+    assert target == DatabaseTarget("postgresql+asyncpg://u:p@db/costs", "game", application_name="proxy",
+                                    pool_size=5, pool_timeout=10.0)
 
 
 def test_a_url_without_schema_has_no_schema():

@@ -70,12 +70,37 @@ def interpolate(value: Any, env: dict[str, str] | None = None) -> str:
     return _INTERPOLATION.sub(replace, str(value))
 
 
-def environment(svc: dict[str, Any]) -> dict[str, str]:
-    """A service's environment (map or list form), interpolated with an empty shell environment."""
+# What a user must set for `docker compose up` (`${VAR:?...}` in docker-compose.yml).
+REQUIRED = {"METRICS_TOKEN": "metrics-token-1234", "GRAFANA_ADMIN_PASSWORD": "grafana-pw-1234"}
+
+
+def environment(svc: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, str]:
+    """A service's environment (map or list form), interpolated with a shell environment holding
+    only the required variables (or `env`)."""
     raw = svc.get("environment") or {}
     if isinstance(raw, list):
         raw = dict(item.split("=", 1) if "=" in item else (item, "") for item in raw)
-    return {str(k): interpolate("" if v is None else v) for k, v in raw.items()}
+    shell = REQUIRED if env is None else env
+    return {str(k): interpolate("" if v is None else v, shell) for k, v in raw.items()}
+
+
+def published(svc: dict[str, Any], env: dict[str, str] | None = None) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of a service's `ports:` entries, interpolated;
+    the address is "" when the entry names none (every interface)."""
+    found = []
+    for port in svc.get("ports") or []:
+        if isinstance(port, dict):
+            found.append((interpolate(port.get("host_ip", ""), env), int(interpolate(port["published"], env)),
+                          int(port["target"])))
+            continue
+        parts = interpolate(port, env).split("/")[0].rsplit(":", 2)
+        if len(parts) == 3:
+            found.append((parts[0], int(parts[1]), int(parts[2])))
+        elif len(parts) == 2:
+            found.append(("", int(parts[0]), int(parts[1])))
+        else:
+            found.append(("", 0, int(parts[0])))
+    return found
 
 
 def bind_mounts(svc: dict[str, Any]) -> list[tuple[Path, str]]:
@@ -104,10 +129,16 @@ def container_ports(svc: dict[str, Any]) -> list[int]:
     return ports
 
 
-def env_example() -> dict[str, str]:
-    """Every variable listed in .env.example with its (default) value."""
+COMPOSE_ONLY_MARKER = "# -- docker-compose.yml only"
+
+
+def env_example(*, compose_only: bool = False) -> dict[str, str]:
+    """Every proxy variable listed in .env.example with its (default) value; with `compose_only`,
+    those of its docker-compose.yml section instead."""
     values = {}
-    for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
+    text = ENV_EXAMPLE.read_text(encoding="utf-8")
+    proxy_part, _, compose_part = text.partition(COMPOSE_ONLY_MARKER)
+    for line in (compose_part if compose_only else proxy_part).splitlines():
         match = re.match(r"^\s*([A-Z][A-Z0-9_]*)=(.*)$", line)
         if match:
             values[match.group(1)] = match.group(2).strip()

@@ -16,12 +16,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 from conftest import IN_CI, free_port
 from deploy_files import (
     COMPOSE,
     DOCKERFILE,
     DOCKERIGNORE,
     PROMETHEUS_CONFIG,
+    REQUIRED,
     ROOT,
     bind_mounts,
     compose,
@@ -31,13 +33,15 @@ from deploy_files import (
     environment,
     interpolate,
     load_yaml,
+    published,
     service,
 )
 
 from costing.settings import Settings
 
-# Values the compose stack sets on purpose instead of the .env.example default.
-COMPOSE_OVERRIDES = {"DATABASE_URL", "PROXY_HOST"}
+# Values the compose stack sets on purpose instead of the .env.example default (METRICS_TOKEN:
+# required, Prometheus scrapes with it).
+COMPOSE_OVERRIDES = {"DATABASE_URL", "PROXY_HOST", "METRICS_TOKEN"}
 
 
 def test_compose_has_the_four_services_and_declares_its_named_volumes():
@@ -64,15 +68,28 @@ def test_every_mounted_host_path_exists():
         assert host.is_relative_to(ROOT), f"{name}: {host} is outside the project"
 
 
-def test_proxy_is_built_here_and_published_on_8080():
+def test_proxy_is_built_here_and_published_on_8080_of_the_loopback_interface():
     proxy = service("proxy")
     build = proxy["build"]
     context = build if isinstance(build, str) else build.get("context", ".")
     dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
     assert (ROOT / context / dockerfile).resolve() == DOCKERFILE
-    assert "8080:8080" in [str(p) for p in proxy["ports"]]
+    assert published(proxy) == [("127.0.0.1", 8080, 8080)]
+    assert published(proxy, {"PROXY_PUBLISH_ADDRESS": "0.0.0.0"}) == [("0.0.0.0", 8080, 8080)]
     assert environment(proxy)["PROXY_PORT"] == "8080"
     assert environment(proxy)["PROXY_HOST"] == "0.0.0.0"
+
+
+def test_every_published_port_binds_127_0_0_1_unless_the_user_opens_it():
+    openers = {"proxy": "PROXY_PUBLISH_ADDRESS", "prometheus": "PROMETHEUS_PUBLISH_ADDRESS",
+               "grafana": "GRAFANA_PUBLISH_ADDRESS"}
+    for name, svc in compose()["services"].items():
+        for address, _host_port, _container_port in published(svc):
+            assert address == "127.0.0.1", f"{name} publishes a port on {address or 'every interface'}"
+        if svc.get("ports"):
+            opened = published(svc, {openers[name]: "0.0.0.0"})
+            assert {address for address, _, _ in opened} == {"0.0.0.0"}, name
+    assert published(service("postgres")) == []  # the database is reachable inside the stack only
 
 
 def test_proxy_environment_covers_every_configuration_variable_with_its_default():
@@ -121,14 +138,49 @@ def test_every_service_has_a_healthcheck():
         assert isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
 
 
-def test_grafana_is_reachable_and_documented():
+def test_grafana_has_no_default_password_and_no_anonymous_access_by_default():
     grafana = service("grafana")
-    assert "3000:3000" in [str(p) for p in grafana["ports"]]
+    assert published(grafana) == [("127.0.0.1", 3000, 3000)]
+    raw = grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    with pytest.raises(AssertionError, match="GRAFANA_ADMIN_PASSWORD"):
+        interpolate(raw, {})  # `docker compose up` refuses to start without it
+    assert interpolate(raw, {"GRAFANA_ADMIN_PASSWORD": "pw-1"}) == "pw-1"
     env = environment(grafana)
-    anonymous = env.get("GF_AUTH_ANONYMOUS_ENABLED") == "true"
-    assert anonymous or env.get("GF_SECURITY_ADMIN_PASSWORD") == "admin"
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"  # never more, even when turned on
+    opened = environment(grafana, {**REQUIRED, "GRAFANA_ANONYMOUS_VIEWER": "true"})
+    assert opened["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert "admin" not in {env.get("GF_SECURITY_ADMIN_PASSWORD")}
     header = COMPOSE.read_text(encoding="utf-8").split("services:")[0]
-    assert "localhost:3000" in header and "admin/admin" in header
+    assert "127.0.0.1:3000" in header and "GRAFANA_ADMIN_PASSWORD" in header
+
+
+def test_compose_only_variables_of_env_example_are_used_with_the_same_defaults():
+    text = COMPOSE.read_text(encoding="utf-8")
+    only = env_example(compose_only=True)
+    assert {"GRAFANA_ADMIN_PASSWORD", "PROXY_PUBLISH_ADDRESS"} <= set(only)
+    for name, default in only.items():
+        if name in REQUIRED:
+            assert f"${{{name}:?" in text, f"{name} must be required by docker-compose.yml"
+        else:
+            assert f"${{{name}:-{default}}}" in text, f"{name}: compose default differs from .env.example"
+    for name in ("PROXY_API_KEYS", "ALLOW_OPEN_PROXY", "METRICS_TOKEN"):
+        assert name in env_example(), f".env.example lacks {name}"
+
+
+def test_the_proxy_refuses_to_serve_openly_in_compose_without_client_keys():
+    """Inside the stack the proxy listens on 0.0.0.0: with OPENAI_API_KEY and no PROXY_API_KEYS it
+    must refuse to start (proxy.keys.open_proxy_refusal), not relay for anyone."""
+    from proxy.keys import open_proxy_refusal
+
+    proxy = service("proxy")
+    values = {k.lower(): v for k, v in environment(proxy, {**REQUIRED, "OPENAI_API_KEY": "sk-x"}).items()}
+    refusal = open_proxy_refusal(Settings(_env_file=None, **values))  # type: ignore[arg-type]
+    assert refusal is not None and "PROXY_API_KEYS" in refusal
+    keyed = environment(proxy, {**REQUIRED, "OPENAI_API_KEY": "sk-x", "PROXY_API_KEYS": "k1,k2=c2"})
+    settings = Settings(_env_file=None, **{k.lower(): v for k, v in keyed.items()})  # type: ignore[arg-type]
+    assert open_proxy_refusal(settings) is None
+    assert settings.client_keys == {"k1": None, "k2": "c2"}
 
 
 def test_prometheus_scrapes_the_proxy_service_on_its_container_port():
@@ -151,13 +203,48 @@ def test_prometheus_scrapes_the_proxy_service_on_its_container_port():
     assert mounted[config_flag.split("=", 1)[1]] == PROMETHEUS_CONFIG
 
 
-def test_prometheus_config_passes_promtool():
+def test_prometheus_scrapes_with_the_proxys_metrics_token(tmp_path):
+    """The scrape job's credentials_file is the file the compose entrypoint writes METRICS_TOKEN to,
+    and the entrypoint, run by /bin/sh, writes the token exactly (no newline) and starts Prometheus
+    with the compose command."""
+    [job] = load_yaml(PROMETHEUS_CONFIG)["scrape_configs"]
+    auth = job["authorization"]
+    assert auth.get("type", "Bearer") == "Bearer" and "credentials" not in auth
+    token_file = auth["credentials_file"]
+    prometheus = service("prometheus")
+    raw_proxy = service("proxy")["environment"]["METRICS_TOKEN"]
+    assert prometheus["environment"]["METRICS_TOKEN"].split(":?")[0] == raw_proxy.split(":?")[0]
+    shell, flag, script, argv0 = prometheus["entrypoint"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    script = interpolate(script)  # $$ -> $
+    assert f"> {token_file} " in script and "exec /bin/prometheus" in script
+    written = tmp_path / "metrics_token"
+    runnable = script.replace(token_file, str(written)).replace("exec /bin/prometheus", "exec echo")
+    done = subprocess.run(["/bin/sh", "-c", runnable, argv0, *prometheus["command"]], capture_output=True,
+                          text=True, timeout=10, env={"PATH": os.environ["PATH"], "METRICS_TOKEN": "t0k en"})
+    assert done.returncode == 0, done.stderr
+    assert written.read_text() == "t0k en"
+    assert oct(written.stat().st_mode & 0o777) == "0o600"
+    assert done.stdout.split() == prometheus["command"]
+
+
+
+
+def test_prometheus_config_passes_promtool(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
         if IN_CI:
             pytest.fail("promtool (Debian package prometheus) is required in CI")
         pytest.skip("promtool not installed")
-    check = subprocess.run([promtool, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True,
+    # promtool also checks that the token file exists: it is written when the container starts.
+    config = load_yaml(PROMETHEUS_CONFIG)
+    token = tmp_path / "metrics_token"
+    token.write_text("token")
+    for job in config["scrape_configs"]:
+        job["authorization"]["credentials_file"] = str(token)
+    checked = tmp_path / "prometheus.yml"
+    checked.write_text(yaml.safe_dump(config), encoding="utf-8")
+    check = subprocess.run([promtool, "check", "config", str(checked)], capture_output=True,
                            text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
 
@@ -178,6 +265,12 @@ def test_dockerfile_runs_serve_as_a_non_root_user_on_all_interfaces():
     assert users and users[-1].split(":")[0] not in ("root", "0")
     env = " ".join(_instruction("ENV"))
     assert "PROXY_HOST=0.0.0.0" in env
+    # State (the SQLite ledger and the spool) in a declared volume, not in the container's layer.
+    [volume] = _instruction("VOLUME")
+    volumes = json.loads(volume) if volume.startswith("[") else volume.split()
+    assert "/data" in volumes
+    assert "DATABASE_URL=sqlite+aiosqlite:////data/" in env
+    assert "LEDGER_SPOOL_DIR=/data/" in env
     assert "8080" in " ".join(_instruction("EXPOSE")).split()
     [healthcheck] = _instruction("HEALTHCHECK")
     assert "urllib" in healthcheck and "/healthz" in healthcheck

@@ -26,15 +26,20 @@ SCRAPE = "1s"
 CAMPAIGNS = ("alpha", "beta", "gamma")
 CAPPED = "capped"  # limit 0: every request refused by the budget gate
 MESSAGES = [{"role": "user", "content": "Roll for initiative."}]
+METRICS_TOKEN = "metrics-token-e2e-5c1f"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 def _launch(tmp_path: Path, proxy_port: int) -> tuple[subprocess.Popen[bytes], str, Path]:
-    """Prometheus with the project's scrape config, retargeted at the test proxy every second."""
+    """Prometheus with the project's scrape config, retargeted at the test proxy every second; the
+    token file it names holds the proxy's METRICS_TOKEN, as docker-compose.yml writes it."""
     config = load_yaml(PROMETHEUS_CONFIG)
     config["global"].update(scrape_interval=SCRAPE, evaluation_interval=SCRAPE)
+    token_file = tmp_path / "metrics_token"
+    token_file.write_text(METRICS_TOKEN, encoding="utf-8")
     for job in config["scrape_configs"]:
+        job["authorization"]["credentials_file"] = str(token_file)
         job.update(scrape_interval=SCRAPE, scrape_timeout=SCRAPE,
                    static_configs=[{"targets": [f"127.0.0.1:{proxy_port}"]}])
     config_file = tmp_path / "prometheus.yml"
@@ -70,6 +75,12 @@ def prometheus_binary() -> Iterator[str]:
             pytest.fail("prometheus (Debian package prometheus) is required in CI")
         pytest.skip("prometheus not installed")
     yield PROMETHEUS
+
+
+@pytest.fixture
+async def proxy(start_proxy: Any) -> Any:
+    """The proxy as compose runs it: /metrics behind METRICS_TOKEN."""
+    return await start_proxy(metrics_token=METRICS_TOKEN)
 
 
 @pytest.fixture
@@ -149,6 +160,9 @@ def _panel_queries() -> list[tuple[str, str]]:
 async def test_every_dashboard_query_returns_data_from_a_real_prometheus(proxy, fake, prometheus):
     fake.behaviour.cached_tokens, fake.behaviour.reasoning_tokens = 4, 3
     async with aiohttp.ClientSession() as http:
+        # Without the token /metrics is closed, so every scrape below is an authorized one.
+        async with http.get(f"{proxy.url}/metrics") as response:
+            assert response.status == 401 and response.headers["WWW-Authenticate"] == "Bearer"
         async with http.put(f"{proxy.url}/costs/campaigns/{CAPPED}/budget",
                             json={"warning_usd": "0", "limit_usd": "0"}) as response:
             assert response.status == 200, await response.text()

@@ -12,7 +12,8 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 
-from proxy.costs_api import check_access, is_loopback
+from proxy.access import is_loopback
+from proxy.costs_api import check_access
 from proxy.errors import ProxyError
 
 

@@ -1,0 +1,178 @@
+"""Client keys (PROXY_API_KEYS): only clients with a key may spend the operator's upstream key, a
+bound key records under its campaign and nowhere else, and keys are never kept anywhere.
+
+Through the real proxy with the real `openai` SDK against the loopback fake upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import aiohttp
+import openai
+import pytest
+from conftest import make_settings
+from ledger_check import assert_aggregates_match_ledger, ledger_rows
+from pydantic import ValidationError
+
+from costing.settings import describe_error, parse_client_keys
+from proxy.keys import open_proxy_refusal
+
+SERVER_KEY = "sk-server-secret-0123"
+KEY_A = "pk-alpha-7f3c9e1b2d4a"
+KEY_BOUND = "pk-tenant-b-91e0aa37c5"
+KEYS = f"{KEY_A}, {KEY_BOUND}=tenant-b"
+MESSAGES = [{"role": "user", "content": "Roll for initiative."}]
+
+
+@pytest.fixture
+async def keyed(start_proxy):
+    return await start_proxy(proxy_api_keys=KEYS, openai_api_key=SERVER_KEY)
+
+
+def client(proxy, key, campaign="c1", session="s1"):
+    headers = {"X-Session-Id": session} | ({"X-Campaign-Id": campaign} if campaign else {})
+    return openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key=key, default_headers=headers,
+                              max_retries=0)
+
+
+async def test_a_request_without_a_key_is_401_in_openais_shape_and_not_forwarded(keyed, fake):
+    async with aiohttp.ClientSession() as http:
+        for path in ("/v1/chat/completions", "/v1/models", "/v1/files"):
+            async with http.post(keyed.url + path, json={"model": "gpt-4o-mini", "messages": MESSAGES},
+                                 headers={"X-Campaign-Id": "c1"}) as response:
+                assert response.status == 401, path
+                assert response.headers["WWW-Authenticate"] == "Bearer"
+                error = (await response.json())["error"]
+                assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+                assert "PROXY_API_KEYS" in error["message"]
+    assert fake.requests == []
+
+
+async def test_an_unknown_key_is_401_for_the_sdk_on_metered_and_pass_through_paths(keyed, fake):
+    with pytest.raises(openai.AuthenticationError) as caught:
+        await client(keyed, "pk-not-a-key").chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert caught.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        await client(keyed, KEY_A + "x").models.list()
+    with pytest.raises(openai.AuthenticationError):  # the operator's own key is no client key
+        await client(keyed, SERVER_KEY).models.list()
+    assert fake.requests == []
+
+
+async def test_a_known_key_is_served_and_the_upstream_sees_only_the_server_key(keyed, fake):
+    await client(keyed, KEY_A).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    await client(keyed, KEY_A).models.list()  # pass-through paths too
+    assert len(fake.requests) == 2
+    for seen in fake.requests:
+        authorizations = [v for k, v in seen.headers.items() if k.lower() == "authorization"]
+        assert authorizations == [f"Bearer {SERVER_KEY}"]
+        assert KEY_A not in str(seen.headers)
+
+
+async def test_the_bearer_scheme_is_case_insensitive(keyed, fake):
+    async with aiohttp.ClientSession() as http:
+        for scheme in ("bearer", "BEARER", "Bearer"):
+            async with http.get(f"{keyed.url}/v1/models",
+                                headers={"Authorization": f"{scheme} {KEY_A}"}) as response:
+                assert response.status == 200, scheme
+        basic = {"Authorization": f"Basic {KEY_A}"}
+        async with http.get(f"{keyed.url}/v1/models", headers=basic) as response:
+            assert response.status == 401
+
+
+async def test_a_bound_key_records_under_its_campaign_whatever_the_header(keyed, fake):
+    # No campaign header, and the bound campaign itself: both recorded under tenant-b.
+    await client(keyed, KEY_BOUND, campaign=None).chat.completions.create(model="gpt-4o-mini",
+                                                                         messages=MESSAGES)
+    raw = await client(keyed, KEY_BOUND, campaign="tenant-b").chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES)
+    assert raw.headers["X-Campaign-Cost-USD"]
+    await keyed.flush()
+    rows = await ledger_rows(keyed.engine)
+    assert [r.campaign_id for r in rows] == ["tenant-b", "tenant-b"]
+    await assert_aggregates_match_ledger(keyed.engine)
+
+
+async def test_a_bound_key_with_another_campaign_is_403_and_nothing_is_forwarded(keyed, fake):
+    for campaign in ("c1", "_untagged", "tenant-b2"):
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            await client(keyed, KEY_BOUND, campaign=campaign).chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES)
+        assert caught.value.code == "campaign_not_allowed"
+        assert "tenant-b" in caught.value.message
+    assert fake.requests == []
+    await keyed.flush()
+    assert await ledger_rows(keyed.engine) == []
+
+
+async def test_an_unbound_key_uses_the_campaign_header(keyed, fake):
+    await client(keyed, KEY_A, campaign="c7").embeddings.create(model="text-embedding-3-small",
+                                                                input="goblin")
+    await keyed.flush()
+    [row] = await ledger_rows(keyed.engine)
+    assert row.campaign_id == "c7"
+
+
+async def test_keys_are_absent_from_logs_ledger_metrics_and_costs(keyed, fake, caplog):
+    caplog.set_level(logging.DEBUG)
+    await client(keyed, KEY_A).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    with pytest.raises(openai.AuthenticationError):
+        await client(keyed, "pk-wrong-key-55").chat.completions.create(model="gpt-4o-mini",
+                                                                       messages=MESSAGES)
+    await keyed.flush()
+    [row] = await ledger_rows(keyed.engine)
+    assert row.api_key_hash == hashlib.sha256(KEY_A.encode()).hexdigest()[:12]
+    stored = " ".join(str(v) for v in row._mapping.values())
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{keyed.url}/metrics") as response:
+            metrics = await response.text()
+        texts = [metrics]
+        for path in ("/costs/campaigns", "/costs/campaigns/c1", "/costs/campaigns/c1/sessions"):
+            async with http.get(keyed.url + path) as response:
+                assert response.status == 200
+                texts.append(await response.text())
+    everything = " ".join([stored, caplog.text, *texts])
+    for secret in (KEY_A, KEY_BOUND, "pk-wrong-key-55", SERVER_KEY):
+        assert secret not in everything
+
+
+async def test_without_keys_the_clients_authorization_goes_upstream_as_before(start_proxy, fake):
+    proxy = await start_proxy(openai_api_key=SERVER_KEY)
+    await proxy.client().models.list()
+    assert fake.requests[-1].headers["Authorization"] == "Bearer sk-test-key"
+
+
+async def test_with_keys_and_no_server_key_the_upstream_gets_no_authorization(start_proxy, fake):
+    proxy = await start_proxy(proxy_api_keys=KEY_A)
+    await client(proxy, KEY_A).models.list()
+    assert "authorization" not in {k.lower() for k in fake.requests[-1].headers}
+
+
+# -- PROXY_API_KEYS and the open-proxy rule, as configuration ------------------------------------
+
+
+def test_keys_parse_with_optional_campaign_binding_and_base64_padding():
+    assert parse_client_keys(" k1 , k2=camp-2,, a2V5==") == {"k1": None, "k2": "camp-2", "a2V5==": None}
+
+
+@pytest.mark.parametrize("raw", ["k1=bad campaign", "k1=a,k1=b", " , ", "k 1"])
+def test_bad_keys_are_one_line_naming_the_variable_and_never_the_key(raw):
+    with pytest.raises(ValidationError) as caught:
+        make_settings(proxy_api_keys=raw)
+    line = describe_error(caught.value)
+    assert "PROXY_API_KEYS" in line and "\n" not in line and "k1" not in line
+
+
+@pytest.mark.parametrize(("host", "refused"), [
+    ("0.0.0.0", True), ("::", True), ("", True), ("192.0.2.7", True),
+    ("127.0.0.1", False), ("127.0.0.2", False), ("::1", False), ("localhost", False),
+])
+def test_serving_beyond_loopback_with_a_server_key_needs_client_keys(host, refused):
+    settings = make_settings(proxy_host=host, openai_api_key=SERVER_KEY)
+    assert (open_proxy_refusal(settings) is not None) is refused
+    for allowed in (make_settings(proxy_host=host, openai_api_key=SERVER_KEY, proxy_api_keys=KEY_A),
+                    make_settings(proxy_host=host, openai_api_key=SERVER_KEY, allow_open_proxy=True),
+                    make_settings(proxy_host=host)):  # no server key: clients bring their own
+        assert open_proxy_refusal(allowed) is None
