@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from costing.budget import Budget, worst_case_units
-from costing.errors import LedgerUnavailable
+from costing.errors import BudgetExceeded, LedgerUnavailable
 from costing.gate import Admission, BudgetGate, SessionCosts
 from costing.ledger import Ledger
 from costing.pricing import PriceTable, Quote, cost_units
@@ -56,7 +56,10 @@ class Meter:
         """`admit` without awaiting, when this process's budget lease covers the request (nearly
         always); None when the gate has to ask the database. Raises as `admit` does."""
         quote, reservation = self._reserve(facts)
-        admission = self.gate.admit_now(campaign_id, reservation)
+        try:
+            admission = self.gate.admit_now(campaign_id, reservation)
+        except BudgetExceeded as exc:
+            raise _explained(exc, facts, quote, self.default_max_output_tokens) from None
         if admission is None:
             return None
         return self._ticket(campaign_id, session_id, operation, facts, quote, admission, authorization)
@@ -66,7 +69,10 @@ class Meter:
         """Reserve the request's worst-case cost, or raise BudgetExceeded / LedgerUnavailable."""
         quote, reservation = self._reserve(facts)
         # gate.admit covers the case admit_now takes too, so callers need not try that first.
-        admission = await self.gate.admit(campaign_id, reservation)
+        try:
+            admission = await self.gate.admit(campaign_id, reservation)
+        except BudgetExceeded as exc:
+            raise _explained(exc, facts, quote, self.default_max_output_tokens) from None
         return self._ticket(campaign_id, session_id, operation, facts, quote, admission, authorization)
 
     def _reserve(self, facts: RequestFacts) -> tuple[Quote, int]:
@@ -77,8 +83,8 @@ class Meter:
             # BUDGET_FAIL_CLOSED: serve nothing while usage cannot be written, even when a budget
             # lease held from before the outage would still cover the request.
             raise LedgerUnavailable("the cost database is unavailable")
-        quote = self.prices.quote(facts.model)
-        return quote, worst_case_units(quote.price, facts, self.default_max_output_tokens)
+        quote = self.prices.quote(facts.model, facts.service_tier)
+        return quote, worst_case_units(quote, facts, self.default_max_output_tokens)
 
     def _ticket(self, campaign_id: str, session_id: str, operation: Operation, facts: RequestFacts,
                 quote: Quote, admission: Admission, authorization: str | None) -> Ticket:
@@ -102,9 +108,15 @@ class Meter:
             else:
                 usage = Usage()  # OpenAI does not bill failed requests
         response_model = reported.model if reported else None
-        quote = self.prices.quote(response_model) if response_model else ticket.quote
-        if quote.priced_by_default and not ticket.quote.priced_by_default:
-            quote = ticket.quote
+        # The tier that served the call, as the response says; else the one asked for.
+        tier = (reported.service_tier if reported else None) or ticket.facts.service_tier
+        quote = ticket.quote
+        if response_model or tier != ticket.facts.service_tier:
+            quote = self.prices.quote(response_model or ticket.facts.model, tier)
+            if quote.priced_by_default and not ticket.quote.priced_by_default:
+                quote = self.prices.quote(ticket.facts.model, tier)
+        if quote.price.search_every_call and usage.web_search_calls < 1 and 200 <= status < 300:
+            usage.web_search_calls = 1  # billed per call: the ledger shows the search
         amount = cost_units(quote.price, usage)
         # Positional, in field order: keyword matching of 16 fields cost more than the rest.
         entry = UsageEntry(
@@ -112,7 +124,7 @@ class Meter:
             response_model, usage, amount, quote.priced_by_default, estimated, streamed, status,
             int((time.perf_counter() - ticket.started) * 1000), time.time_ns() // 1000,
             reported.response_id if reported and 200 <= status < 300 else None,
-            ticket.api_key_hash,
+            ticket.api_key_hash, tier,
         )
         if not ticket.settled:
             ticket.settled = True
@@ -135,3 +147,17 @@ class Meter:
     def session_total_now(self, campaign_id: str, session_id: str) -> int | None:
         """`session_total` when the stored part has been read already (nearly always), else None."""
         return self.sessions.total_now(campaign_id, session_id)
+
+
+def _explained(exc: BudgetExceeded, facts: RequestFacts, quote: Quote, default_max_output: int
+               ) -> BudgetExceeded:
+    """A refusal of a request that sets no output cap, while the campaign still has budget: say
+    what was reserved and how to make the request fit (/costs shows the same remaining amount)."""
+    if facts.max_output_tokens is not None or exc.spent >= exc.limit:
+        return exc
+    per_choice = quote.max_output_tokens if quote.max_output_tokens is not None else default_max_output
+    choices = f" for each of {facts.candidates} choices" if facts.candidates > 1 else ""
+    return exc.with_hint(
+        f"It sets no output cap, so {per_choice} output tokens{choices} are reserved (the most "
+        f"{facts.model or 'the model'} can answer): set max_completion_tokens (or max_tokens / "
+        "max_output_tokens) to what the answer needs")

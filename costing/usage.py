@@ -39,6 +39,7 @@ TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete
 MAX_MODEL_LENGTH = 200
 MAX_ID_LENGTH = 255
 MAX_TOKENS = 10**9
+MAX_TIER_LENGTH = 32
 
 # Characters per token: OpenAI's rule of thumb for English text; used only for estimates.
 CHARS_PER_TOKEN = 4
@@ -69,6 +70,9 @@ class Usage:
     cached_input_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    audio_input_tokens: int = 0  # part of input_tokens
+    audio_output_tokens: int = 0  # part of output_tokens
+    web_search_calls: int = 0  # Responses `web_search_call` output items
 
     @property
     def total_tokens(self) -> int:
@@ -82,6 +86,7 @@ class Reported:
     usage: Usage | None
     model: str | None
     response_id: str | None
+    service_tier: str | None = None  # the tier that served the call, as the response says
 
 
 def _int(value: Any) -> int:
@@ -108,11 +113,31 @@ def parse_usage(raw: Any) -> Usage | None:
         output_tokens = _int(raw.get("completion_tokens"))
         in_details = raw.get("prompt_tokens_details")
         out_details = raw.get("completion_tokens_details")
-    cached = _int(in_details.get("cached_tokens")) if type(in_details) is dict else 0
-    reasoning = _int(out_details.get("reasoning_tokens")) if type(out_details) is dict else 0
+    cached = audio_in = reasoning = audio_out = 0
+    if type(in_details) is dict:
+        cached = _int(in_details.get("cached_tokens"))
+        if "audio_tokens" in in_details:
+            audio_in = _int(in_details["audio_tokens"])
+    if type(out_details) is dict:
+        reasoning = _int(out_details.get("reasoning_tokens"))
+        if "audio_tokens" in out_details:
+            audio_out = _int(out_details["audio_tokens"])
     # Positional: this runs for every response, and keyword matching costs more than the rest.
     return Usage(input_tokens, cached if cached < input_tokens else input_tokens,
-                 output_tokens, reasoning if reasoning < output_tokens else output_tokens)
+                 output_tokens, reasoning if reasoning < output_tokens else output_tokens,
+                 audio_in if audio_in < input_tokens else input_tokens,
+                 audio_out if audio_out < output_tokens else output_tokens)
+
+
+def _tier(value: Any) -> str | None:
+    return value[:MAX_TIER_LENGTH] if type(value) is str and value else None
+
+
+def web_search_calls(output: Any) -> int:
+    """Web searches a Responses output made: its `web_search_call` items (each is billed)."""
+    if type(output) is not list:
+        return 0
+    return sum(1 for item in output if type(item) is dict and item.get("type") == "web_search_call")
 
 
 def _str(value: Any, limit: int) -> str | None:
@@ -123,8 +148,11 @@ def from_body(body: Any) -> Reported:
     """Usage, model and id of a non-streamed response body (any metered operation)."""
     if not isinstance(body, dict):
         return Reported(None, None, None)
-    return Reported(parse_usage(body.get("usage")), _str(body.get("model"), MAX_MODEL_LENGTH),
-                    _str(body.get("id"), MAX_ID_LENGTH))
+    usage = parse_usage(body.get("usage"))
+    if usage is not None and "output" in body:  # a Responses object: count its web searches
+        usage.web_search_calls = web_search_calls(body["output"])
+    return Reported(usage, _str(body.get("model"), MAX_MODEL_LENGTH),
+                    _str(body.get("id"), MAX_ID_LENGTH), _tier(body.get("service_tier")))
 
 
 def from_event(event: Any) -> Reported:
@@ -136,9 +164,10 @@ def from_event(event: Any) -> Reported:
         response = event.get("response")
         if not isinstance(response, dict):
             return Reported(None, None, None)
-        usage = parse_usage(response.get("usage")) if kind in TERMINAL_RESPONSE_EVENTS else None
-        return Reported(usage, _str(response.get("model"), MAX_MODEL_LENGTH),
-                        _str(response.get("id"), MAX_ID_LENGTH))
+        if kind in TERMINAL_RESPONSE_EVENTS:
+            return from_body(response)
+        return Reported(None, _str(response.get("model"), MAX_MODEL_LENGTH),
+                        _str(response.get("id"), MAX_ID_LENGTH), _tier(response.get("service_tier")))
     return from_body(event)
 
 
@@ -186,7 +215,9 @@ class RequestFacts:
     stream: bool
     include_usage: bool
     prompt_tokens: int
-    max_output_tokens: int | None
+    max_output_tokens: int | None  # the cap times `candidates`; None: the request sets no cap
+    candidates: int = 1  # choices billed: `n`, and `best_of` for legacy completions
+    service_tier: str | None = None  # as requested
 
 
 # A tuple, not a set: a "type" that is a list or an object must compare, not fail to hash.
@@ -290,12 +321,14 @@ def request_facts(operation: Operation, body: Any) -> RequestFacts:
             if type(value) is int and value >= 0:
                 max_output = value
                 break
-    if max_output:
-        # Every candidate is billed: `n` choices, and for legacy completions `best_of` (>= n).
-        candidates = max(_count(body.get("n")), _count(body.get("best_of")), 1)
-        max_output = min(max_output * candidates, MAX_TOKENS)
+    # Every candidate is billed: `n` choices, and for legacy completions `best_of` (>= n).
+    candidates = 1
+    if "n" in body or "best_of" in body:
+        candidates = min(max(_count(body.get("n")), _count(body.get("best_of")), 1), 128)
+        if max_output:
+            max_output = min(max_output * candidates, MAX_TOKENS)
     return RequestFacts(model, stream, include_usage, min(_prompt_tokens(shape, body), MAX_TOKENS),
-                        max_output)
+                        max_output, candidates, _tier(body.get("service_tier")))
 
 
 def estimate_usage(prompt_tokens: int, streamed_chars: int) -> Usage:
