@@ -448,8 +448,8 @@ class PriceTable:
         name = model.lower().removeprefix("openai/") if model else ""
         info = self.library_model(name) if name else None
         names = self._names(name, info) if name else []
-        layers = [(label, _first(names, entries)) for label, entries in
-                  ((OVERRIDES, self.overrides.models), (self.user_label, self.user.models))]
+        found_as = [_first(names, entries) for entries in (self.overrides.models, self.user.models)]
+        layers = [(OVERRIDES, found_as[0][1]), (self.user_label, found_as[1][1])]
         if info is None and not any(entry and {"input", "output"} <= entry.amounts.keys()
                                     for _, entry in layers):
             return Quote(self.default, True, self._max_output(name), None, DEFAULT), {
@@ -459,7 +459,7 @@ class PriceTable:
         bands: list[tuple[int, dict[str, Decimal]]] = []
         every = False
         max_output = None
-        found = info.id if info is not None else None
+        found = found_as[1][0] or found_as[0][0] or (info.id if info is not None else None)
         tiered = False
         library_label = f"{LIBRARY} {library_version()}"
         if info is not None:
@@ -495,7 +495,7 @@ class PriceTable:
         price = _build(fields, every, bands)
         source = ", ".join(sorted(set(origin.values())))
         if max_output is None:
-            max_output = self._max_output(name, found)
+            max_output = self._max_output(name, info.id if info is not None else None)
         return Quote(price, False, max_output, found or name, source), origin
 
     def _max_output(self, name: str, library_id: str | None = None) -> int | None:
@@ -546,12 +546,13 @@ class PriceTable:
                                       "(USD per 1M tokens): the shipped data does not price this model")
 
 
-def _first(names: list[str], entries: Mapping[str, Entry]) -> Entry | None:
+def _first(names: list[str], entries: Mapping[str, Entry]) -> tuple[str | None, Entry | None]:
+    """The first of the names with an entry, and the entry."""
     for name in names:
         entry = entries.get(name)
         if entry is not None:
-            return entry
-    return None
+            return name, entry
+    return None, None
 
 
 def library_price(model: str, tier: str | None, when: date | datetime) -> Price | None:
