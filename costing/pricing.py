@@ -10,6 +10,7 @@ a call is a few integer products; only a prompt-size tier is chosen per call.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -345,6 +346,7 @@ def _build(fields: Mapping[str, Decimal], every: bool,
 # -- the library ---------------------------------------------------------------------------------
 
 
+@functools.cache
 def library_version() -> str:
     return metadata.version("genai-prices")
 
@@ -477,7 +479,7 @@ class PriceTable:
             if entry.max_output_tokens is not None:
                 max_output = entry.max_output_tokens
         for label, entry in layers:  # a tier's price is more specific than any standard price
-            if entry is not None and tier in entry.service_tiers:
+            if entry is not None and tier is not None and tier in entry.service_tiers:
                 _apply(fields, entry.service_tiers[tier])
                 origin.update(dict.fromkeys(_apply({}, entry.service_tiers[tier]), f"{label} ({tier})"))
                 tiered = True

@@ -182,7 +182,8 @@ def test_a_dated_snapshot_is_priced_as_its_base_model(table, snapshot, base):
 
 
 def test_an_exact_snapshot_entry_wins_over_its_base_model(table):
-    assert tokens(table.quote("gpt-4o-2024-05-13").price) == (Decimal("5.00"), Decimal("5.00"), Decimal("15.00"))
+    own = (Decimal("5.00"), Decimal("5.00"), Decimal("15.00"))
+    assert tokens(table.quote("gpt-4o-2024-05-13").price) == own
     assert table.quote("gpt-4o").price.input == Decimal("2.50")
 
 
