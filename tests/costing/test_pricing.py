@@ -354,3 +354,18 @@ def test_prices_with_at_most_four_decimals_are_whole_quanta_per_token():
     assert Price(Decimal("0.0375"), Decimal("0.0375"), Decimal("2.5"), Decimal(40), Decimal(80),
                  Decimal(25)).units == (375, 375, 25000, 400_000, 800_000, 250_000_000)
     assert Price(Decimal("0.00001"), Decimal("0.1"), Decimal("0.1")).units is None  # 0.1 quantum
+
+
+def test_the_readme_prices_file_example_loads_and_means_what_it_says(tmp_path):
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
+    section = readme[readme.index("## Prices"):]
+    example = section[section.index("```json\n") + 8:]
+    path = tmp_path / "prices.json"
+    path.write_text(example[:example.index("```")])
+    table = load(path)
+    assert tokens(table.quote("gpt-4o-2024-08-06").price) == (Decimal(2), Decimal(1), Decimal(8))
+    assert table.quote("gpt-4o", "priority").price.output == Decimal(14)
+    assert table.quote("gpt-4o-audio-preview").price.audio_output == Decimal(80)
+    assert table.quote("house-llama").max_output_tokens == 8192
+    long = table.quote("gpt-5.4").price.for_prompt(300_000)
+    assert (long.input, long.output) == (Decimal(5), Decimal("22.50"))
