@@ -117,7 +117,10 @@ class Meter:
                 quote = self.prices.quote(ticket.facts.model, tier)
         if quote.price.search_every_call and usage.web_search_calls < 1 and 200 <= status < 300:
             usage.web_search_calls = 1  # billed per call: the ledger shows the search
-        amount = cost_units(quote.price, usage)
+        price = quote.price
+        if ticket.facts.search_preview and price.preview is not None:
+            price = price.preview
+        amount = cost_units(price, usage)
         # Positional, in field order: keyword matching of 16 fields cost more than the rest.
         entry = UsageEntry(
             ticket.campaign_id, ticket.session_id, ticket.operation, ticket.facts.model,

@@ -34,7 +34,7 @@ UNITS_PER_CALL = Decimal(10**QUANTUM_DIGITS) / PER_THOUSAND  # USD per 1k calls 
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
 
 TOKEN_FIELDS = ("input", "cached_input", "output", "audio_input", "audio_output")  # per 1M tokens
-CALL_FIELDS = ("web_search",)  # per 1k calls
+CALL_FIELDS = ("web_search", "web_search_preview")  # per 1k calls
 AMOUNT_FIELDS = TOKEN_FIELDS + CALL_FIELDS
 ENTRY_KEYS = frozenset({*AMOUNT_FIELDS, "search_every_call", "max_output_tokens", "service_tiers",
                         "long_context"})
@@ -79,6 +79,9 @@ class Price:
     web_search: Decimal = Decimal(0)
     search_every_call: bool = False  # Chat Completions search models: one search billed per call
     long_context: tuple[tuple[int, Price], ...] = ()
+    # The same price for a request that used the Responses `web_search_preview` tool, where its
+    # per-call fee differs from `web_search` (non-reasoning models: $25 instead of $10 per 1k).
+    preview: Price | None = field(default=None, compare=False)
     # The same prices in storage quanta (1e-10 USD) per token or per search, when all are whole
     # numbers of quanta (prices with at most 4 decimals): then a cost is integer arithmetic.
     units: tuple[int, int, int, int, int, int] | None = field(init=False, repr=False, compare=False)
@@ -270,7 +273,8 @@ def parse_price_file(raw: Any) -> PriceFile:
     """`{"models": {model: entry}, "max_output_tokens": {prefix: n}}`, or the models object alone.
 
     An entry: `input`, `cached_input`, `output`, `audio_input`, `audio_output` (USD per 1M
-    tokens), `web_search` (USD per 1k searches), `search_every_call`, `max_output_tokens`,
+    tokens), `web_search` and `web_search_preview` (USD per 1k searches with the Responses
+    `web_search` / `web_search_preview` tool), `search_every_call`, `max_output_tokens`,
     `service_tiers` ({flex|priority|batch: {field: price}}) and `long_context` ([{above: N,
     field: price}]). Keys starting with `_` are comments; any other key is refused.
     """
@@ -330,17 +334,25 @@ def _apply(fields: dict[str, Decimal], amounts: Mapping[str, Decimal]) -> dict[s
 
 def _build(fields: Mapping[str, Decimal], every: bool,
            bands: Iterable[tuple[int, Mapping[str, Decimal]]]) -> Price:
-    def make(values: Mapping[str, Decimal], long_context: tuple[tuple[int, Price], ...] = ()) -> Price:
+    def make(values: Mapping[str, Decimal], long_context: tuple[tuple[int, Price], ...] = (),
+             search: str = "web_search") -> Price:
         return Price(values["input"], values.get("cached_input", values["input"]), values["output"],
                      values.get("audio_input"), values.get("audio_output"),
-                     values.get("web_search", Decimal(0)), every, long_context)
+                     values.get(search, values.get("web_search", Decimal(0))), every, long_context)
 
-    current = dict(fields)
-    tiers = []
-    for above, band in sorted(bands, key=lambda b: b[0]):
-        current = {**current, **band}
-        tiers.append((above, make(current)))
-    return make(fields, tuple(tiers))
+    def priced(search: str) -> Price:
+        current = dict(fields)
+        tiers = []
+        for above, band in sorted(bands, key=lambda b: b[0]):
+            current = {**current, **band}
+            tiers.append((above, make(current, search=search)))
+        return make(fields, tuple(tiers), search)
+
+    price = priced("web_search")
+    preview = fields.get("web_search_preview")
+    if preview is not None and preview != price.web_search:
+        object.__setattr__(price, "preview", priced("web_search_preview"))
+    return price
 
 
 # -- the library ---------------------------------------------------------------------------------

@@ -218,6 +218,7 @@ class RequestFacts:
     max_output_tokens: int | None  # the cap times `candidates`; None: the request sets no cap
     candidates: int = 1  # choices billed: `n`, and `best_of` for legacy completions
     service_tier: str | None = None  # as requested
+    search_preview: bool = False  # Responses: offers the `web_search_preview` tool
 
 
 # A tuple, not a set: a "type" that is a list or an object must compare, not fail to hash.
@@ -271,6 +272,7 @@ class _Shape:
     token_ids: bool  # prompt fields may be arrays of token ids
     messages: bool  # chat: a few tokens per message on top of their text
     output: bool  # embeddings produce no output tokens
+    search_tools: bool = False  # Responses: its tools may include web_search_preview
 
 
 _SHAPES = {
@@ -278,7 +280,7 @@ _SHAPES = {
     Operation.COMPLETIONS: _Shape(("prompt", "suffix"), token_ids=True, messages=False, output=True),
     Operation.EMBEDDINGS: _Shape(("input",), token_ids=True, messages=False, output=False),
     Operation.RESPONSES: _Shape(("input", "instructions", "tools"), token_ids=True, messages=False,
-                                output=True),
+                                output=True, search_tools=True),
 }
 _MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
@@ -327,8 +329,21 @@ def request_facts(operation: Operation, body: Any) -> RequestFacts:
         candidates = min(max(_count(body.get("n")), _count(body.get("best_of")), 1), 128)
         if max_output:
             max_output = min(max_output * candidates, MAX_TOKENS)
+    tools = body.get("tools") if shape.search_tools else None
     return RequestFacts(model, stream, include_usage, min(_prompt_tokens(shape, body), MAX_TOKENS),
-                        max_output, candidates, _tier(body.get("service_tier")))
+                        max_output, candidates, _tier(body.get("service_tier")),
+                        type(tools) is list and _offers_search_preview(tools))
+
+
+def _offers_search_preview(tools: list[Any]) -> bool:
+    """Whether a Responses request offers the `web_search_preview` tool (billed per call at its
+    own price on some models); its dated names too (`web_search_preview_2025_03_11`)."""
+    for tool in tools:
+        if type(tool) is dict:
+            kind = tool.get("type")
+            if type(kind) is str and kind.startswith("web_search_preview"):
+                return True
+    return False
 
 
 def estimate_usage(prompt_tokens: int, streamed_chars: int) -> Usage:

@@ -91,6 +91,8 @@ def describe_price(table: PriceTable, model: str, tier: str | None) -> str:
     row("audio input", "audio_input", price.audio_input, "per 1M tokens", "billed as input")
     row("audio output", "audio_output", price.audio_output, "per 1M tokens", "billed as output")
     row("web search", "web_search", price.web_search, "per 1k calls")
+    if price.preview is not None:
+        row("search preview", "web_search_preview", price.preview.web_search, "per 1k calls")
     if price.search_every_call:
         lines.append("  (every call is billed one web search)")
     for above, band in price.long_context:

@@ -721,3 +721,17 @@ def test_the_requested_tier_and_the_number_of_choices_are_request_facts():
     assert best_of.candidates == 4
     assert request_facts(Operation.CHAT, _chat()).candidates == 1
     assert request_facts(Operation.CHAT, _chat(n=10**6)).candidates == 128  # OpenAI's largest n
+
+
+@pytest.mark.parametrize(("tools", "preview"), [
+    ([{"type": "web_search_preview"}], True),
+    ([{"type": "function", "name": "roll"}, {"type": "web_search_preview_2025_03_11"}], True),
+    ([{"type": "web_search"}], False),
+    ("web_search_preview", False),
+    ([["web_search_preview"]], False),
+    (None, False),
+])
+def test_a_responses_request_offering_the_search_preview_tool_is_a_fact(tools, preview):
+    assert request_facts(Operation.RESPONSES, {"input": "x", "tools": tools}).search_preview is preview
+    chat = request_facts(Operation.CHAT, {"messages": [], "tools": tools})
+    assert chat.search_preview is False

@@ -60,6 +60,13 @@ CASES = [
          {"prompt_tokens": 1000, "completion_tokens": 500, "web_search_calls": 2}, searches=2),
     Case("web-search-stream", "responses", True, "gpt-5", (1000 * Decimal("1.25") + 500 * 10) / M + 10 / K,
          {"prompt_tokens": 1000, "completion_tokens": 500, "web_search_calls": 1}, searches=1),
+    # The Responses web_search_preview tool on a non-reasoning model: $25 per 1k calls.
+    Case("search-preview-tool", "responses", False, "gpt-4.1", (1000 * 2 + 500 * 8) / M + 25 / K,
+         {"prompt_tokens": 1000, "completion_tokens": 500, "web_search_calls": 1},
+         {"tools": [{"type": "web_search_preview"}]}, searches=1),
+    Case("search-tool", "responses", True, "gpt-4.1", (1000 * 2 + 500 * 8) / M + 10 / K,
+         {"prompt_tokens": 1000, "completion_tokens": 500, "web_search_calls": 1},
+         {"tools": [{"type": "web_search"}]}, searches=1),
     # Fine-tuned gpt-4o-mini: $0.30 in, $0.15 cached, $1.20 out per 1M.
     Case("fine-tune", "chat", True, "ft:gpt-4o-mini-2024-07-18:org::abc123",
          (600 * Decimal("0.30") + 400 * Decimal("0.15") + 1000 * Decimal("1.20")) / M,
