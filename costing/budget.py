@@ -8,8 +8,8 @@ from enum import StrEnum
 
 from costing.errors import InvalidBudget
 from costing.money import from_units, quantize, to_units
-from costing.pricing import Price, cost_units_of
-from costing.usage import RequestFacts
+from costing.pricing import Quote, cost_units
+from costing.usage import MAX_TOKENS, RequestFacts, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +69,20 @@ def remaining_units(spent: int, budget: Budget) -> int:
     return max(budget.limit_units - spent, 0)
 
 
-def worst_case_units(price: Price, facts: RequestFacts, default_max_output: int) -> int:
-    """What a request may cost at most, in money units: estimated prompt plus its output cap
-    (or the default cap)."""
+def worst_case_units(quote: Quote, facts: RequestFacts, default_max_output: int) -> int:
+    """What a request may cost at most, in money units, at the requested tier's price: the
+    estimated prompt, plus its output cap, or without one the model's largest answer (the
+    default cap for models whose largest answer is unknown) for each choice it asks for. Output
+    is priced at the dearer of text and audio output; a model that searches on every call adds
+    one search."""
     max_output = facts.max_output_tokens
     if max_output is None:
-        max_output = default_max_output
-    return cost_units_of(price, facts.prompt_tokens, 0, max_output)
+        per_choice = quote.max_output_tokens if quote.max_output_tokens is not None else default_max_output
+        max_output = min(per_choice * facts.candidates, MAX_TOKENS)
+    price = quote.price
+    audio_dearer = price.audio_output is not None and price.audio_output > price.output
+    return cost_units(price, Usage(facts.prompt_tokens, 0, max_output, 0, 0,
+                                   max_output if audio_dearer else 0))
 
 
 def admits(spent: Decimal, outstanding: Decimal, reservation: Decimal, budget: Budget) -> bool:

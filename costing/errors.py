@@ -14,7 +14,8 @@ class CostingError(Exception):
 class BudgetExceeded(CostingError):
     """The campaign's spend (plus what this request may cost) reaches its limit."""
 
-    def __init__(self, campaign_id: str, spent: Decimal, limit: Decimal, reservation: Decimal) -> None:
+    def __init__(self, campaign_id: str, spent: Decimal, limit: Decimal, reservation: Decimal,
+                 hint: str = "") -> None:
         self.campaign_id = campaign_id
         self.spent = spent
         self.limit = limit
@@ -27,7 +28,13 @@ class BudgetExceeded(CostingError):
                        f"${format_money(spent)} spent of ${format_money(limit)}, and this request "
                        f"may cost up to ${format_usd(reservation)} (lower max_tokens or raise the "
                        f"budget)")
+            if hint:
+                message = f"{message}. {hint}"
         super().__init__(message)
+
+    def with_hint(self, hint: str) -> BudgetExceeded:
+        """The same refusal, saying why the request's worst case is what it is."""
+        return BudgetExceeded(self.campaign_id, self.spent, self.limit, self.reservation, hint)
 
 
 class InvalidBudget(CostingError):

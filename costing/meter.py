@@ -13,10 +13,10 @@ from functools import lru_cache
 
 from costing.background import BackgroundResponses
 from costing.budget import Budget, worst_case_units
-from costing.errors import LedgerUnavailable
+from costing.errors import BudgetExceeded, LedgerUnavailable
 from costing.gate import Admission, BudgetGate, SessionCosts
 from costing.ledger import Ledger
-from costing.pricing import PriceTable, Quote, cost_units
+from costing.pricing import Price, PriceTable, Quote, cost_units
 from costing.records import UsageEntry, derived_id
 from costing.usage import Operation, Reported, RequestFacts, Usage, estimate_usage
 
@@ -69,7 +69,10 @@ class Meter:
         """`admit` without awaiting, when this process's budget lease covers the request (nearly
         always); None when the gate has to ask the database. Raises as `admit` does."""
         quote, reservation = self._reserve(facts)
-        admission = self.gate.admit_now(campaign_id, reservation)
+        try:
+            admission = self.gate.admit_now(campaign_id, reservation)
+        except BudgetExceeded as exc:
+            raise _explained(exc, facts, quote, self.default_max_output_tokens) from None
         if admission is None:
             return None
         return self._ticket(campaign_id, session_id, operation, facts, quote, admission, authorization)
@@ -79,7 +82,10 @@ class Meter:
         """Reserve the request's worst-case cost, or raise BudgetExceeded / LedgerUnavailable."""
         quote, reservation = self._reserve(facts)
         # gate.admit covers the case admit_now takes too, so callers need not try that first.
-        admission = await self.gate.admit(campaign_id, reservation)
+        try:
+            admission = await self.gate.admit(campaign_id, reservation)
+        except BudgetExceeded as exc:
+            raise _explained(exc, facts, quote, self.default_max_output_tokens) from None
         return self._ticket(campaign_id, session_id, operation, facts, quote, admission, authorization)
 
     def _reserve(self, facts: RequestFacts) -> tuple[Quote, int]:
@@ -90,8 +96,8 @@ class Meter:
             # BUDGET_FAIL_CLOSED: serve nothing while usage cannot be written, even when a budget
             # lease held from before the outage would still cover the request.
             raise LedgerUnavailable("the cost database is unavailable")
-        quote = self.prices.quote(facts.model)
-        return quote, worst_case_units(quote.price, facts, self.default_max_output_tokens)
+        quote = self.prices.quote(facts.model, facts.service_tier)
+        return quote, worst_case_units(quote, facts, self.default_max_output_tokens)
 
     def _ticket(self, campaign_id: str, session_id: str, operation: str, facts: RequestFacts,
                 quote: Quote, admission: Admission, authorization: str | None) -> Ticket:
@@ -116,12 +122,14 @@ class Meter:
             else:
                 usage = Usage()  # OpenAI does not bill failed requests
         response_model = reported.model if reported else None
-        quote = self.prices.quote(response_model) if response_model else ticket.quote
-        if quote.priced_by_default and not ticket.quote.priced_by_default:
-            quote = ticket.quote
+        tier = (reported.service_tier if reported else None) or ticket.facts.service_tier
+        price, by_default = self._price(response_model, ticket, tier)
+        if price.search_every_call and usage.web_search_calls < 1 and 200 <= status < 300:
+            usage.web_search_calls = 1  # billed per call: the ledger shows the search
         entry = self._entry(ticket.campaign_id, ticket.session_id, ticket.operation,
                             ticket.facts.model, reported if 200 <= status < 300 else None, usage,
-                            quote, estimated, streamed, status, ticket.started, ticket.api_key_hash)
+                            price, by_default, tier, estimated, streamed, status, ticket.started,
+                            ticket.api_key_hash)
         if ticket.settled:
             return entry
         if ticket.facts.background and 200 <= status < 300:
@@ -140,12 +148,26 @@ class Meter:
         self._submit(entry)
         return entry
 
+    def _price(self, response_model: str | None, ticket: Ticket, tier: str | None) -> tuple[Price, bool]:
+        """The price of a finished call and whether it is the default: the response's model at
+        the tier that served it (as the response says, else as asked), falling back to the
+        requested model's when the response names a model the table does not know."""
+        quote = ticket.quote
+        if response_model or tier != ticket.facts.service_tier:
+            quote = self.prices.quote(response_model or ticket.facts.model, tier)
+            if quote.priced_by_default and not ticket.quote.priced_by_default:
+                quote = self.prices.quote(ticket.facts.model, tier)
+        price = quote.price
+        if ticket.facts.search_preview and price.preview is not None:
+            price = price.preview
+        return price, quote.priced_by_default
+
     def record_unpriced(self, ticket: Ticket, *, status: int) -> UsageEntry:
         """A call on a billable path the proxy cannot price yet: a ledger row at cost 0, flagged
         `priced_by_default`, so the ledger shows it."""
         entry = self._entry(ticket.campaign_id, ticket.session_id, ticket.operation, None, None,
-                            Usage(), self.prices.quote(None), False, False, status, ticket.started,
-                            ticket.api_key_hash)
+                            Usage(), self.prices.quote(None).price, True, None, False, False,
+                            status, ticket.started, ticket.api_key_hash)
         entry.cost_units = 0
         if not ticket.settled:
             self._settle(ticket, 0)
@@ -165,9 +187,11 @@ class Meter:
         if reported.response_id:
             campaign_id, session_id = self.background.owner(reported.response_id,
                                                             campaign_id, session_id)
+        quote = self.prices.quote(reported.model, reported.service_tier)
         entry = self._entry(campaign_id, session_id, Operation.RESPONSES.value, None, reported,
-                            reported.usage, self.prices.quote(reported.model), False, streamed,
-                            status, started, key_hash(authorization))
+                            reported.usage, quote.price, quote.priced_by_default,
+                            reported.service_tier, False, streamed, status, started,
+                            key_hash(authorization))
         if not self.background.first(entry):
             return None
         await self.gate.charge(campaign_id, entry.cost_units)
@@ -177,17 +201,18 @@ class Meter:
         return entry
 
     def _entry(self, campaign_id: str, session_id: str, operation: str, request_model: str | None,
-               reported: Reported | None, usage: Usage, quote: Quote, estimated: bool,
-               streamed: bool, status: int, started: float, api_key_hash: str | None) -> UsageEntry:
-        if quote.priced_by_default:
+               reported: Reported | None, usage: Usage, price: Price, priced_by_default: bool,
+               tier: str | None, estimated: bool, streamed: bool, status: int, started: float,
+               api_key_hash: str | None) -> UsageEntry:
+        if priced_by_default:
             self._unknown_model(request_model if reported is None else reported.model or request_model)
         # Positional, in field order: keyword matching of 16 fields cost more than the rest.
         entry = UsageEntry(
             campaign_id, session_id, operation, request_model,
-            reported.model if reported else None, usage, cost_units(quote.price, usage),
-            quote.priced_by_default, estimated, streamed, status,
+            reported.model if reported else None, usage, cost_units(price, usage),
+            priced_by_default, estimated, streamed, status,
             int((time.perf_counter() - started) * 1000), time.time_ns() // 1000,
-            reported.response_id if reported else None, api_key_hash,
+            reported.response_id if reported else None, api_key_hash, tier,
         )
         if reported is not None and reported.background_at is not None and reported.usage is not None:
             entry.id = derived_id(f"background:{reported.response_id}:{reported.background_at}")
@@ -205,7 +230,9 @@ class Meter:
 
     def _unknown_model(self, model: str | None) -> None:
         """Log the first call priced with the default prices, per model (bounded)."""
-        key = model or ""
+        if model is None:  # a billable path without a model (an upload): nothing to add
+            return
+        key = model
         if key in self._unknown_models or len(self._unknown_models) >= MAX_LOGGED_MODELS:
             return
         self._unknown_models.add(key)
@@ -226,3 +253,17 @@ class Meter:
     def session_total_now(self, campaign_id: str, session_id: str) -> int | None:
         """`session_total` when the stored part has been read already (nearly always), else None."""
         return self.sessions.total_now(campaign_id, session_id)
+
+
+def _explained(exc: BudgetExceeded, facts: RequestFacts, quote: Quote, default_max_output: int
+               ) -> BudgetExceeded:
+    """A refusal of a request that sets no output cap, while the campaign still has budget: say
+    what was reserved and how to make the request fit (/costs shows the same remaining amount)."""
+    if facts.max_output_tokens is not None or exc.spent >= exc.limit:
+        return exc
+    per_choice = quote.max_output_tokens if quote.max_output_tokens is not None else default_max_output
+    choices = f" for each of {facts.candidates} choices" if facts.candidates > 1 else ""
+    return exc.with_hint(
+        f"It sets no output cap, so {per_choice} output tokens{choices} are reserved (the most "
+        f"{facts.model or 'the model'} can answer): set max_completion_tokens (or max_tokens / "
+        "max_output_tokens) to what the answer needs")

@@ -24,7 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
 from costing.money import ZERO, from_units, quantize, to_units
-from costing.usage import MAX_ID_LENGTH, MAX_MODEL_LENGTH
+from costing.usage import MAX_ID_LENGTH, MAX_MODEL_LENGTH, MAX_TIER_LENGTH
 
 ID_LENGTH = 128
 
@@ -92,6 +92,8 @@ class TokenCounts:
     cached_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    audio_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    audio_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class UsageRecord(TokenCounts, Base):
@@ -114,6 +116,8 @@ class UsageRecord(TokenCounts, Base):
     latency_ms: Mapped[int] = mapped_column(Integer)
     response_id: Mapped[str | None] = mapped_column(String(MAX_ID_LENGTH))
     api_key_hash: Mapped[str | None] = mapped_column(String(16))
+    service_tier: Mapped[str | None] = mapped_column(String(MAX_TIER_LENGTH))
+    web_search_calls: Mapped[int] = mapped_column(Integer, default=0)
 
     __table_args__ = (
         Index("ix_usage_records_campaign_created", "campaign_id", "created_at"),

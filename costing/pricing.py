@@ -1,16 +1,25 @@
-"""Prices and the cost of a call: a table of USD per 1M tokens, with dated snapshots resolved
-to their base model and a default price for models the table does not know.
+"""Prices and the cost of a call, as OpenAI bills it.
+
+The price data is genai-prices' bundled table (pinned; it is only read, never updated at run
+time), completed by our own overrides (`price_overrides.json`: what the library lacks, each
+entry citing OpenAI's published price) and extended/overridden by PRICES_FILE. A model's price
+for a service tier (`flex`, `priority`, `batch`; anything else is the standard price) is
+resolved once to integer money units per token (see costing.money) and memoized, so the cost of
+a call is a few integer products; only a prompt-size tier is chosen per call.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from decimal import Decimal
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
@@ -18,34 +27,99 @@ from costing.money import QUANTUM_DIGITS, from_units, to_units
 from costing.usage import Usage
 
 PER_MILLION = Decimal(1_000_000)
+PER_THOUSAND = Decimal(1000)
 UNITS_PER_TOKEN = Decimal(10**QUANTUM_DIGITS) / PER_MILLION  # USD per 1M tokens -> quanta per token
+UNITS_PER_CALL = Decimal(10**QUANTUM_DIGITS) / PER_THOUSAND  # USD per 1k calls -> quanta per call
 # `gpt-4o-mini-2024-07-18`, `gpt-4-0613`, `o1-preview-2024-09-12`: a date after the base name.
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
+
+TOKEN_FIELDS = ("input", "cached_input", "output", "audio_input", "audio_output")  # per 1M tokens
+CALL_FIELDS = ("web_search", "web_search_preview")  # per 1k calls
+AMOUNT_FIELDS = TOKEN_FIELDS + CALL_FIELDS
+ENTRY_KEYS = frozenset({*AMOUNT_FIELDS, "search_every_call", "max_output_tokens", "service_tiers",
+                        "long_context"})
+# Far above any published price (o1-pro output is $600 per 1M tokens), far below what the
+# ledger can store: a value above it is a typo (a price per token, an exponent), not a price.
+MAX_PRICE = Decimal(10_000)
+MAX_OUTPUT_TOKENS = 10**7
+SERVICE_TIERS = ("flex", "priority", "batch")
+# What genai-prices calls a tier: request context for its price variants.
+_LIBRARY_CONTEXT = {"flex": {"service_tier": "flex"}, "priority": {"service_tier": "priority"},
+                    "batch": {"processing": "batch"}}
+_LIBRARY_KEYS = {"input_mtok": "input", "cache_read_mtok": "cached_input", "output_mtok": "output",
+                 "input_audio_mtok": "audio_input", "output_audio_mtok": "audio_output",
+                 "web_searches_kcount": "web_search"}
+BATCH_DISCOUNT = Decimal("0.5")  # OpenAI: the Batch API costs 50% of the standard price
+
+LIBRARY = "genai-prices"
+OVERRIDES = "costing/price_overrides.json"
+USER = "PRICES_FILE"
+DEFAULT = "default (OPENAI_PRICE_PER_1K_*)"
+
+
+def service_tier_key(tier: str | None) -> str | None:
+    """The tier a price is resolved for: flex, priority or batch; None is the standard price
+    (`default`, `auto`, `scale`, absent or anything unknown)."""
+    if tier is None:
+        return None
+    tier = tier.lower()
+    return tier if tier in SERVICE_TIERS else None
 
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per 1M tokens."""
+    """USD per 1M tokens (web_search: per 1k searches). Audio prices None: audio tokens are
+    billed as text. `long_context`: the price of prompts above N input tokens, ascending."""
 
     input: Decimal
     cached_input: Decimal
     output: Decimal
-    # The same prices in storage quanta (1e-10 USD) per token, when all three are whole numbers
-    # of quanta (any price with at most 4 decimals): then a cost is exact integer arithmetic.
-    units: tuple[int, int, int] | None = field(init=False, repr=False, compare=False)
+    audio_input: Decimal | None = None
+    audio_output: Decimal | None = None
+    web_search: Decimal = Decimal(0)
+    search_every_call: bool = False  # Chat Completions search models: one search billed per call
+    long_context: tuple[tuple[int, Price], ...] = ()
+    # The same price for a request that used the Responses `web_search_preview` tool, where its
+    # per-call fee differs from `web_search` (non-reasoning models: $25 instead of $10 per 1k).
+    preview: Price | None = field(default=None, compare=False)
+    # The same prices in storage quanta (1e-10 USD) per token or per search, when all are whole
+    # numbers of quanta (prices with at most 4 decimals): then a cost is integer arithmetic.
+    units: tuple[int, int, int, int, int, int] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        per_token = [amount * UNITS_PER_TOKEN for amount in (self.input, self.cached_input, self.output)]
-        exact = all(amount == amount.to_integral_value() for amount in per_token)
-        object.__setattr__(self, "units", tuple(int(a) for a in per_token) if exact else None)
+        amounts = [a * UNITS_PER_TOKEN for a in self.token_prices()] + [self.web_search * UNITS_PER_CALL]
+        exact = all(a == a.to_integral_value() for a in amounts)
+        object.__setattr__(self, "units", tuple(int(a) for a in amounts) if exact else None)
+
+    def token_prices(self) -> tuple[Decimal, Decimal, Decimal, Decimal, Decimal]:
+        """input, cached input, output, audio input, audio output (audio as text when unset)."""
+        return (self.input, self.cached_input, self.output,
+                self.input if self.audio_input is None else self.audio_input,
+                self.output if self.audio_output is None else self.audio_output)
+
+    def for_prompt(self, input_tokens: int) -> Price:
+        """The price for a prompt of this size: a long-context tier applies to the whole call
+        when the prompt has more input tokens than its threshold (OpenAI's rule)."""
+        price = self
+        for above, tier in self.long_context:
+            if input_tokens > above:
+                price = tier
+        return price
+
+    @property
+    def max_output_price(self) -> Decimal:
+        return max(self.token_prices()[2], self.token_prices()[4])
 
 
 @dataclass(frozen=True, slots=True)
 class Quote:
-    """The price that applies to a model, and whether it came from the default."""
+    """The price that applies to a model in a service tier, and where it came from."""
 
     price: Price
     priced_by_default: bool
+    max_output_tokens: int | None = None  # the model's largest answer, when known
+    model: str | None = None  # the name the price was found under
+    source: str = DEFAULT
 
 
 class PriceTableError(ValueError):
@@ -53,24 +127,40 @@ class PriceTableError(ValueError):
 
 
 def cost(price: Price, usage: Usage) -> Decimal:
-    """Cost of a call in USD: cached input at the cached price, reasoning inside output at the
-    output price."""
+    """Cost of a call in USD (see cost_units)."""
     return from_units(cost_units(price, usage))
 
 
 def cost_units(price: Price, usage: Usage) -> int:
-    """`cost` in money units (1e-10 USD), as the request path keeps amounts."""
-    return cost_units_of(price, usage.input_tokens, usage.cached_input_tokens, usage.output_tokens)
+    """Cost of a call in money units (1e-10 USD): uncached text input, cached input, text output
+    (reasoning included), audio input and output at their prices, and web searches."""
+    if price.long_context:
+        price = price.for_prompt(usage.input_tokens)
+    input_tokens, cached = usage.input_tokens, usage.cached_input_tokens
+    audio_in = usage.audio_input_tokens
+    audio_out = usage.audio_output_tokens
+    text_in = input_tokens - cached - audio_in
+    if text_in < 0:
+        text_in = 0
+    text_out = usage.output_tokens - audio_out
+    if text_out < 0:
+        text_out = 0
+    searches = usage.web_search_calls
+    if price.search_every_call and searches < 1:
+        searches = 1
+    units = price.units
+    if units is not None:  # the same value as below, without Decimal division and rounding
+        return (text_in * units[0] + cached * units[1] + text_out * units[2] + audio_in * units[3]
+                + audio_out * units[4] + searches * units[5])
+    p_in, p_cached, p_out, p_audio_in, p_audio_out = price.token_prices()
+    tokens = (text_in * p_in + cached * p_cached + text_out * p_out + audio_in * p_audio_in
+              + audio_out * p_audio_out)
+    return to_units(tokens / PER_MILLION + searches * price.web_search / PER_THOUSAND)
 
 
 def cost_units_of(price: Price, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> int:
-    """`cost_units` over plain counts (input includes cached), for callers that have no Usage."""
-    uncached = max(input_tokens - cached_input_tokens, 0)
-    units = price.units
-    if units is not None:  # the same value as below, without Decimal division and rounding
-        return uncached * units[0] + cached_input_tokens * units[1] + output_tokens * units[2]
-    total = uncached * price.input + cached_input_tokens * price.cached_input + output_tokens * price.output
-    return to_units(total / PER_MILLION)
+    """`cost_units` over plain text counts (input includes cached), for callers without a Usage."""
+    return cost_units(price, Usage(input_tokens, cached_input_tokens, output_tokens))
 
 
 def base_model(model: str) -> str:
@@ -78,49 +168,146 @@ def base_model(model: str) -> str:
     return _SNAPSHOT.sub("", model)
 
 
-class PriceTable:
-    """Model name -> Price, with snapshot resolution and a default for unknown models."""
+# -- price entries (our overrides and PRICES_FILE share one shape) --------------------------------
 
-    def __init__(self, prices: Mapping[str, Price], default: Price) -> None:
-        self._prices = {name.lower(): price for name, price in prices.items()}
-        self.default = default
-        self._quotes: dict[str | None, Quote] = {}
 
-    def quote(self, model: str | None) -> Quote:
-        """The price of a model; memoized (bounded), as every request asks."""
-        quote = self._quotes.get(model)
-        if quote is None:
-            quote = self._resolve(model)
-            if len(self._quotes) < 10_000:
-                self._quotes[model] = quote
-        return quote
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One model's entry of a price file: only the fields it names."""
 
-    def _resolve(self, model: str | None) -> Quote:
-        if model:
-            name = model.lower().removeprefix("openai/")
-            price = self._prices.get(name) or self._prices.get(base_model(name))
-            if price is not None:
-                return Quote(price, False)
-        return Quote(self.default, True)
+    amounts: Mapping[str, Decimal]
+    search_every_call: bool | None = None
+    max_output_tokens: int | None = None
+    service_tiers: Mapping[str, Mapping[str, Decimal]] = field(default_factory=dict)
+    long_context: tuple[tuple[int, Mapping[str, Decimal]], ...] | None = None
 
-    def __contains__(self, model: str) -> bool:
-        return not self.quote(model).priced_by_default
 
-    @classmethod
-    def load(
-        cls,
-        *,
-        default_per_1k_prompt: Decimal,
-        default_per_1k_completion: Decimal,
-        prices_file: Path | None = None,
-    ) -> PriceTable:
-        """The shipped table, extended/overridden by PRICES_FILE (JSON or TOML, same shape)."""
-        shipped = resources.files("costing").joinpath("prices.json").read_text("utf-8")
-        prices = parse_prices(json.loads(shipped, parse_float=Decimal))
-        if prices_file is not None:
-            prices.update(parse_prices(read_prices_file(prices_file)))
-        prompt = default_per_1k_prompt * 1000
-        return cls(prices, Price(prompt, prompt, default_per_1k_completion * 1000))
+@dataclass(frozen=True, slots=True)
+class PriceFile:
+    """A parsed price file: model entries and max-output-token prefixes."""
+
+    models: Mapping[str, Entry]
+    max_output_tokens: Mapping[str, int]
+
+
+def _amount(where: str, name: str, value: Any) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+        raise PriceTableError(f"{where}: {name} must be a number")
+    try:
+        amount = Decimal(str(value))
+    except ArithmeticError as exc:
+        raise PriceTableError(f"{where}: {name} is not a number: {value!r}") from exc
+    if not amount.is_finite() or amount < 0:
+        raise PriceTableError(f"{where}: {name} must be a non-negative number")
+    if amount > MAX_PRICE:
+        raise PriceTableError(f"{where}: {name} must be at most {MAX_PRICE} (USD per 1M tokens, "
+                              f"per 1k searches), not {value}")
+    return amount
+
+
+def _count(where: str, name: str, value: Any, limit: int) -> int:
+    if type(value) is not int or not 0 <= value <= limit:
+        raise PriceTableError(f"{where}: {name} must be a whole number from 0 to {limit}")
+    return value
+
+
+def _amounts(where: str, raw: Mapping[str, Any], allowed: Iterable[str]) -> dict[str, Decimal]:
+    allowed = tuple(allowed)
+    amounts: dict[str, Decimal] = {}
+    for key, value in raw.items():
+        if key.startswith("_"):
+            continue
+        if key not in allowed:
+            raise PriceTableError(f"{where}: unknown key {key!r} (known: {', '.join(allowed)})")
+        amounts[key] = _amount(where, key, value)
+    return amounts
+
+
+def _entry(model: str, raw: Any) -> Entry:
+    where = f"price of {model!r}"
+    if not isinstance(raw, dict):
+        raise PriceTableError(f"{where} needs 'input' and 'output' in an object of prices "
+                              "(USD per 1M tokens)")
+    unknown = sorted(k for k in raw if not k.startswith("_") and k not in ENTRY_KEYS)
+    if unknown:
+        raise PriceTableError(f"{where}: unknown key {unknown[0]!r} "
+                              f"(known: {', '.join(sorted(ENTRY_KEYS))})")
+    amounts = _amounts(where, {k: v for k, v in raw.items() if k in AMOUNT_FIELDS}, AMOUNT_FIELDS)
+    every = raw.get("search_every_call")
+    if every is not None and not isinstance(every, bool):
+        raise PriceTableError(f"{where}: search_every_call must be true or false")
+    max_output = raw.get("max_output_tokens")
+    if max_output is not None:
+        max_output = _count(where, "max_output_tokens", max_output, MAX_OUTPUT_TOKENS)
+    tiers_raw = raw.get("service_tiers", {})
+    if not isinstance(tiers_raw, dict):
+        raise PriceTableError(f"{where}: service_tiers must be an object of tier -> prices")
+    tiers: dict[str, dict[str, Decimal]] = {}
+    for tier, prices in tiers_raw.items():
+        if tier.startswith("_"):
+            continue
+        if tier not in SERVICE_TIERS:
+            raise PriceTableError(f"{where}: unknown service tier {tier!r} "
+                                  f"(known: {', '.join(SERVICE_TIERS)})")
+        if not isinstance(prices, dict):
+            raise PriceTableError(f"{where}: service_tiers.{tier} must be an object of prices")
+        tiers[tier] = _amounts(f"{where}, service tier {tier}", prices, AMOUNT_FIELDS)
+    long_context = None
+    if "long_context" in raw:
+        bands = raw["long_context"]
+        if not isinstance(bands, list):
+            raise PriceTableError(f"{where}: long_context must be a list of "
+                                  "{above: input tokens, input: .., output: ..}")
+        parsed = []
+        for band in bands:
+            if not isinstance(band, dict) or "above" not in band:
+                raise PriceTableError(f"{where}: each long_context tier needs 'above' (input tokens)")
+            above = _count(where, "long_context above", band["above"], 10**9)
+            parsed.append((above, _amounts(f"{where}, long_context above {above}",
+                                           {k: v for k, v in band.items() if k != "above"}, TOKEN_FIELDS)))
+        long_context = tuple(sorted(parsed, key=lambda band: band[0]))
+    return Entry(amounts, every, max_output, tiers, long_context)
+
+
+def parse_price_file(raw: Any) -> PriceFile:
+    """`{"models": {model: entry}, "max_output_tokens": {prefix: n}}`, or the models object alone.
+
+    An entry: `input`, `cached_input`, `output`, `audio_input`, `audio_output` (USD per 1M
+    tokens), `web_search` and `web_search_preview` (USD per 1k searches with the Responses
+    `web_search` / `web_search_preview` tool), `search_every_call`, `max_output_tokens`,
+    `service_tiers` ({flex|priority|batch: {field: price}}) and `long_context` ([{above: N,
+    field: price}]). Keys starting with `_` are comments; any other key is refused.
+    """
+    if not isinstance(raw, dict):
+        raise PriceTableError("a price table is an object of model -> {input, cached_input, output}")
+    if "models" in raw:
+        unknown = sorted(k for k in raw if not k.startswith("_") and k not in ("models", "max_output_tokens"))
+        if unknown:
+            raise PriceTableError(f"unknown top-level key {unknown[0]!r} (known: models, max_output_tokens)")
+        table = raw["models"]
+        limits_raw = raw.get("max_output_tokens", {})
+    else:
+        table, limits_raw = raw, {}
+    if not isinstance(table, dict):
+        raise PriceTableError("'models' in a price table must be an object of model -> prices")
+    if not isinstance(limits_raw, dict):
+        raise PriceTableError("'max_output_tokens' must be an object of model name prefix -> tokens")
+    models = {name.lower(): _entry(name, entry) for name, entry in table.items()
+              if not name.startswith("_")}
+    limits = {prefix.lower(): _count("max_output_tokens", prefix, n, MAX_OUTPUT_TOKENS)
+              for prefix, n in limits_raw.items() if not prefix.startswith("_")}
+    return PriceFile(models, limits)
+
+
+def parse_prices(raw: Any) -> dict[str, Price]:
+    """Complete prices of a price file (entries with input and output), for tests and tools."""
+    parsed = parse_price_file(raw)
+    prices = {}
+    for name, entry in parsed.models.items():
+        if "input" not in entry.amounts or "output" not in entry.amounts:
+            raise PriceTableError(f"price of {name!r} needs 'input' and 'output' (USD per 1M tokens)")
+        prices[name] = _build({**_apply({}, entry.amounts)}, False, ())
+    return prices
 
 
 def read_prices_file(path: Path) -> Any:
@@ -136,35 +323,255 @@ def read_prices_file(path: Path) -> Any:
         raise PriceTableError(f"{path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
 
 
-def _decimal(model: str, field: str, value: Any) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
-        raise PriceTableError(f"price of {model!r}: {field} must be a number")
-    try:
-        amount = Decimal(str(value))
-    except ArithmeticError as exc:
-        raise PriceTableError(f"price of {model!r}: {field} is not a number: {value!r}") from exc
-    if not amount.is_finite() or amount < 0:
-        raise PriceTableError(f"price of {model!r}: {field} must be a non-negative number")
-    return amount
+def _apply(fields: dict[str, Decimal], amounts: Mapping[str, Decimal]) -> dict[str, Decimal]:
+    """An entry's prices over what is known: an `input` without `cached_input` means no caching
+    discount (cached input at the input price)."""
+    fields.update(amounts)
+    if "input" in amounts and "cached_input" not in amounts:
+        fields["cached_input"] = amounts["input"]
+    return fields
 
 
-def parse_prices(raw: Any) -> dict[str, Price]:
-    """`{"model": {"input": .., "cached_input": .. (optional), "output": ..}}`, USD per 1M tokens."""
-    if not isinstance(raw, dict):
-        raise PriceTableError("a price table is an object of model -> {input, cached_input, output}")
-    table = raw.get("models", raw)
-    if not isinstance(table, dict):
-        raise PriceTableError("'models' in a price table must be an object of model -> prices")
-    prices: dict[str, Price] = {}
-    for model, entry in table.items():
-        if model.startswith("_"):
-            continue
-        if not isinstance(entry, dict) or "input" not in entry or "output" not in entry:
-            raise PriceTableError(f"price of {model!r} needs 'input' and 'output' (USD per 1M tokens)")
-        price_in = _decimal(model, "input", entry["input"])
-        prices[model] = Price(
-            input=price_in,
-            cached_input=_decimal(model, "cached_input", entry.get("cached_input", price_in)),
-            output=_decimal(model, "output", entry["output"]),
-        )
-    return prices
+def _build(fields: Mapping[str, Decimal], every: bool,
+           bands: Iterable[tuple[int, Mapping[str, Decimal]]]) -> Price:
+    def make(values: Mapping[str, Decimal], long_context: tuple[tuple[int, Price], ...] = (),
+             search: str = "web_search") -> Price:
+        return Price(values["input"], values.get("cached_input", values["input"]), values["output"],
+                     values.get("audio_input"), values.get("audio_output"),
+                     values.get(search, values.get("web_search", Decimal(0))), every, long_context)
+
+    def priced(search: str) -> Price:
+        current = dict(fields)
+        tiers = []
+        for above, band in sorted(bands, key=lambda b: b[0]):
+            current = {**current, **band}
+            tiers.append((above, make(current, search=search)))
+        return make(fields, tuple(tiers), search)
+
+    price = priced("web_search")
+    preview = fields.get("web_search_preview")
+    if preview is not None and preview != price.web_search:
+        object.__setattr__(price, "preview", priced("web_search_preview"))
+    return price
+
+
+# -- the library ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def library_version() -> str:
+    return metadata.version("genai-prices")
+
+
+def _openai_models() -> list[Any]:
+    """genai-prices' bundled OpenAI models: the package's data module, read as it ships (its
+    auto-update, `UpdatePrices`, is never started, so nothing is downloaded)."""
+    from genai_prices.data import providers
+
+    return next(p for p in providers if p.id == "openai").models
+
+
+def _library_fields(info: Any, tier: str | None, when: datetime
+                    ) -> tuple[dict[str, Decimal], list[tuple[int, dict[str, Decimal]]], bool]:
+    """A library model's prices in our field names, its prompt-size tiers, and whether the tier
+    was the library's own (a variant), at the time `when`."""
+    from genai_prices.types import TieredPrices
+
+    context = _LIBRARY_CONTEXT.get(tier) if tier else None
+    standard = info.get_prices(when)
+    prices = info.get_prices(when, context) if context else standard
+    fields: dict[str, Decimal] = {}
+    bands: dict[int, dict[str, Decimal]] = {}
+    for key, name in _LIBRARY_KEYS.items():
+        value = getattr(prices, key, None)
+        if isinstance(value, TieredPrices):
+            fields[name] = value.base
+            for band in value.tiers:
+                bands.setdefault(band.start, {})[name] = band.price
+        elif value is not None:
+            fields[name] = value
+    varied = prices is not standard and any(
+        getattr(prices, key, None) != getattr(standard, key, None) for key in _LIBRARY_KEYS)
+    return fields, sorted(bands.items()), varied
+
+
+class PriceTable:
+    """Model name and service tier -> Quote: genai-prices, our overrides, PRICES_FILE, and a
+    default price for unknown models."""
+
+    def __init__(self, overrides: PriceFile, user: PriceFile | None, default: Price, *,
+                 default_max_output_tokens: int | None = None,
+                 library: list[Any] | None = None, user_label: str = USER) -> None:
+        self.overrides = overrides
+        self.user = user or PriceFile({}, {})
+        self.default = default
+        self.default_max_output_tokens = default_max_output_tokens
+        self.user_label = user_label
+        self._library = _openai_models() if library is None else library
+        self._quotes: dict[tuple[str | None, str | None], Quote] = {}
+        self._day = -1
+        self._limits = {**overrides.max_output_tokens, **self.user.max_output_tokens}
+
+    def quote(self, model: str | None, tier: str | None = None) -> Quote:
+        """The price of a model in a service tier; memoized per UTC day (bounded), as every
+        request asks and prices can change on a date."""
+        day = int(time.time()) // 86_400
+        if day != self._day:
+            self._quotes.clear()
+            self._day = day
+        key = (model, tier)
+        quote = self._quotes.get(key)
+        if quote is None:
+            quote = self.resolve(model, tier)
+            if len(self._quotes) < 10_000:
+                self._quotes[key] = quote
+        return quote
+
+    def __contains__(self, model: str) -> bool:
+        return not self.quote(model).priced_by_default
+
+    def library_model(self, name: str) -> Any | None:
+        """The genai-prices model a name matches (its snapshot's base name as a second try)."""
+        for candidate in dict.fromkeys((name, base_model(name))):
+            for info in self._library:
+                if info.is_match(candidate):
+                    return info
+        return None
+
+    def _names(self, name: str, info: Any | None) -> list[str]:
+        """Names an entry may be filed under, most specific first: the name, its base (no
+        snapshot date), the library's id for it; a fine-tune `ft:BASE:org::id` also `ft:BASE`
+        and BASE without its date."""
+        names = [name, base_model(name)]
+        if name.startswith("ft:"):
+            base = name.split(":")[1]
+            names += [f"ft:{base}", f"ft:{base_model(base)}"]
+        if info is not None:
+            names.append(info.id.lower())
+        return list(dict.fromkeys(names))
+
+    def resolve(self, model: str | None, tier: str | None = None, when: datetime | None = None) -> Quote:
+        """`quote` without the memo, at any time (the price in force then)."""
+        return self.explain(model, tier, when)[0]
+
+    def explain(self, model: str | None, tier: str | None = None, when: datetime | None = None
+                ) -> tuple[Quote, dict[str, str]]:
+        """The quote and where each of its fields came from."""
+        tier = service_tier_key(tier)
+        when = when or datetime.now(UTC)
+        name = model.lower().removeprefix("openai/") if model else ""
+        info = self.library_model(name) if name else None
+        names = self._names(name, info) if name else []
+        found_as = [_first(names, entries) for entries in (self.overrides.models, self.user.models)]
+        layers = [(OVERRIDES, found_as[0][1]), (self.user_label, found_as[1][1])]
+        if info is None and not any(entry and {"input", "output"} <= entry.amounts.keys()
+                                    for _, entry in layers):
+            return Quote(self.default, True, self._max_output(name), None, DEFAULT), {
+                f: DEFAULT for f in AMOUNT_FIELDS}
+        fields: dict[str, Decimal] = {}
+        origin: dict[str, str] = {}
+        bands: list[tuple[int, dict[str, Decimal]]] = []
+        every = False
+        max_output = None
+        found = found_as[1][0] or found_as[0][0] or (info.id if info is not None else None)
+        tiered = False
+        library_label = f"{LIBRARY} {library_version()}"
+        if info is not None:
+            fields, bands, tiered = _library_fields(info, tier, when)
+            origin = dict.fromkeys(fields, library_label)
+        for label, entry in layers:
+            if entry is None:
+                continue
+            _apply(fields, entry.amounts)
+            origin.update(dict.fromkeys(_apply({}, entry.amounts), label))
+            if entry.long_context is not None:
+                bands = [(above, dict(band)) for above, band in entry.long_context]
+            if entry.search_every_call is not None:
+                every = entry.search_every_call
+            if entry.max_output_tokens is not None:
+                max_output = entry.max_output_tokens
+        for label, entry in layers:  # a tier's price is more specific than any standard price
+            if entry is not None and tier is not None and tier in entry.service_tiers:
+                _apply(fields, entry.service_tiers[tier])
+                origin.update(dict.fromkeys(_apply({}, entry.service_tiers[tier]), f"{label} ({tier})"))
+                tiered = True
+        if tier == "batch" and not tiered:
+            for key in TOKEN_FIELDS:
+                if key in fields:
+                    fields[key] = fields[key] * BATCH_DISCOUNT
+                    origin[key] = f"{origin.get(key, '?')}, Batch API 50%"
+            bands = [(above, {k: v * BATCH_DISCOUNT for k, v in band.items()}) for above, band in bands]
+        if "input" in fields and "output" not in fields:  # embeddings: input only
+            fields["output"] = Decimal(0)
+        if "input" not in fields:  # a library model priced by other units (characters, seconds)
+            return Quote(self.default, True, self._max_output(name), None, DEFAULT), {
+                f: DEFAULT for f in AMOUNT_FIELDS}
+        price = _build(fields, every, bands)
+        source = ", ".join(sorted(set(origin.values())))
+        if max_output is None:
+            max_output = self._max_output(name, info.id if info is not None else None)
+        return Quote(price, False, max_output, found or name, source), origin
+
+    def _max_output(self, name: str, library_id: str | None = None) -> int | None:
+        """Longest prefix of the name (or the library's id for it) in the max-output table."""
+        best: tuple[int, int] | None = None
+        for candidate in (name, library_id or ""):
+            for prefix, tokens in self._limits.items():
+                if candidate.startswith(prefix) and (best is None or len(prefix) > best[0]):
+                    best = (len(prefix), tokens)
+        return best[1] if best else self.default_max_output_tokens
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        default_per_1k_prompt: Decimal,
+        default_per_1k_completion: Decimal,
+        prices_file: Path | None = None,
+        default_max_output_tokens: int | None = None,
+    ) -> PriceTable:
+        """genai-prices with our overrides, extended/overridden by PRICES_FILE (JSON or TOML).
+        Errors in PRICES_FILE are raised as one line naming it."""
+        shipped = resources.files("costing").joinpath("price_overrides.json").read_text("utf-8")
+        overrides = parse_price_file(json.loads(shipped, parse_float=Decimal))
+        user = None
+        label = USER
+        if prices_file is not None:
+            label = f"{USER} {prices_file}"
+            try:
+                user = parse_price_file(read_prices_file(prices_file))
+            except PriceTableError as exc:
+                raise PriceTableError(f"PRICES_FILE: {exc}") from None
+        prompt = default_per_1k_prompt * 1000
+        table = cls(overrides, user, Price(prompt, prompt, default_per_1k_completion * 1000),
+                    default_max_output_tokens=default_max_output_tokens, user_label=label)
+        table._check_complete()
+        return table
+
+    def _check_complete(self) -> None:
+        """Every PRICES_FILE entry must give a whole price: its own `input` and `output`, or a
+        model the shipped data prices (the entry then changes only the fields it names)."""
+        for name, entry in self.user.models.items():
+            if {"input", "output"} <= entry.amounts.keys():
+                continue
+            quote = self.resolve(name)
+            if quote.priced_by_default:
+                raise PriceTableError(f"PRICES_FILE: price of {name!r} needs 'input' and 'output' "
+                                      "(USD per 1M tokens): the shipped data does not price this model")
+
+
+def _first(names: list[str], entries: Mapping[str, Entry]) -> tuple[str | None, Entry | None]:
+    """The first of the names with an entry, and the entry."""
+    for name in names:
+        entry = entries.get(name)
+        if entry is not None:
+            return name, entry
+    return None, None
+
+
+def library_price(model: str, tier: str | None, when: date | datetime) -> Price | None:
+    """genai-prices' own price of a model, for comparisons (tests, the prices command)."""
+    table = PriceTable(PriceFile({}, {}), None, Price(Decimal(0), Decimal(0), Decimal(0)))
+    moment = when if isinstance(when, datetime) else datetime.combine(when, datetime.min.time(), UTC)
+    quote = table.resolve(model, tier, moment)
+    return None if quote.priced_by_default else quote.price

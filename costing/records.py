@@ -79,6 +79,7 @@ class UsageEntry:
     created_us: int
     response_id: str | None = None
     api_key_hash: str | None = None
+    service_tier: str | None = None  # as the response said (else as requested)
     id: int = field(default_factory=new_id)
 
     @property
@@ -104,6 +105,8 @@ class Totals:
     cached_input_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
 
     def merge(self, other: Totals) -> None:
         self.cost_usd += other.cost_usd
@@ -112,6 +115,8 @@ class Totals:
         self.cached_input_tokens += other.cached_input_tokens
         self.output_tokens += other.output_tokens
         self.reasoning_tokens += other.reasoning_tokens
+        self.audio_input_tokens += other.audio_input_tokens
+        self.audio_output_tokens += other.audio_output_tokens
 
     @classmethod
     def of(cls, entries: Sequence[UsageEntry]) -> Totals:
@@ -124,6 +129,8 @@ class Totals:
             cached_input_tokens=sum(u.cached_input_tokens for u in usages),
             output_tokens=sum(u.output_tokens for u in usages),
             reasoning_tokens=sum(u.reasoning_tokens for u in usages),
+            audio_input_tokens=sum(u.audio_input_tokens for u in usages),
+            audio_output_tokens=sum(u.audio_output_tokens for u in usages),
         )
 
 

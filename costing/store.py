@@ -50,7 +50,7 @@ DAILY: Table = CampaignDailyCost.__table__  # type: ignore[assignment]
 LEASES: Table = BudgetLease.__table__  # type: ignore[assignment]
 
 TOTAL_COLUMNS = ("cost_usd", "requests", "input_tokens", "cached_input_tokens", "output_tokens",
-                 "reasoning_tokens")
+                 "reasoning_tokens", "audio_input_tokens", "audio_output_tokens")
 
 
 def _totals(row: Any) -> Totals:
@@ -61,6 +61,8 @@ def _totals(row: Any) -> Totals:
         cached_input_tokens=int(row.cached_input_tokens or 0),
         output_tokens=int(row.output_tokens or 0),
         reasoning_tokens=int(row.reasoning_tokens or 0),
+        audio_input_tokens=int(row.audio_input_tokens or 0),
+        audio_output_tokens=int(row.audio_output_tokens or 0),
     )
 
 
@@ -397,11 +399,12 @@ RECORD_COLUMNS = (
     "id", "created_at", "campaign_id", "session_id", "operation", "request_model", "response_model",
     "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "cost_usd",
     "priced_by_default", "estimated", "streamed", "status_code", "latency_ms", "response_id",
-    "api_key_hash",
+    "api_key_hash", "service_tier", "audio_input_tokens", "audio_output_tokens", "web_search_calls",
 )
 _PG_ARRAY_TYPES = (
     "uuid", "timestamptz", "varchar", "varchar", "varchar", "varchar", "varchar", "bigint", "bigint",
     "bigint", "bigint", "numeric", "bool", "bool", "bool", "int", "int", "varchar", "varchar",
+    "varchar", "bigint", "bigint", "int",
 )
 _PG_INSERT = (
     f"INSERT INTO usage_records ({', '.join(RECORD_COLUMNS)}) SELECT * FROM unnest("
@@ -437,7 +440,8 @@ def _record_tuple(e: UsageEntry) -> tuple[Any, ...]:
     return (uuid.UUID(int=e.id), from_epoch_us(e.created_us), e.campaign_id, e.session_id,
             e.operation, e.request_model, e.response_model, u.input_tokens, u.cached_input_tokens,
             u.output_tokens, u.reasoning_tokens, from_units(e.cost_units), e.priced_by_default,
-            e.estimated, e.streamed, e.status_code, e.latency_ms, e.response_id, e.api_key_hash)
+            e.estimated, e.streamed, e.status_code, e.latency_ms, e.response_id, e.api_key_hash,
+            e.service_tier, u.audio_input_tokens, u.audio_output_tokens, u.web_search_calls)
 
 
 async def _insert_records_postgresql(conn: AsyncConnection, entries: Sequence[UsageEntry],
@@ -490,7 +494,8 @@ async def _insert_records_sqlite(conn: AsyncConnection, entries: Sequence[UsageE
                        u.cached_input_tokens, u.output_tokens, u.reasoning_tokens, e.cost_units,
                        1 if e.priced_by_default else 0, 1 if e.estimated else 0,
                        1 if e.streamed else 0, e.status_code, e.latency_ms, e.response_id,
-                       e.api_key_hash)
+                       e.api_key_hash, e.service_tier, u.audio_input_tokens, u.audio_output_tokens,
+                       u.web_search_calls)
         start += size
         result = await conn.exec_driver_sql(_sqlite_insert(size, returning), tuple(params))
         if returning:

@@ -39,6 +39,7 @@ TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete
 MAX_MODEL_LENGTH = 200
 MAX_ID_LENGTH = 255
 MAX_TOKENS = 10**9
+MAX_TIER_LENGTH = 32
 
 # Characters per token: OpenAI's rule of thumb for English text; used only for estimates.
 CHARS_PER_TOKEN = 4
@@ -69,6 +70,9 @@ class Usage:
     cached_input_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    audio_input_tokens: int = 0  # part of input_tokens
+    audio_output_tokens: int = 0  # part of output_tokens
+    web_search_calls: int = 0  # Responses `web_search_call` output items
 
     @property
     def total_tokens(self) -> int:
@@ -86,6 +90,7 @@ class Reported:
     usage: Usage | None
     model: str | None
     response_id: str | None
+    service_tier: str | None = None  # the tier that served the call, as the response says
     background_at: int | None = None
 
 
@@ -120,11 +125,31 @@ def parse_usage(raw: Any) -> Usage | None:
         output_tokens = _int(raw.get("completion_tokens"))
         in_details = raw.get("prompt_tokens_details")
         out_details = raw.get("completion_tokens_details")
-    cached = _int(in_details.get("cached_tokens")) if type(in_details) is dict else 0
-    reasoning = _int(out_details.get("reasoning_tokens")) if type(out_details) is dict else 0
+    cached = audio_in = reasoning = audio_out = 0
+    if type(in_details) is dict:
+        cached = _int(in_details.get("cached_tokens"))
+        if "audio_tokens" in in_details:
+            audio_in = _int(in_details["audio_tokens"])
+    if type(out_details) is dict:
+        reasoning = _int(out_details.get("reasoning_tokens"))
+        if "audio_tokens" in out_details:
+            audio_out = _int(out_details["audio_tokens"])
     # Positional: this runs for every response, and keyword matching costs more than the rest.
     return Usage(input_tokens, cached if cached < input_tokens else input_tokens,
-                 output_tokens, reasoning if reasoning < output_tokens else output_tokens)
+                 output_tokens, reasoning if reasoning < output_tokens else output_tokens,
+                 audio_in if audio_in < input_tokens else input_tokens,
+                 audio_out if audio_out < output_tokens else output_tokens)
+
+
+def _tier(value: Any) -> str | None:
+    return value[:MAX_TIER_LENGTH] if type(value) is str and value else None
+
+
+def web_search_calls(output: Any) -> int:
+    """Web searches a Responses output made: its `web_search_call` items (each is billed)."""
+    if type(output) is not list:
+        return 0
+    return sum(1 for item in output if type(item) is dict and item.get("type") == "web_search_call")
 
 
 def _str(value: Any, limit: int) -> str | None:
@@ -135,9 +160,15 @@ def from_body(body: Any) -> Reported:
     """Usage, model and id of a non-streamed response body (any metered operation)."""
     if not isinstance(body, dict):
         return Reported(None, None, None)
-    return Reported(parse_usage(body.get("usage")), _str(body.get("model"), MAX_MODEL_LENGTH),
-                    _str(body.get("id"), MAX_ID_LENGTH),
-                    _background_at(body) if body.get("object") == "response" else None)
+    usage = parse_usage(body.get("usage"))
+    if "output" in body:  # a Responses object: its web searches, and whether it ran in the background
+        if usage is not None:
+            usage.web_search_calls = web_search_calls(body["output"])
+        return Reported(usage, _str(body.get("model"), MAX_MODEL_LENGTH),
+                        _str(body.get("id"), MAX_ID_LENGTH), _tier(body.get("service_tier")),
+                        _background_at(body))
+    return Reported(usage, _str(body.get("model"), MAX_MODEL_LENGTH),
+                    _str(body.get("id"), MAX_ID_LENGTH), _tier(body.get("service_tier")))
 
 
 def from_event(event: Any) -> Reported:
@@ -149,9 +180,11 @@ def from_event(event: Any) -> Reported:
         response = event.get("response")
         if not isinstance(response, dict):
             return Reported(None, None, None)
-        usage = parse_usage(response.get("usage")) if kind in TERMINAL_RESPONSE_EVENTS else None
-        return Reported(usage, _str(response.get("model"), MAX_MODEL_LENGTH),
-                        _str(response.get("id"), MAX_ID_LENGTH), _background_at(response))
+        if kind in TERMINAL_RESPONSE_EVENTS:
+            return from_body(response)
+        return Reported(None, _str(response.get("model"), MAX_MODEL_LENGTH),
+                        _str(response.get("id"), MAX_ID_LENGTH), _tier(response.get("service_tier")),
+                        _background_at(response))
     return from_body(event)
 
 
@@ -199,7 +232,10 @@ class RequestFacts:
     stream: bool
     include_usage: bool
     prompt_tokens: int
-    max_output_tokens: int | None
+    max_output_tokens: int | None  # the cap times `candidates`; None: the request sets no cap
+    candidates: int = 1  # choices billed: `n`, and `best_of` for legacy completions
+    service_tier: str | None = None  # as requested
+    search_preview: bool = False  # Responses: offers the `web_search_preview` tool
     background: bool = False  # Responses `background: true`: metered when its final state is read
 
 
@@ -254,6 +290,7 @@ class _Shape:
     token_ids: bool  # prompt fields may be arrays of token ids
     messages: bool  # chat: a few tokens per message on top of their text
     output: bool  # embeddings produce no output tokens
+    search_tools: bool = False  # Responses: its tools may include web_search_preview
 
 
 _SHAPES = {
@@ -261,7 +298,7 @@ _SHAPES = {
     Operation.COMPLETIONS: _Shape(("prompt", "suffix"), token_ids=True, messages=False, output=True),
     Operation.EMBEDDINGS: _Shape(("input",), token_ids=True, messages=False, output=False),
     Operation.RESPONSES: _Shape(("input", "instructions", "tools"), token_ids=True, messages=False,
-                                output=True),
+                                output=True, search_tools=True),
 }
 _MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
@@ -304,12 +341,28 @@ def request_facts(operation: Operation, body: Any) -> RequestFacts:
             if type(value) is int and value >= 0:
                 max_output = value
                 break
-    if max_output:
-        # Every candidate is billed: `n` choices, and for legacy completions `best_of` (>= n).
-        candidates = max(_count(body.get("n")), _count(body.get("best_of")), 1)
-        max_output = min(max_output * candidates, MAX_TOKENS)
+    # Every candidate is billed: `n` choices, and for legacy completions `best_of` (>= n).
+    candidates = 1
+    if "n" in body or "best_of" in body:
+        candidates = min(max(_count(body.get("n")), _count(body.get("best_of")), 1), 128)
+        if max_output:
+            max_output = min(max_output * candidates, MAX_TOKENS)
+    tools = body.get("tools") if shape.search_tools else None
     return RequestFacts(model, stream, include_usage, min(_prompt_tokens(shape, body), MAX_TOKENS),
-                        max_output, body.get("background") is True)
+                        max_output, candidates, _tier(body.get("service_tier")),
+                        type(tools) is list and _offers_search_preview(tools),
+                        body.get("background") is True)
+
+
+def _offers_search_preview(tools: list[Any]) -> bool:
+    """Whether a Responses request offers the `web_search_preview` tool (billed per call at its
+    own price on some models); its dated names too (`web_search_preview_2025_03_11`)."""
+    for tool in tools:
+        if type(tool) is dict:
+            kind = tool.get("type")
+            if type(kind) is str and kind.startswith("web_search_preview"):
+                return True
+    return False
 
 
 def estimate_usage(prompt_tokens: int, streamed_chars: int) -> Usage:

@@ -1,4 +1,4 @@
-"""The `llm-cost-proxy` command: `serve` (default) and `migrate`.
+"""The `llm-cost-proxy` command: `serve` (default), `migrate`, and `prices MODEL [--tier T]`.
 
 A start that fails says why in one line on stderr, naming the variable or the cause, and exits
 non-zero; the traceback only with LOG_LEVEL=DEBUG.
@@ -16,6 +16,7 @@ import sqlite3
 import ssl
 import sys
 import traceback
+from decimal import Decimal
 from typing import NoReturn
 
 from aiohttp import web
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 from costing import schema
 from costing.db import describe_cause, is_transient, wait_until_reachable
 from costing.errors import DatabaseUnavailable
-from costing.pricing import PriceTableError
+from costing.pricing import PriceTable, PriceTableError, library_version, service_tier_key
 from costing.settings import Settings, describe_error
 
 log = logging.getLogger("llm_cost_proxy")
@@ -160,11 +161,74 @@ def migrate(settings: Settings) -> None:
     print(f"database at revision {schema.head_revision(settings)}")
 
 
+def describe_price(table: PriceTable, model: str, tier: str | None) -> str:
+    """What `prices` prints: each billed dimension of the price the proxy would use, and where
+    each figure came from."""
+    quote, origin = table.explain(model, tier)
+    price = quote.price
+    lines = [f"model: {model}" + (f" (priced as {quote.model})" if quote.model and quote.model != model
+                                  else ""),
+             f"service tier: {service_tier_key(tier) or 'standard'}"
+             + (f" (asked: {tier})" if tier and service_tier_key(tier) != tier else "")]
+    if quote.priced_by_default:
+        lines.append("unknown model: priced by default (OPENAI_PRICE_PER_1K_PROMPT_TOKENS / "
+                     "OPENAI_PRICE_PER_1K_COMPLETION_TOKENS), counted as priced_by_default")
+
+    def row(label: str, key: str, amount: Decimal | None, unit: str, fallback: str = "") -> None:
+        if amount is None:
+            lines.append(f"  {label:<14} {fallback}")
+        else:
+            lines.append(f"  {label:<14} ${amount.normalize():f} {unit:<14} {origin.get(key, 'default')}")
+
+    row("input", "input", price.input, "per 1M tokens")
+    row("cached input", "cached_input", price.cached_input, "per 1M tokens")
+    row("output", "output", price.output, "per 1M tokens")
+    lines.append("  reasoning      billed as output")
+    row("audio input", "audio_input", price.audio_input, "per 1M tokens", "billed as input")
+    row("audio output", "audio_output", price.audio_output, "per 1M tokens", "billed as output")
+    row("web search", "web_search", price.web_search, "per 1k calls")
+    if price.preview is not None:
+        row("search preview", "web_search_preview", price.preview.web_search, "per 1k calls")
+    if price.search_every_call:
+        lines.append("  (every call is billed one web search)")
+    for above, band in price.long_context:
+        lines.append(f"  prompts above {above} input tokens: input ${band.input.normalize():f}, cached "
+                     f"${band.cached_input.normalize():f}, output ${band.output.normalize():f} per 1M")
+    if quote.max_output_tokens is not None:
+        lines.append(f"largest answer: {quote.max_output_tokens} output tokens (reserved when a request "
+                     "sets no output cap)")
+    else:
+        lines.append("largest answer: unknown (BUDGET_DEFAULT_MAX_OUTPUT_TOKENS is reserved when a "
+                     "request sets no output cap)")
+    lines.append(f"data: genai-prices {library_version()}, costing/price_overrides.json"
+                 + (f", PRICES_FILE {table.user_label.removeprefix('PRICES_FILE ')}"
+                    if table.user.models or table.user.max_output_tokens else ""))
+    return "\n".join(lines)
+
+
+def prices(settings: Settings, model: str, tier: str | None) -> None:
+    try:
+        table = PriceTable.load(default_per_1k_prompt=settings.openai_price_per_1k_prompt_tokens,
+                                default_per_1k_completion=settings.openai_price_per_1k_completion_tokens,
+                                prices_file=settings.prices_file)
+    except PriceTableError as exc:
+        print(f"llm-cost-proxy: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(describe_price(table, model, tier))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="llm-cost-proxy", description=__doc__)
-    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "migrate"))
+    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "migrate", "prices"))
+    parser.add_argument("model", nargs="?", help="prices: the model name, as a request would send it")
+    parser.add_argument("--tier", help="prices: the service tier (flex, priority, batch; default: standard)")
     args = parser.parse_args(argv)
+    if args.command == "prices" and not args.model:
+        parser.error("prices needs a MODEL, e.g. llm-cost-proxy prices gpt-4o-mini --tier flex")
     settings = load_settings()
+    if args.command == "prices":
+        prices(settings, args.model, args.tier)
+        return
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

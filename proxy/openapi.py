@@ -100,9 +100,10 @@ def _schemas(max_budget: int) -> dict[str, Any]:
                                  "decimals, never an exponent: `\"0.000054\"`, `\"5.00\"`.",
                   "examples": ["0.000054", "5.00"]},
         "Tokens": _object(
-            {"input": count, "cached_input": count, "output": count, "reasoning": count},
-            description="`input` includes cached input, `output` includes reasoning (as OpenAI "
-                        "counts them)."),
+            {"input": count, "cached_input": count, "output": count, "reasoning": count,
+             "audio_input": count, "audio_output": count},
+            description="`input` includes cached and audio input, `output` includes reasoning and "
+                        "audio output (as OpenAI counts them)."),
         "Budget": _object({
             "warning_usd": _ref("Money"),
             "limit_usd": _ref("Money"),

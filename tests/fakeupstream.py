@@ -56,6 +56,11 @@ class Behaviour:
     # Added for ledger completeness:
     id_pool: int | None = None  # ids cycle through this many values, as Ollama's chatcmpl-<0..998>
     background_polls: int = 2  # a background response is in_progress for this many retrievals
+    # Added for the price dimensions (all off by default):
+    service_tier: str | None = None  # answered tier; None: echo the request's flex/priority/default
+    audio_input_tokens: int = 0  # part of prompt_tokens / input_tokens
+    audio_output_tokens: int = 0  # part of completion_tokens / output_tokens
+    web_search_calls: int = 0  # Responses: this many `web_search_call` output items
 
 
 @dataclass
@@ -180,8 +185,10 @@ class FakeUpstream:
         out = self._completion_tokens()
         return {"prompt_tokens": b.prompt_tokens, "completion_tokens": out,
                 "total_tokens": b.prompt_tokens + out,
-                "prompt_tokens_details": {"cached_tokens": b.cached_tokens, "audio_tokens": 0},
-                "completion_tokens_details": {"reasoning_tokens": b.reasoning_tokens, "audio_tokens": 0,
+                "prompt_tokens_details": {"cached_tokens": b.cached_tokens,
+                                          "audio_tokens": b.audio_input_tokens},
+                "completion_tokens_details": {"reasoning_tokens": b.reasoning_tokens,
+                                              "audio_tokens": b.audio_output_tokens,
                                               "accepted_prediction_tokens": 0,
                                               "rejected_prediction_tokens": 0}}
 
@@ -256,6 +263,8 @@ class FakeUpstream:
                 {"index": 0, "text": b.reply, "logprobs": None, "finish_reason": "stop"})
             payload: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model,
                                        "choices": [choice], "system_fingerprint": "fp_fake"}
+            if self._tier(body):
+                payload["service_tier"] = self._tier(body)
             if not b.omit_usage:
                 payload["usage"] = self._chat_usage()
             return self._json(payload)
@@ -266,6 +275,8 @@ class FakeUpstream:
         def chunk(choices: list[dict[str, Any]], usage: Any = None, final: bool = False) -> bytes:
             event: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model,
                                      "system_fingerprint": "fp_fake", "choices": choices}
+            if self._tier(body):
+                event["service_tier"] = self._tier(body)
             if include_usage:
                 event["usage"] = usage
             return b"data: " + orjson.dumps(event) + b"\n\n"
@@ -300,20 +311,37 @@ class FakeUpstream:
             del payload["usage"]
         return self._json(payload)
 
-    def _response(self, rid: str, model: str, status: str, text: str | None) -> dict[str, Any]:
+    def _tier(self, body: dict[str, Any]) -> str | None:
+        asked = body.get("service_tier")
+        if self.behaviour.service_tier:
+            return self.behaviour.service_tier
+        return ("default" if asked == "auto" else asked) if isinstance(asked, str) else None
+
+    def _response(self, rid: str, model: str, status: str, text: str | None,
+                  body: dict[str, Any] | None = None) -> dict[str, Any]:
         b = self.behaviour
         out = self._completion_tokens()
-        output = [] if text is None else [{
+        searches = [] if text is None else [
+            {"id": f"ws_fake{i}", "type": "web_search_call", "status": "completed",
+             "action": {"type": "search", "query": "goblin king"}} for i in range(b.web_search_calls)]
+        output = [] if text is None else [*searches, {
             "id": "msg_fake", "type": "message", "status": "completed", "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": []}]}]
         usage = None if status != "completed" or b.omit_usage else {
-            "input_tokens": b.prompt_tokens, "input_tokens_details": {"cached_tokens": b.cached_tokens},
-            "output_tokens": out, "output_tokens_details": {"reasoning_tokens": b.reasoning_tokens},
+            "input_tokens": b.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": b.cached_tokens, "audio_tokens": b.audio_input_tokens},
+            "output_tokens": out,
+            "output_tokens_details": {"reasoning_tokens": b.reasoning_tokens,
+                                      "audio_tokens": b.audio_output_tokens},
             "total_tokens": b.prompt_tokens + out}
-        return {"id": rid, "object": "response", "created_at": int(time.time()), "status": status,
-                "model": model, "output": output, "parallel_tool_calls": True, "tool_choice": "auto",
-                "tools": [], "temperature": 1.0, "top_p": 1.0, "error": None,
-                "incomplete_details": None, "instructions": None, "metadata": {}, "usage": usage}
+        response = {"id": rid, "object": "response", "created_at": int(time.time()), "status": status,
+                    "model": model, "output": output, "parallel_tool_calls": True, "tool_choice": "auto",
+                    "tools": [], "temperature": 1.0, "top_p": 1.0, "error": None,
+                    "incomplete_details": None, "instructions": None, "metadata": {}, "usage": usage}
+        tier = self._tier(body or {})
+        if tier:
+            response["service_tier"] = tier
+        return response
 
     async def _background_state(self, request: web.Request, path: str) -> web.StreamResponse:
         """GET /v1/responses/{id} (or ?stream=true) and POST .../cancel of a background response:
@@ -350,7 +378,7 @@ class FakeUpstream:
             self.background[rid] = [body, 0, queued["created_at"]]
             return self._json({**queued, "background": True})
         if not body.get("stream"):
-            return self._json(self._response(rid, model, "completed", self.behaviour.reply))
+            return self._json(self._response(rid, model, "completed", self.behaviour.reply, body))
         seq = iter(range(10_000))
 
         def event(kind: str, **fields: Any) -> bytes:
@@ -375,7 +403,7 @@ class FakeUpstream:
                          content_index=0, part=done_part),
                    event("response.output_item.done", output_index=0, item=done_item),
                    event("response.completed",
-                         response=self._response(rid, model, "completed", self.behaviour.reply))]
+                         response=self._response(rid, model, "completed", self.behaviour.reply, body))]
         return await self._stream(request, events)
 
 

@@ -27,7 +27,7 @@ from costing.budget import (
 )
 from costing.errors import CostingError, InvalidBudget
 from costing.money import QUANTUM, from_units
-from costing.pricing import Price, cost_units_of
+from costing.pricing import Price, Quote, cost_units_of
 from costing.usage import MAX_TOKENS, Operation, RequestFacts, request_facts
 
 D = Decimal
@@ -144,8 +144,9 @@ def test_remaining_is_the_limit_minus_spend_and_never_negative(spent, left):
 # -- worst_case_cost -----------------------------------------------------------------------------
 
 
-def worst_case_cost(price: Price, facts: RequestFacts, default_max_output: int) -> Decimal:
-    return from_units(worst_case_units(price, facts, default_max_output))
+def worst_case_cost(price: Price, facts: RequestFacts, default_max_output: int,
+                    model_max_output: int | None = None) -> Decimal:
+    return from_units(worst_case_units(Quote(price, False, model_max_output), facts, default_max_output))
 
 
 def _facts(prompt_tokens: int, max_output_tokens: int | None) -> RequestFacts:
@@ -266,4 +267,5 @@ def test_the_worst_case_of_any_request_body_is_a_storable_amount():
     price = Price(Decimal(10**7), Decimal(10**7), Decimal(10**7))
     # The output cap is bounded like every token count, so the reservation stays a number the
     # database stores (NUMERIC(20,10) would refuse 10**40 tokens' worth).
-    assert worst_case_units(price, facts, 4096) == cost_units_of(price, facts.prompt_tokens, 0, MAX_TOKENS)
+    assert worst_case_units(Quote(price, False), facts, 4096) == cost_units_of(
+        price, facts.prompt_tokens, 0, MAX_TOKENS)

@@ -1,8 +1,9 @@
-"""Pricing: the shipped table (USD per 1M tokens), snapshot resolution, the default price for
-unknown models, PRICES_FILE overrides, and the exact Decimal cost of a call.
+"""Pricing: the shipped data (genai-prices plus our overrides, USD per 1M tokens), snapshot
+resolution, the default price for unknown models, PRICES_FILE overrides, and the exact Decimal
+cost of a call.
 
-Specification of `costing.pricing`. Expected costs are computed here, by hand, from the
-table's published numbers, never by calling the code under test twice.
+Specification of `costing.pricing`. Expected costs are computed here, by hand, from OpenAI's
+published numbers, never by calling the code under test twice.
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from costing.money import QUANTUM
-from costing.pricing import Price, PriceTable, PriceTableError, Quote, base_model, cost, parse_prices
+from costing.pricing import Price, PriceTable, PriceTableError, base_model, cost, parse_price_file
 from costing.usage import Usage
 
 MILLION = Decimal(1_000_000)
-SHIPPED = json.loads(Path(__file__).resolve().parents[2].joinpath("costing", "prices.json").read_text())
+OVERRIDES = json.loads(Path(__file__).resolve().parents[2].joinpath(
+    "costing", "price_overrides.json").read_text())
+
+
+def tokens(price: Price) -> tuple[Decimal, Decimal, Decimal]:
+    return price.input, price.cached_input, price.output
 
 
 def load(prices_file: Path | None = None, prompt: str = "0.00015", completion: str = "0.0006") -> PriceTable:
@@ -110,13 +116,11 @@ def test_costs_are_exact_so_many_small_calls_add_up_to_one_big_one(table):
     "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o1", "o3", "o3-mini", "o4-mini",
     "gpt-5", "gpt-5-mini", "gpt-5-nano", "text-embedding-3-small", "text-embedding-3-large",
 ])
-def test_the_shipped_table_prices_current_models(table, model):
+def test_the_shipped_data_prices_current_models(table, model):
     quote = table.quote(model)
     assert not quote.priced_by_default
     assert model in table
-    published = SHIPPED[model]
-    assert quote.price == Price(Decimal(published["input"]), Decimal(published["cached_input"]),
-                                Decimal(published["output"]))
+    assert "genai-prices" in quote.source
 
 
 @pytest.mark.parametrize(("model", "inp", "cached", "out"), [
@@ -128,15 +132,17 @@ def test_the_shipped_table_prices_current_models(table, model):
     ("text-embedding-3-large", "0.13", "0.13", "0"),
 ])
 def test_shipped_prices_are_openai_list_prices_per_million_tokens(table, model, inp, cached, out):
-    assert table.quote(model).price == Price(Decimal(inp), Decimal(cached), Decimal(out))
+    assert tokens(table.quote(model).price) == (Decimal(inp), Decimal(cached), Decimal(out))
 
 
-def test_every_shipped_price_is_sane():
-    prices = parse_prices(SHIPPED)
-    assert len(prices) >= 30
-    for model, price in prices.items():
-        assert 0 <= price.cached_input <= price.input, model
-        assert price.output >= 0, model
+def test_every_override_is_a_valid_entry_citing_its_source():
+    parsed = parse_price_file(OVERRIDES)
+    assert len(parsed.models) >= 10
+    for name, raw in OVERRIDES["models"].items():
+        assert "_source" in raw and "$" in raw["_source"], name
+    for name in parsed.models:
+        price = load().quote(name).price
+        assert 0 <= price.cached_input <= price.input, name
 
 
 def test_embedding_models_have_no_output_price(table):
@@ -171,11 +177,13 @@ def test_base_model_strips_a_snapshot_date(snapshot, base):
     ("gpt-4o-audio-preview-2024-12-17", "gpt-4o-audio-preview"),
 ])
 def test_a_dated_snapshot_is_priced_as_its_base_model(table, snapshot, base):
-    assert table.quote(snapshot) == table.quote(base) == Quote(table.quote(base).price, False)
+    assert table.quote(snapshot).price == table.quote(base).price
+    assert not table.quote(snapshot).priced_by_default
 
 
 def test_an_exact_snapshot_entry_wins_over_its_base_model(table):
-    assert table.quote("gpt-4o-2024-05-13").price == Price(Decimal("5.00"), Decimal("5.00"), Decimal("15.00"))
+    own = (Decimal("5.00"), Decimal("5.00"), Decimal("15.00"))
+    assert tokens(table.quote("gpt-4o-2024-05-13").price) == own
     assert table.quote("gpt-4o").price.input == Decimal("2.50")
 
 
@@ -188,7 +196,7 @@ def test_model_names_are_matched_case_insensitively_and_without_an_openai_prefix
 # -- the default price ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["my-local-llama", "ft:gpt-4o-mini-2024-07-18:org::abc", "", None])
+@pytest.mark.parametrize("model", ["my-local-llama", "ft:my-local-llama:org::abc", "", None])
 def test_an_unknown_model_uses_the_default_price_and_is_marked(table, model):
     quote = table.quote(model)
     assert quote.priced_by_default
@@ -219,8 +227,9 @@ def test_a_json_prices_file_adds_models_and_overrides_shipped_ones(tmp_path):
         "gpt-4o": {"input": 1.25, "output": 5},
     }))
     table = load(path)
-    assert table.quote("house-model") == Quote(Price(Decimal(3), Decimal("1.5"), Decimal(4)), False)
-    assert table.quote("gpt-4o").price == Price(Decimal("1.25"), Decimal("1.25"), Decimal(5))
+    assert table.quote("house-model").price == Price(Decimal(3), Decimal("1.5"), Decimal(4))
+    assert not table.quote("house-model").priced_by_default
+    assert tokens(table.quote("gpt-4o").price) == (Decimal("1.25"), Decimal("1.25"), Decimal(5))
     assert table.quote("gpt-4o-2024-08-06").price.input == Decimal("1.25")  # snapshots follow the override
     assert table.quote("gpt-4o-mini").price.input == Decimal("0.15")  # the rest is still shipped
 
@@ -251,7 +260,7 @@ def test_a_toml_prices_file_adds_and_overrides(tmp_path):
         '[house-model]\ninput = "3"\noutput = 4\n'
     )
     table = load(path)
-    assert table.quote("gpt-4.1-2025-04-14").price == Price(Decimal("1.1"), Decimal("0.3"), Decimal("4.4"))
+    assert tokens(table.quote("gpt-4.1-2025-04-14").price) == (Decimal("1.1"), Decimal("0.3"), Decimal("4.4"))
     assert table.quote("house-model").price == Price(Decimal(3), Decimal(3), Decimal(4))
 
 
@@ -341,6 +350,22 @@ def test_a_cost_is_the_decimal_formula_rounded_half_even_whatever_the_price_prec
 
 
 def test_prices_with_at_most_four_decimals_are_whole_quanta_per_token():
-    assert Price(Decimal("0.15"), Decimal("0.075"), Decimal("0.6")).units == (1500, 750, 6000)
-    assert Price(Decimal("0.0375"), Decimal("0.0375"), Decimal("2.5")).units == (375, 375, 25000)
+    assert Price(Decimal("0.15"), Decimal("0.075"), Decimal("0.6")).units == (1500, 750, 6000, 1500, 6000, 0)
+    assert Price(Decimal("0.0375"), Decimal("0.0375"), Decimal("2.5"), Decimal(40), Decimal(80),
+                 Decimal(25)).units == (375, 375, 25000, 400_000, 800_000, 250_000_000)
     assert Price(Decimal("0.00001"), Decimal("0.1"), Decimal("0.1")).units is None  # 0.1 quantum
+
+
+def test_the_readme_prices_file_example_loads_and_means_what_it_says(tmp_path):
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
+    section = readme[readme.index("## Prices"):]
+    example = section[section.index("```json\n") + 8:]
+    path = tmp_path / "prices.json"
+    path.write_text(example[:example.index("```")])
+    table = load(path)
+    assert tokens(table.quote("gpt-4o-2024-08-06").price) == (Decimal(2), Decimal(1), Decimal(8))
+    assert table.quote("gpt-4o", "priority").price.output == Decimal(14)
+    assert table.quote("gpt-4o-audio-preview").price.audio_output == Decimal(80)
+    assert table.quote("house-llama").max_output_tokens == 8192
+    long = table.quote("gpt-5.4").price.for_prompt(300_000)
+    assert (long.input, long.output) == (Decimal(5), Decimal("22.50"))

@@ -642,3 +642,96 @@ def test_an_absurd_output_cap_is_capped_so_the_reservation_stays_a_number():
     facts = request_facts(Operation.COMPLETIONS, {"prompt": "x", "max_tokens": 10**30, "n": 10**10,
                                                   "best_of": 10**12})
     assert facts.max_output_tokens == MAX_TOKENS
+
+
+# -- billed dimensions: audio, service tier, web searches, choices --------------------------------
+
+
+def test_chat_audio_tokens_are_read_from_both_details():
+    usage = parse_usage({"prompt_tokens": 1000, "completion_tokens": 600,
+                         "prompt_tokens_details": {"cached_tokens": 100, "audio_tokens": 700},
+                         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 500}})
+    assert usage == Usage(input_tokens=1000, cached_input_tokens=100, output_tokens=600,
+                          audio_input_tokens=700, audio_output_tokens=500)
+
+
+def test_responses_audio_tokens_are_read_from_both_details():
+    usage = parse_usage({"input_tokens": 50, "output_tokens": 40,
+                         "input_tokens_details": {"audio_tokens": 30},
+                         "output_tokens_details": {"audio_tokens": 20, "reasoning_tokens": 5}})
+    assert (usage.audio_input_tokens, usage.audio_output_tokens, usage.reasoning_tokens) == (30, 20, 5)
+
+
+@pytest.mark.parametrize("audio", [None, "7", -3, [1], True])
+def test_garbage_audio_counts_are_zero(audio):
+    usage = parse_usage({"prompt_tokens": 10, "prompt_tokens_details": {"audio_tokens": audio}})
+    assert usage.audio_input_tokens == 0
+
+
+def test_audio_tokens_are_clamped_to_their_totals():
+    usage = parse_usage({"prompt_tokens": 5, "completion_tokens": 3,
+                         "prompt_tokens_details": {"audio_tokens": 50},
+                         "completion_tokens_details": {"audio_tokens": 9}})
+    assert (usage.audio_input_tokens, usage.audio_output_tokens) == (5, 3)
+
+
+def test_the_service_tier_of_a_body_and_of_a_chat_usage_chunk_is_read():
+    body = {"id": "c", "model": "gpt-5", "service_tier": "priority", "usage": {"prompt_tokens": 1}}
+    assert from_body(body).service_tier == "priority"
+    chunk = {"id": "c", "object": "chat.completion.chunk", "service_tier": "flex", "choices": [],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    assert from_event(chunk).service_tier == "flex"
+
+
+@pytest.mark.parametrize("tier", [None, "", 3, ["flex"]])
+def test_a_missing_or_non_string_service_tier_is_none(tier):
+    assert from_body({"service_tier": tier, "usage": {}}).service_tier is None
+
+
+def test_a_long_service_tier_is_cut():
+    assert from_body({"service_tier": "x" * 100}).service_tier == "x" * 32
+
+
+def _searching_response(searches: int) -> dict:
+    output = [{"type": "web_search_call", "id": f"ws_{i}", "status": "completed"} for i in range(searches)]
+    return {"id": "resp_1", "object": "response", "model": "gpt-5", "service_tier": "default",
+            "output": [*output, {"type": "message", "content": []}, "junk", {"type": "reasoning"}],
+            "usage": {"input_tokens": 10, "output_tokens": 5}}
+
+
+def test_web_search_calls_are_counted_in_a_responses_object():
+    reported = from_body(_searching_response(3))
+    assert reported.usage.web_search_calls == 3 and reported.service_tier == "default"
+
+
+def test_web_search_calls_are_counted_in_the_terminal_event_of_a_stream():
+    event = {"type": "response.completed", "response": _searching_response(2)}
+    assert from_event(event).usage.web_search_calls == 2
+    assert from_event(event).service_tier == "default"
+
+
+def test_a_chat_body_has_no_web_search_calls():
+    assert from_body({"usage": {"prompt_tokens": 1}, "choices": []}).usage.web_search_calls == 0
+
+
+def test_the_requested_tier_and_the_number_of_choices_are_request_facts():
+    facts = request_facts(Operation.CHAT, _chat(n=3, service_tier="flex"))
+    assert (facts.candidates, facts.service_tier, facts.max_output_tokens) == (3, "flex", None)
+    best_of = request_facts(Operation.COMPLETIONS, {"prompt": "x", "n": 2, "best_of": 4})
+    assert best_of.candidates == 4
+    assert request_facts(Operation.CHAT, _chat()).candidates == 1
+    assert request_facts(Operation.CHAT, _chat(n=10**6)).candidates == 128  # OpenAI's largest n
+
+
+@pytest.mark.parametrize(("tools", "preview"), [
+    ([{"type": "web_search_preview"}], True),
+    ([{"type": "function", "name": "roll"}, {"type": "web_search_preview_2025_03_11"}], True),
+    ([{"type": "web_search"}], False),
+    ("web_search_preview", False),
+    ([["web_search_preview"]], False),
+    (None, False),
+])
+def test_a_responses_request_offering_the_search_preview_tool_is_a_fact(tools, preview):
+    assert request_facts(Operation.RESPONSES, {"input": "x", "tools": tools}).search_preview is preview
+    chat = request_facts(Operation.CHAT, {"messages": [], "tools": tools})
+    assert chat.search_preview is False

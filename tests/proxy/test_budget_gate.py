@@ -34,7 +34,7 @@ def answer_what_is_reserved(fake: Any) -> Decimal:
     facts = request_facts(Operation.CHAT, CAPPED_CALL)
     fake.behaviour.prompt_tokens = facts.prompt_tokens
     fake.behaviour.completion_tokens = 100
-    return from_units(worst_case_units(PRICES.quote("gpt-4o-mini").price, facts, 4096))
+    return from_units(worst_case_units(PRICES.quote("gpt-4o-mini"), facts, 4096))
 
 
 async def alternate_calls(clients: list[openai.AsyncOpenAI], body: dict[str, Any],
@@ -61,18 +61,21 @@ async def test_warning_and_block_at_exactly_the_thresholds(start_proxy, fake):
     proxy = await start_proxy(cost_warning_threshold_usd=one, cost_limit_threshold_usd=2 * one,
                               budget_default_max_output_tokens=0)
     client = proxy.client()
-    first = await client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
+    first = await client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES,
+                                                                        max_tokens=1000)
     # Spent == warning after the first call (Decimal equality at the boundary): warned.
     assert Decimal(first.headers["X-Campaign-Cost-USD"]) == one
     assert "X-Cost-Warning" in first.headers
     assert Decimal(first.headers["X-Campaign-Limit-USD"]) == 2 * one
     assert Decimal(first.headers["X-Campaign-Remaining-USD"]) == one
-    second = await client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
+    second = await client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES,
+                                                                        max_tokens=1000)
     assert Decimal(second.headers["X-Campaign-Cost-USD"]) == 2 * one
     assert Decimal(second.headers["X-Campaign-Remaining-USD"]) == 0
     upstream_calls = fake.hits("/chat/completions")
     with pytest.raises(openai.RateLimitError) as caught:
-        await proxy.client(max_retries=3).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        await proxy.client(max_retries=3).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES,
+                                                                        max_tokens=1000)
     error = caught.value
     assert error.status_code == 429
     assert error.body["code"] == "budget_exceeded" and error.body["type"] == "insufficient_quota"
@@ -89,7 +92,7 @@ async def test_one_quantum_below_the_warning_has_no_warning(start_proxy, fake):
     proxy = await start_proxy(cost_warning_threshold_usd=one + Decimal("1e-10"),
                               cost_limit_threshold_usd=10 * one)
     raw = await proxy.client().chat.completions.with_raw_response.create(model="gpt-4o-mini",
-                                                                       messages=MESSAGES)
+                                                                       messages=MESSAGES, max_tokens=1000)
     assert "X-Cost-Warning" not in raw.headers
 
 

@@ -40,7 +40,8 @@ async def test_campaign_and_session_totals_equal_the_ledger(proxy, fake):
         assert Decimal(alpha["cost_usd"]) == sums["alpha"][0]
         assert alpha["requests"] == 3 and alpha["session_count"] == 2
         assert alpha["tokens"] == {"input": sums["alpha"][2], "cached_input": sums["alpha"][3],
-                                   "output": sums["alpha"][4], "reasoning": sums["alpha"][5]}
+                                   "output": sums["alpha"][4], "reasoning": sums["alpha"][5],
+                                   "audio_input": sums["alpha"][6], "audio_output": sums["alpha"][7]}
         assert alpha["budget"]["spent_usd"] == alpha["cost_usd"] and alpha["budget"]["status"] == "ok"
         assert Decimal(alpha["budget"]["remaining_usd"]) == Decimal(5) - sums["alpha"][0]
         assert alpha["first_seen"].endswith("Z") and alpha["last_seen"].endswith("Z")
