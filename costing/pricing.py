@@ -106,10 +106,6 @@ class Price:
                 price = tier
         return price
 
-    @property
-    def max_output_price(self) -> Decimal:
-        return max(self.token_prices()[2], self.token_prices()[4])
-
 
 @dataclass(frozen=True, slots=True)
 class Quote:
@@ -297,17 +293,6 @@ def parse_price_file(raw: Any) -> PriceFile:
     limits = {prefix.lower(): _count("max_output_tokens", prefix, n, MAX_OUTPUT_TOKENS)
               for prefix, n in limits_raw.items() if not prefix.startswith("_")}
     return PriceFile(models, limits)
-
-
-def parse_prices(raw: Any) -> dict[str, Price]:
-    """Complete prices of a price file (entries with input and output), for tests and tools."""
-    parsed = parse_price_file(raw)
-    prices = {}
-    for name, entry in parsed.models.items():
-        if "input" not in entry.amounts or "output" not in entry.amounts:
-            raise PriceTableError(f"price of {name!r} needs 'input' and 'output' (USD per 1M tokens)")
-        prices[name] = _build({**_apply({}, entry.amounts)}, False, ())
-    return prices
 
 
 def read_prices_file(path: Path) -> Any:
