@@ -61,6 +61,8 @@ class Ledger:
         self.error_listeners: list[Callable[[BaseException], None]] = []
         self.drop_listeners: list[Callable[[UsageEntry], None]] = []
         self._buffer: deque[UsageEntry] = deque()
+        # Written one by one by `_write_apart`, still in the buffer until the batch is sorted out.
+        self._committed_apart: set[int] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -72,6 +74,14 @@ class Ledger:
 
     def __len__(self) -> int:
         return len(self._buffer)
+
+    def pending(self) -> list[UsageEntry]:
+        """Entries handed over and not committed yet, oldest first. Read under `writing`, with
+        the database read it completes, so none is counted both stored and pending (/costs
+        read-your-writes)."""
+        if self._committed_apart:
+            return [e for e in self._buffer if e.id not in self._committed_apart]
+        return list(self._buffer)
 
     def has_room(self, in_flight: int) -> bool:
         """Whether `in_flight` more records are sure to fit; the admission check for new requests."""
@@ -158,6 +168,7 @@ class Ledger:
             error = await self._write_one(entry)
             if error is None:
                 written += 1
+                self._committed_apart.add(entry.id)
             elif blames_the_record(error):
                 bad.append((entry, error))
             else:
@@ -166,6 +177,7 @@ class Ledger:
             return False
         for _ in batch:
             self._buffer.popleft()
+        self._committed_apart.clear()
         self._buffer.extendleft(reversed(kept))
         for entry, error in bad:
             log.error("usage record %s refused by the database, dropped: %s", entry.id, error)

@@ -5,7 +5,9 @@ reported to a priced ledger entry. The HTTP edge calls this; it knows nothing of
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -16,6 +18,8 @@ from costing.ledger import Ledger
 from costing.pricing import PriceTable, Quote, cost_units
 from costing.records import UsageEntry
 from costing.usage import Operation, Reported, RequestFacts, Usage, estimate_usage
+
+log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=1024)
@@ -50,6 +54,8 @@ class Meter:
         self.ledger = ledger
         self.sessions = sessions
         self.default_max_output_tokens = default_max_output_tokens
+        # Called with each entry once the ledger has it (the live feed): must not block.
+        self.listeners: list[Callable[[UsageEntry], None]] = []
 
     def admit_now(self, campaign_id: str, session_id: str, operation: Operation,
                   facts: RequestFacts, authorization: str | None) -> Ticket | None:
@@ -119,6 +125,11 @@ class Meter:
             self.gate.settle(ticket.admission, amount)
             self.sessions.add(ticket.campaign_id, ticket.session_id, amount)
             self.ledger.submit(entry)
+            for listener in self.listeners:
+                try:
+                    listener(entry)
+                except Exception:  # a listener's bug must not fail the call it heard about
+                    log.exception("usage listener failed")
         return entry
 
     def standing(self, campaign_id: str) -> tuple[int, Budget]:

@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from costing.feed import Feed
 from costing.gate import BudgetGate
 from costing.ledger import Ledger
 from costing.meter import Meter
@@ -32,3 +33,4 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 LEDGER = web.AppKey("ledger", Ledger)
 GATE = web.AppKey("gate", BudgetGate)
 METER = web.AppKey("meter", Meter)
+FEED = web.AppKey("feed", Feed)
