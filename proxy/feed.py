@@ -9,7 +9,9 @@ since a browser's EventSource cannot send headers (compared in constant time, ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import socket
 from collections.abc import AsyncIterator
 from importlib import resources
 
@@ -21,6 +23,11 @@ from proxy.costs_api import check_access
 from proxy.errors import Handler, ProxyError, answering
 from proxy.state import FEED, METER, SETTINGS, STORE
 from proxy.tags import validate_tag
+
+SEND_BUFFER_BYTES = 64 * 1024
+"""The kernel's send buffer of a stream's socket: bounded, so a subscriber that reads nothing
+holds at most this much there (autotuned buffers grow to megabytes each), and falls behind, is
+dropped and told `resync` after its queue's worth of events rather than never."""
 
 RESYNC_GRACE_SECONDS = 10.0
 """How long a dropped subscriber's writer may wait for the client to take `resync`."""
@@ -70,6 +77,10 @@ async def events(request: web.Request) -> web.StreamResponse:
             timers.append(loop.call_later(RESYNC_GRACE_SECONDS, transport.abort))
 
     sub.on_drop = abort_later
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
     response = web.StreamResponse(headers=STREAM_HEADERS)
     response.force_close()  # never reused: a dropped stream's connection may be aborted
     try:

@@ -24,9 +24,9 @@ class EventReader:
         self.comments: list[str] = []
         self._buffer = b""
 
-    async def next(self, timeout: float = 10.0) -> Event | None:
+    async def next(self, within: float = 10.0) -> Event | None:
         """The next event (comments are collected, not returned); None at the end of the stream."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 block, sep, rest = self._buffer.partition(b"\n\n")
                 if sep:
@@ -53,10 +53,10 @@ class EventReader:
         return Event(fields.get("id"), fields.get("event", "message"), orjson.loads(fields["data"]))
 
     async def events(self, count: int, *, kinds: tuple[str, ...] = ("usage", "budget", "resync"),
-                     timeout: float = 10.0) -> list[Event]:
+                     within: float = 10.0) -> list[Event]:
         found: list[Event] = []
         while len(found) < count:
-            event = await self.next(timeout)
+            event = await self.next(within)
             assert event is not None, f"the stream ended after {len(found)} of {count} events"
             if event.event in kinds:
                 found.append(event)
