@@ -83,6 +83,10 @@ class Ledger:
             return [e for e in self._buffer if e.id not in self._committed_apart]
         return list(self._buffer)
 
+    def write_soon(self) -> None:
+        """Write the buffer now rather than at the next interval (a reader waits for it)."""
+        self._wake.set()
+
     def has_room(self, in_flight: int) -> bool:
         """Whether `in_flight` more records are sure to fit; the admission check for new requests."""
         return len(self._buffer) + in_flight < self.max_records

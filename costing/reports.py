@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Protocol, TypeVar
 
 from costing.budget import Budget, make_budget
-from costing.errors import NotFound
+from costing.errors import LedgerUnavailable, NotFound
 from costing.records import (
     CampaignTotals,
     DayTotals,
@@ -29,6 +29,7 @@ from costing.store import US_PER_DAY, Store
 
 MAX_DAYS = 366
 SESSION_ORDERS = ("last_seen", "cost", "first_seen")
+WRITE_WAIT_SECONDS = 10.0
 EPOCH_DAY = date(1970, 1, 1)
 T = TypeVar("T")
 
@@ -39,6 +40,8 @@ class Pending(Protocol):
     writing: asyncio.Lock
 
     def pending(self) -> list[UsageEntry]: ...
+
+    def write_soon(self) -> None: ...
 
 
 # -- overlays (pure) ------------------------------------------------------------------------------
@@ -216,9 +219,23 @@ class CostReports:
         return found
 
     async def delete_session(self, campaign_id: str, session_id: str) -> SessionTotals:
+        await self._written(campaign_id, session_id)
         if not await self.store.delete_session(campaign_id, session_id, datetime.now(UTC)):
             raise NotFound(f"Unknown session '{session_id}' in campaign '{campaign_id}'")
         return await self.session(campaign_id, session_id)
+
+    async def _written(self, campaign_id: str, session_id: str) -> None:
+        """Wait until this process's calls of a session are written (a deletion marks the stored
+        session; one answered a moment ago may not be stored yet)."""
+        if self.ledger is None:
+            return
+        deadline = asyncio.get_running_loop().time() + WRITE_WAIT_SECONDS
+        while any(e.campaign_id == campaign_id and e.session_id == session_id
+                  for e in self.ledger.pending()):
+            if asyncio.get_running_loop().time() > deadline:
+                raise LedgerUnavailable("the session's latest calls are not written yet")
+            self.ledger.write_soon()
+            await asyncio.sleep(0.02)
 
     async def daily(self, campaign_id: str, start: date, end: date) -> list[DayTotals]:
         """Every day of [start, end], zero-filled where nothing was spent."""

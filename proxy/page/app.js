@@ -5,7 +5,7 @@
 "use strict";
 
 const TOKEN_KEY = "llm-cost-proxy.token";
-const state = { campaigns: new Map(), open: null, lastEventId: null, stream: null, refresh: null };
+const state = { campaigns: new Map(), open: null, lastEventId: null, stream: null, refresh: null, days: null };
 const $ = (id) => document.getElementById(id);
 
 // -- API ---------------------------------------------------------------------------------------
@@ -45,12 +45,12 @@ function clearError() { $("error").hidden = true; }
 
 // -- formatting ----------------------------------------------------------------------------------
 
+// Amounts come as exact decimal strings; shown as they are, cut to at most six decimals.
 function usd(text) {
-  const n = Number(text);
-  if (!isFinite(n)) return "$" + text;
-  if (n === 0) return "$0.00";
-  if (Math.abs(n) >= 1) return "$" + n.toFixed(2);
-  return "$" + n.toPrecision(3).replace(/0+$/, "").replace(/\.$/, "");
+  const [whole, fraction = ""] = String(text).split(".");
+  let digits = fraction.slice(0, 6).replace(/0+$/, "");
+  if (digits.length < 2) digits = digits.padEnd(2, "0");
+  return "$" + whole + "." + digits;
 }
 const count = (n) => Number(n).toLocaleString("en-US");
 function when(iso) {
@@ -182,9 +182,12 @@ function svg(tag, attrs, text) {
   return node;
 }
 
-// Hand-drawn SVG bars: one per day, the y axis from zero to the largest day.
+// Hand-drawn SVG bars: one per day, the y axis from zero to the largest day. Drawn at the
+// container's own width in pixels, so labels keep their size on a phone and on a wide screen.
 function renderChart(days) {
-  const W = 600, H = 200, left = 48, bottom = 22, top = 10, right = 6;
+  state.days = days;
+  const W = Math.max(280, $("chart").clientWidth || 600), H = W < 500 ? 170 : 210;
+  const left = 58, bottom = 22, top = 10, right = 6;
   const max = Math.max(0, ...days.map((d) => Number(d.cost_usd)));
   const plotW = W - left - right, plotH = H - top - bottom;
   const step = plotW / Math.max(days.length, 1);
@@ -193,7 +196,7 @@ function renderChart(days) {
   for (const f of [0, 0.5, 1]) {
     const y = top + plotH - f * plotH;
     root.append(svg("line", { class: "axis", x1: left, y1: y, x2: W - right, y2: y, "stroke-dasharray": "2 3" }));
-    root.append(svg("text", { x: left - 4, y: y + 3, "text-anchor": "end" }, usd(String(max * f))));
+    root.append(svg("text", { x: left - 4, y: y + 3, "text-anchor": "end" }, usd((max * f).toFixed(4))));
   }
   days.forEach((d, i) => {
     const v = Number(d.cost_usd);
@@ -202,7 +205,7 @@ function renderChart(days) {
     const bar = svg("rect", { class: "day", x, y: top + plotH - h, width: step * 0.7, height: h, "data-date": d.date, "data-cost": d.cost_usd });
     bar.append(svg("title", {}, `${d.date}: ${usd(d.cost_usd)}, ${count(d.requests)} requests`));
     root.append(bar);
-    if (i % 7 === 0 || i === days.length - 1) {
+    if ((days.length - 1 - i) % (W < 500 ? 10 : 7) === 0) {
       root.append(svg("text", { x: x + step * 0.35, y: H - 6, "text-anchor": "middle" }, d.date.slice(5)));
     }
   });
@@ -369,5 +372,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("budget-form").addEventListener("submit", saveBudget);
   $("reset-budget").addEventListener("click", resetBudget);
   window.addEventListener("hashchange", route);
+  let resizing = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizing);
+    resizing = setTimeout(() => { if (state.days && state.open) renderChart(state.days); }, 150);
+  });
   start();
 });
