@@ -206,7 +206,9 @@ function renderChart(days) {
     bar.append(svg("title", {}, `${d.date}: ${usd(d.cost_usd)}, ${count(d.requests)} requests`));
     root.append(bar);
     if ((days.length - 1 - i) % (W < 500 ? 10 : 7) === 0) {
-      root.append(svg("text", { x: x + step * 0.35, y: H - 6, "text-anchor": "middle" }, d.date.slice(5)));
+      const last = i === days.length - 1;
+      root.append(svg("text", { x: last ? W - right : x + step * 0.35, y: H - 6,
+        "text-anchor": last ? "end" : "middle" }, d.date.slice(5)));
     }
   });
   $("chart").replaceChildren(root);
