@@ -29,6 +29,10 @@ SEND_BUFFER_BYTES = 64 * 1024
 holds at most this much there (autotuned buffers grow to megabytes each), and falls behind, is
 dropped and told `resync` after its queue's worth of events rather than never."""
 
+WRITE_INTERVAL_SECONDS = 0.05
+"""A stream is written at most this often: events of a busy moment go out together, one send
+per subscriber per interval instead of one per event (a send costs far more than a frame)."""
+
 RESYNC_GRACE_SECONDS = 10.0
 """How long a dropped subscriber's writer may wait for the client to take `resync`."""
 
@@ -88,6 +92,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         await response.write(b"retry: 2000\n\n")
         while frames := await sub.take():
             await response.write(b"".join(frames))
+            await asyncio.sleep(WRITE_INTERVAL_SECONDS)
         await response.write_eof()
     except (ConnectionResetError, OSError):
         pass  # the client left
