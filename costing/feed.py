@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -283,12 +283,12 @@ class Feed:
 
 
 class SeenIds:
-    """Record ids already published, within the window the ledger watcher looks back over; kept
-    in arrival order so old ones are forgotten cheaply."""
+    """Record ids already published, within the window the ledger watcher looks back over, and
+    which of them (this process's own calls) its ledger has not written yet."""
 
     def __init__(self) -> None:
         self._ids: set[int] = set()
-        self._order: deque[int] = deque()
+        self.unwritten: set[int] = set()
 
     def __contains__(self, record_id: int) -> bool:
         return record_id in self._ids
@@ -296,19 +296,36 @@ class SeenIds:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def add(self, record_id: int) -> None:
+    def add(self, record_id: int, *, written: bool = True) -> None:
         self._ids.add(record_id)
-        self._order.append(record_id)
+        if not written:
+            self.unwritten.add(record_id)
+
+    def on_flushed(self, batch: Sequence[UsageEntry], _inserted: Sequence[UsageEntry],
+                   _seconds: float) -> None:
+        """Ledger listener: these are in the database now (inserted or known already)."""
+        if self.unwritten:
+            for entry in batch:
+                self.unwritten.discard(entry.id)
+
+    def on_dropped(self, entry: UsageEntry) -> None:
+        """Ledger drop listener: this one never will be."""
+        self.unwritten.discard(entry.id)
 
     def forget_before(self, floor_id: int) -> None:
-        """Forget ids below `floor_id` (ids are time-ordered: their first 48 bits are ms)."""
-        order = self._order
-        while order and order[0] < floor_id:
-            self._ids.discard(order.popleft())
+        """Keep only ids from `floor_id` on (ids are time-ordered: their first 48 bits are ms)."""
+        self._ids = {i for i in self._ids if i >= floor_id}
+        self.unwritten = {i for i in self.unwritten if i >= floor_id}
+
+    @property
+    def written(self) -> int:
+        """How many of the ids are in the database: what a count of its rows from the same floor
+        finds when no other process wrote any."""
+        return len(self._ids) - len(self.unwritten)
 
     def clear(self) -> None:
         self._ids.clear()
-        self._order.clear()
+        self.unwritten.clear()
 
 
 class MeterListener:
@@ -330,7 +347,7 @@ class MeterListener:
         feed = self.feed
         if not feed.live:
             return
-        feed.seen.add(entry.id)
+        feed.seen.add(entry.id, written=False)
         meter = self.meter
         spent, budget = meter.standing(entry.campaign_id)
         session = meter.session_total_now(entry.campaign_id, entry.session_id)
@@ -383,12 +400,13 @@ class LedgerWatcher:
     database) into this feed by reading the ledger by time, while anyone listens.
 
     Record ids are version 7 UUIDs (their first 48 bits: the milliseconds they were made), so
-    "rows made in the last `lag_seconds`" is a range of the primary key. Each poll reads the ids
-    in that range (from the index alone), skips those already published (this process's own
-    calls, published when recorded, and rows of earlier polls), and reads the rest in full
-    with their campaign's and session's stored totals. A row committed more than `lag_seconds`
-    after it was made (a writer that could not reach the database for that long) is missed by
-    the feed, never by /costs.
+    "rows made in the last `lag_seconds`" is a range of the primary key. Each poll counts the
+    rows in that range (from the index alone); when there are no more than this process has
+    published and written (its own calls, published when recorded, and rows of earlier polls),
+    that is all. Otherwise it reads the ids in the range, skips those already published, and
+    reads the rest in full with their campaign's and session's stored totals. A row committed
+    more than `lag_seconds` after it was made (a writer that could not reach the database for
+    that long) is missed by the feed, never by /costs.
     """
 
     def __init__(self, store: Store, feed: Feed, *, lag_seconds: float, max_rows: int = 10_000,
@@ -410,8 +428,12 @@ class LedgerWatcher:
         if self._since_ms is None:
             self._since_ms = now_ms + 1  # this process's calls made before now went unpublished
         floor = max(self._since_ms, now_ms - self.lag_ms) << 80
-        ids = await self.store.record_ids_after(floor, self.max_rows)
         feed.seen.forget_before(floor)
+        # Nearly always, nobody else wrote: the rows from the floor on are the ones already
+        # published, and one count says so without reading them.
+        if await self.store.count_records_from(floor) <= feed.seen.written:
+            return 0
+        ids = await self.store.record_ids_after(floor, self.max_rows)
         new = [i for i in ids if i not in feed.seen]
         if not new:
             return 0

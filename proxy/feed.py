@@ -21,7 +21,7 @@ from costing.feed import Feed, LedgerWatcher, MeterListener, TooManySubscribers
 from costing.tasks import finish, pause
 from proxy.costs_api import check_access
 from proxy.errors import Handler, ProxyError, answering
-from proxy.state import FEED, METER, SETTINGS, STORE
+from proxy.state import FEED, LEDGER, METER, SETTINGS, STORE
 from proxy.tags import validate_tag
 
 SEND_BUFFER_BYTES = 64 * 1024
@@ -128,6 +128,9 @@ async def _live(app: web.Application) -> AsyncIterator[None]:
                 max_subscribers=settings.live_max_subscribers)
     app[FEED] = feed
     meter.listeners.append(MeterListener(feed, meter))
+    ledger = app[LEDGER]
+    ledger.listeners.append(feed.seen.on_flushed)
+    ledger.drop_listeners.append(feed.seen.on_dropped)
     watcher = LedgerWatcher(app[STORE], feed, lag_seconds=settings.live_poll_lag_seconds)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(_heartbeat(feed, settings.live_heartbeat_seconds, stop),

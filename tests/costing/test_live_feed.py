@@ -101,9 +101,17 @@ def test_running_totals_take_later_rows_off_the_stored_totals():
         (1, 10, 10), (2, 70, 60), (3, 100, 40)]
 
 
-def test_seen_ids_forget_what_falls_below_the_floor():
+def test_seen_ids_forget_what_falls_below_the_floor_and_count_what_is_written():
     seen = SeenIds()
-    for i in (1, 2, 5, 9):
+    for i in (9, 1, 5, 2):  # published out of order: other processes' rows come later
         seen.add(i << 80)
+    own = [entry(1, record_id=(i << 80)) for i in (3, 6, 7)]
+    for e in own:
+        seen.add(e.id, written=False)
+    assert seen.written == 4
+    seen.on_flushed(own[:2], own[:1], 0.01)  # a batch is written (one of it known already)
+    assert seen.written == 6
+    seen.on_dropped(own[2])  # refused by the database: never written
+    assert seen.written == 7 and len(seen) == 7
     seen.forget_before(5 << 80)
-    assert (1 << 80) not in seen and (5 << 80) in seen and len(seen) == 2
+    assert (1 << 80) not in seen and (5 << 80) in seen and len(seen) == 4 and seen.written == 4
