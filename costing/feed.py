@@ -155,6 +155,7 @@ class Feed:
         # Read on every recorded call: True while anyone listens, and for `linger_seconds` after
         # the last one left, so a reconnect still resumes.
         self.live = False
+        self.live_since_ms = 0  # when it last went live: calls made before then are not published
         self.dropped = 0  # subscribers dropped for falling behind
         self._statuses: OrderedDict[str, BudgetStatus] = OrderedDict()
         self._linger: asyncio.TimerHandle | None = None
@@ -179,7 +180,9 @@ class Feed:
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        self.live = True
+        if not self.live:
+            self.live = True
+            self.live_since_ms = int(time.time() * 1000)
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
@@ -416,18 +419,13 @@ class LedgerWatcher:
         self.lag_ms = int(lag_seconds * 1000)
         self.max_rows = max_rows
         self.wall = wall
-        self._since_ms: int | None = None  # when the feed went live: nothing older is published
 
     async def poll(self) -> int:
         """One look at the ledger; returns the number of events published."""
         feed = self.feed
         if not feed.live:
-            self._since_ms = None
             return 0
-        now_ms = int(self.wall() * 1000)
-        if self._since_ms is None:
-            self._since_ms = now_ms + 1  # this process's calls made before now went unpublished
-        floor = max(self._since_ms, now_ms - self.lag_ms) << 80
+        floor = max(feed.live_since_ms, int(self.wall() * 1000) - self.lag_ms) << 80
         feed.seen.forget_before(floor)
         # Nearly always, nobody else wrote: the rows from the floor on are the ones already
         # published, and one count says so without reading them.

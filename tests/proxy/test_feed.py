@@ -273,7 +273,6 @@ async def test_calls_of_another_replica_on_the_same_database_arrive(start_proxy,
     other = await start_proxy()
     async with aiohttp.ClientSession() as http, http.get(f"{watching.url}/costs/events") as response:
         reader = EventReader(response)
-        await asyncio.sleep(0.1)  # the watcher looks back to when the feed went live
         await _chat(watching, session="here")
         await _chat(other, session="there")
         await _chat(other, session="there")
