@@ -307,6 +307,14 @@ class SessionCosts:
             return None
         return entry.stored + entry.added
 
+    def total_later(self, campaign_id: str, session_id: str) -> tuple[asyncio.Future[int], int] | None:
+        """When `total_now` is None because the stored part is still being read: that read, and
+        what this process added so far (the total as of now is the read's result plus that)."""
+        entry = self._entries.get((campaign_id, session_id))
+        if entry is None or entry.task.done():
+            return None
+        return entry.task, entry.added
+
     async def total(self, campaign_id: str, session_id: str) -> int | None:
         entry = self._entries.get((campaign_id, session_id))
         if entry is None:

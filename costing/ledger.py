@@ -64,6 +64,8 @@ class Ledger:
         # a retried batch, a replayed spool, a final state read twice. Never silent.
         self.known_listeners: list[Callable[[int], None]] = []
         self._buffer: deque[UsageEntry] = deque()
+        # Written one by one by `_write_apart`, still in the buffer until the batch is sorted out.
+        self._committed_apart: set[int] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -75,6 +77,18 @@ class Ledger:
 
     def __len__(self) -> int:
         return len(self._buffer)
+
+    def pending(self) -> list[UsageEntry]:
+        """Entries handed over and not committed yet, oldest first. Read under `writing`, with
+        the database read it completes, so none is counted both stored and pending (/costs
+        read-your-writes)."""
+        if self._committed_apart:
+            return [e for e in self._buffer if e.id not in self._committed_apart]
+        return list(self._buffer)
+
+    def write_soon(self) -> None:
+        """Write the buffer now rather than at the next interval (a reader waits for it)."""
+        self._wake.set()
 
     def has_room(self, in_flight: int) -> bool:
         """Whether `in_flight` more records are sure to fit; the admission check for new requests."""
@@ -167,6 +181,7 @@ class Ledger:
             error = await self._write_one(entry)
             if error is None:
                 written += 1
+                self._committed_apart.add(entry.id)
             elif blames_the_record(error):
                 bad.append((entry, error))
             else:
@@ -175,6 +190,7 @@ class Ledger:
             return False
         for _ in batch:
             self._buffer.popleft()
+        self._committed_apart.clear()
         self._buffer.extendleft(reversed(kept))
         for entry, error in bad:
             log.error("usage record %s refused by the database, dropped: %s", entry.id, error)

@@ -60,7 +60,7 @@ class Meter:
         self.sessions = sessions
         self.default_max_output_tokens = default_max_output_tokens
         self.background = BackgroundResponses()
-        # Called with every entry handed to the ledger (the live feed, say); must not block.
+        # Called with each entry once the ledger has it (the live feed): must not block.
         self.listeners: list[Callable[[UsageEntry], None]] = []
         self._unknown_models: set[str] = set()
 
@@ -226,7 +226,10 @@ class Meter:
     def _submit(self, entry: UsageEntry) -> None:
         self.ledger.submit(entry)
         for listener in self.listeners:
-            listener(entry)
+            try:
+                listener(entry)
+            except Exception:  # a listener's bug must not fail the call it heard about
+                log.exception("usage listener failed")
 
     def _unknown_model(self, model: str | None) -> None:
         """Log the first call priced with the default prices, per model (bounded)."""

@@ -180,3 +180,14 @@ class CampaignSnapshot:
     spent: Decimal
     budget: Budget
     lease: Decimal
+
+
+@dataclass(slots=True)
+class RemoteUsage:
+    """A ledger row another process wrote, with its campaign's and session's stored totals and
+    budget as read with it (see costing.feed.LedgerWatcher); amounts in money units."""
+
+    entry: UsageEntry
+    campaign_spent: int
+    session_spent: int
+    budget: Budget

@@ -163,6 +163,14 @@ class Settings(BaseSettings):
     ledger_batch_size: int = Field(1000, ge=1)
     ledger_buffer_max_records: int = Field(100_000, ge=100)
 
+    # Live costs (/costs/events and the cost page at /)
+    live_max_subscribers: int = Field(500, ge=1)
+    live_queue_events: int = Field(1000, ge=1)
+    live_buffer_events: int = Field(10_000, ge=1)
+    live_heartbeat_seconds: float = Field(10.0, gt=0, le=15)
+    live_poll_interval_seconds: float = Field(1.0, gt=0, le=60)
+    live_poll_lag_seconds: float = Field(10.0, gt=0, le=3600)
+
     upstream_connect_timeout_seconds: float = Field(10.0, gt=0)
     upstream_read_timeout_seconds: float = Field(600.0, gt=0)
     max_request_body_bytes: int = Field(50 * 1024 * 1024, ge=1024)

@@ -18,7 +18,7 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, case, func, literal, select, text, update
+from sqlalchemy import Table, and_, bindparam, case, func, literal, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -31,17 +31,20 @@ from costing.models import (
     SessionCostSnapshot,
     UsageRecord,
 )
-from costing.money import ZERO, from_units
+from costing.money import ZERO, from_units, to_units
 from costing.records import (
     CampaignSnapshot,
     CampaignTotals,
     DayTotals,
     LeaseGrant,
+    RemoteUsage,
     SessionTotals,
     Totals,
     UsageEntry,
+    epoch_us,
     from_epoch_us,
 )
+from costing.usage import Usage
 
 RECORDS: Table = UsageRecord.__table__  # type: ignore[assignment]
 SESSIONS: Table = SessionCostSnapshot.__table__  # type: ignore[assignment]
@@ -372,6 +375,62 @@ class Store:
                 select(DAILY).where(DAILY.c.campaign_id == campaign_id, DAILY.c.day >= start,
                                     DAILY.c.day <= end).order_by(DAILY.c.day))
             return [DayTotals(r.day, _totals(r)) for r in rows]
+
+    async def known_sessions(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which (campaign, session) pairs the database holds."""
+        wanted = sorted(set(pairs))
+        if not wanted:
+            return set()
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(SESSIONS.c.campaign_id, SESSIONS.c.session_id)
+                .where(tuple_(SESSIONS.c.campaign_id, SESSIONS.c.session_id).in_(wanted)))
+            return {(r.campaign_id, r.session_id) for r in rows}
+
+    async def count_records_from(self, floor_id: int) -> int:
+        """How many ledger rows have an id of `floor_id` or above: a range of the primary key
+        (record ids are version 7 UUIDs, time-ordered), counted from the index alone."""
+        async with self.engine.connect() as conn:
+            return int(await conn.scalar(
+                select(func.count()).select_from(RECORDS)
+                .where(RECORDS.c.id >= uuid.UUID(int=floor_id))) or 0)
+
+    async def record_ids_after(self, floor_id: int, limit: int) -> list[int]:
+        """Ids of ledger rows from `floor_id` on, oldest first (see `count_records_from`)."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(RECORDS.c.id).where(RECORDS.c.id >= uuid.UUID(int=floor_id))
+                .order_by(RECORDS.c.id).limit(limit))
+            return [row[0].int for row in rows]
+
+    async def usage_with_totals(self, ids: Sequence[int]) -> list[RemoteUsage]:
+        """Ledger rows by id, each with its campaign's and session's stored totals and budget
+        (for the live feed's events of other processes)."""
+        if not ids:
+            return []
+        r, c, s = RECORDS, CAMPAIGNS, SESSIONS
+        query = (
+            select(r, c.c.cost_usd.label("campaign_cost"), c.c.warning_usd, c.c.limit_usd,
+                   s.c.cost_usd.label("session_cost"))
+            .select_from(r.outerjoin(c, c.c.campaign_id == r.c.campaign_id).outerjoin(
+                s, and_(s.c.campaign_id == r.c.campaign_id, s.c.session_id == r.c.session_id)))
+            .where(r.c.id.in_([uuid.UUID(int=i) for i in ids])))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        result = []
+        for row in rows:
+            entry = UsageEntry(
+                row.campaign_id, row.session_id, row.operation, row.request_model,
+                row.response_model,
+                Usage(row.input_tokens, row.cached_input_tokens, row.output_tokens,
+                      row.reasoning_tokens, row.audio_input_tokens, row.audio_output_tokens,
+                      row.web_search_calls),
+                to_units(row.cost_usd), row.priced_by_default, row.estimated, row.streamed,
+                row.status_code, row.latency_ms, epoch_us(row.created_at), row.response_id,
+                row.api_key_hash, row.service_tier, id=row.id.int)
+            result.append(RemoteUsage(entry, to_units(row.campaign_cost or ZERO),
+                                      to_units(row.session_cost or ZERO), self._budget(row)))
+        return result
 
     async def budget_gauges(self, limit: int) -> list[tuple[str, Decimal, Budget]]:
         """(campaign, spent, budget) of the most expensive campaigns, for the metrics gauges."""

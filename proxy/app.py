@@ -29,7 +29,7 @@ from costing.pricing import PriceTable
 from costing.settings import Settings
 from costing.store import Store
 from costing.tasks import finish, pause
-from proxy import costs_api, health
+from proxy import costs_api, feed, health
 from proxy.errors import add_fallback
 from proxy.forward import forward
 from proxy.keys import ClientKeys
@@ -164,6 +164,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app.cleanup_ctx.extend([_database, _upstream, _metering])
     app.router.add_route("*", "/v1/{tail:.*}", forward)
     health.setup(app)
-    costs_api.setup(app)
+    feed.setup(app)
+    costs_api.setup(app, events=feed.events)
     add_fallback(app)
     return app

@@ -21,13 +21,13 @@ from aiohttp import web
 
 from costing import budget as rules
 from costing.errors import InvalidBudget
-from costing.money import MAX_USD, format_usd, parse_usd
+from costing.money import MAX_USD, format_usd, parse_usd, to_units
 from costing.records import CampaignTotals, DayTotals, SessionTotals, Totals
 from costing.reports import MAX_DAYS, SESSION_ORDERS, CostReports
 from costing.tasks import uninterrupted
 from proxy import access, openapi
 from proxy.errors import Handler, ProxyError, add_fallback, answering
-from proxy.state import GATE, SETTINGS, STORE
+from proxy.state import FEED, GATE, LEDGER, SETTINGS, STORE
 from proxy.tags import validate_tag
 
 DEFAULT_PAGE, MAX_PAGE = 50, 500
@@ -162,7 +162,7 @@ def _session_id(request: web.Request) -> str:
 
 
 def _reports(request: web.Request) -> CostReports:
-    return CostReports(request.config_dict[STORE])
+    return CostReports(request.config_dict[STORE], request.config_dict.get(LEDGER))
 
 
 # -- handlers --------------------------------------------------------------------------------------
@@ -242,15 +242,23 @@ async def put_budget(request: web.Request) -> web.Response:
                          code="invalid_json")
     campaign = await _reports(request).set_budget(campaign_id, _amount(body, "warning_usd"),
                                                   _amount(body, "limit_usd"))
-    request.config_dict[GATE].forget(campaign_id)
+    _budget_changed(request, campaign)
     return ok(campaign_json(campaign))
 
 
 async def delete_budget(request: web.Request) -> web.Response:
     campaign_id = _campaign_id(request)
     campaign = await _reports(request).clear_budget(campaign_id)
-    request.config_dict[GATE].forget(campaign_id)
+    _budget_changed(request, campaign)
     return ok(campaign_json(campaign))
+
+
+def _budget_changed(request: web.Request, campaign: CampaignTotals) -> None:
+    """The gate re-reads the budget; the live feed announces it."""
+    request.config_dict[GATE].forget(campaign.campaign_id)
+    feed = request.config_dict.get(FEED)
+    if feed is not None:
+        feed.budget_changed(campaign.campaign_id, to_units(campaign.totals.cost_usd), campaign.budget)
 
 
 # -- access ----------------------------------------------------------------------------------------
@@ -278,10 +286,13 @@ def guarded(handler: Handler) -> Handler:
     return answering(functools.wraps(handler)(checked))
 
 
-def setup(app: web.Application) -> None:
-    """Mount /costs as a sub-application: its access rule never touches the /v1 hot path."""
+def setup(app: web.Application, *, events: Handler | None = None) -> None:
+    """Mount /costs as a sub-application: its access rule never touches the /v1 hot path.
+    `events` is the live feed's handler (proxy.feed), which checks access itself."""
     costs = web.Application()
     r = costs.router
+    if events is not None:
+        r.add_get("/events", answering(events))
     r.add_get("/openapi.json", guarded(openapi.serve))
     r.add_get("/campaigns", guarded(list_campaigns))
     r.add_get("/campaigns/{campaign_id}", guarded(get_campaign))

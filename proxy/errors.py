@@ -39,8 +39,8 @@ def error_response(error: ProxyError) -> web.Response:
                         content_type="application/json", headers=error.headers)
 
 
-_HTTP_CODES = {404: ("not_found", "Not found: only /v1/..., /costs/..., /healthz, /readyz and "
-                                  "/metrics are served"),
+_HTTP_CODES = {404: ("not_found", "Not found: only /v1/..., /costs/..., /healthz, /readyz, "
+                                  "/metrics and the cost page at / are served"),
                405: ("method_not_allowed", "Method not allowed on this path"),
                413: ("request_too_large", "Request body too large"),
                400: ("bad_request", "Bad request")}

@@ -45,7 +45,7 @@ def _err(name: str) -> dict[str, str]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     names = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
-             413: "TooLarge", 422: "InvalidBudget", 500: "InternalError"}
+             413: "TooLarge", 422: "InvalidBudget", 500: "InternalError", 503: "Unavailable"}
     return {str(status): _err(names[status]) for status in (*statuses, 401, 403, 500)}
 
 
@@ -114,6 +114,19 @@ def _schemas(max_budget: int) -> dict[str, Any]:
                        "description": "`override` when set with PUT .../budget, else the defaults "
                                       "from COST_WARNING_THRESHOLD_USD / COST_LIMIT_THRESHOLD_USD"},
         }),
+        "UsageEvent": _object({
+            "campaign_id": {"type": "string", "pattern": ID_PATTERN},
+            "session_id": {"type": "string", "pattern": ID_PATTERN},
+            "model": {"type": ["string", "null"]},
+            "cost_usd": _ref("Money"),
+            "tokens": _ref("Tokens"),
+            "estimated": {"type": "boolean"},
+            "at": timestamp,
+            "campaign_cost_usd": _ref("Money"),
+            "session_cost_usd": {"oneOf": [_ref("Money"), {"type": "null"}]},
+            "budget_status": {"type": "string", "enum": [s.value for s in BudgetStatus]},
+        }, description="The data of an `event: usage` of GET /costs/events: one recorded call, and "
+                       "its campaign's and session's totals right after it."),
         "Campaign": _object({
             "campaign_id": {"type": "string", "pattern": ID_PATTERN},
             "cost_usd": _ref("Money"),
@@ -187,6 +200,8 @@ def _responses() -> dict[str, Any]:
         "InvalidBudget": error("A budget amount is missing, not a number, negative, too large, or the "
                                "warning is above the limit (`invalid_budget`, `param` names the field)."),
         "InternalError": error("Unexpected failure, e.g. the database is unreachable (`internal_error`)."),
+        "Unavailable": error("The live feed already serves LIVE_MAX_SUBSCRIBERS streams "
+                             "(`too_many_subscribers`); retry after `Retry-After` seconds."),
     }
 
 
@@ -207,6 +222,28 @@ def document() -> dict[str, Any]:
             "responses": {"200": {"description": "The OpenAPI 3.1 document",
                                   "content": _json({"type": "object"})},
                           **_errors()}}},
+        "/costs/events": {"get": {
+            "operationId": "followEvents", "summary": "Live cost events (Server-Sent Events)",
+            "tags": ["live"],
+            "description": (
+                "`event: usage` after each recorded call (data: `UsageEvent`), `event: budget` when "
+                "a campaign's status changes or its budget is edited (data: `Budget` plus "
+                "`campaign_id`), `event: resync` when events were missed (reload /costs, then "
+                "follow on). Every event has an `id:`; send it back as `Last-Event-ID` to resume. "
+                "A comment line comes at least every 15 s. With COSTS_API_TOKEN set, the token "
+                "is also accepted as `?token=` (a browser's EventSource cannot send headers)."),
+            "parameters": [
+                _query("campaign_id", "Only this campaign's events",
+                       {"type": "string", "pattern": ID_PATTERN, "minLength": 1, "maxLength": 128}),
+                _query("token", "COSTS_API_TOKEN, for clients that cannot send headers",
+                       {"type": "string"}),
+                {"name": "Last-Event-ID", "in": "header", "required": False,
+                 "description": "The id of the last event received, to resume after it",
+                 "schema": {"type": "string", "maxLength": 100}},
+            ],
+            "responses": {"200": {"description": "An endless event stream",
+                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                          **_errors(400, 503)}}},
         "/costs/campaigns": {"get": {
             "operationId": "listCampaigns", "summary": "Campaigns with totals, ordered by id",
             "parameters": [

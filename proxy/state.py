@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from costing.feed import Feed
 from costing.gate import BudgetGate
 from costing.ledger import Ledger
 from costing.meter import Meter
@@ -35,3 +36,4 @@ GATE = web.AppKey("gate", BudgetGate)
 METER = web.AppKey("meter", Meter)
 # None unless PROXY_API_KEYS is set; a plain value built from the settings, nothing to close.
 CLIENT_KEYS: web.AppKey[ClientKeys | None] = web.AppKey("client_keys")
+FEED = web.AppKey("feed", Feed)

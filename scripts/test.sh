@@ -19,6 +19,14 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       || echo "note: could not apt-get install ${missing[*]}"
   fi
 fi
+# --- Live costs (#20): the cost page's browser tests drive Debian's Chromium with Playwright
+# (the pip package, from the test extras; it never downloads a browser of its own here).
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+    || echo "note: could not apt-get install chromium (the cost page's browser tests will skip, or fail in CI)"
+fi
+# --- end Live costs
+
 if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ] && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
 fi

@@ -152,6 +152,8 @@ def fuzz(base_url: str, examples: int) -> tuple[list[str], dict[str, Counter[int
         for result in schema.get_all_operations():
             assert isinstance(result, Ok), result
             operation = result.ok()
+            if operation.path == "/costs/events":
+                continue  # an endless stream: tested in test_feed.py
             names = _path_parameter_names(operation)
             has_input = bool(names or operation.query or operation.body)
             runs: list[tuple[str, Any]] = [
@@ -183,7 +185,7 @@ async def test_live_api_conforms_to_the_document(proxy, fake):
     assert not failures, "\n\n".join(failures)
     print({operation: dict(sorted(counts.items())) for operation, counts in statuses.items()})
     # Every operation was exercised on real rows, not only rejected.
-    assert {f"{m.upper()} {p}" for m, p in _documented()} == set(statuses)
+    assert {f"{m.upper()} {p}" for m, p in _documented() if p != "/costs/events"} == set(statuses)
     assert all(counts[200] for counts in statuses.values()), statuses
     # The fuzzing (DELETE session, PUT/DELETE budget included) never breaks the ledger invariant.
     from ledger_check import assert_aggregates_match_ledger

@@ -1,0 +1,455 @@
+"""The live cost feed behind /costs/events: usage and budget events, formatted once, fanned out
+as bytes to bounded per-subscriber queues, kept in a bounded ring for `Last-Event-ID` resumes.
+
+No HTTP here: the edge (proxy/feed.py) subscribes, writes what a subscriber takes, and closes
+it when told. Publishing runs on the request path (Meter.listeners), so it never awaits: with
+nobody listening it returns at once; otherwise it formats one frame and appends a reference to
+it to each subscriber's queue. A subscriber whose queue is full is dropped from the fan-out at
+once and told `resync`: a slow reader never slows the proxy or the other subscribers.
+
+Event ids are `<epoch>-<seq>`: the epoch is random per feed (and renewed when the feed goes
+dormant), so an id from another process, replica or an earlier dormant period asks for a
+resync instead of silently skipping what was missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from costing.budget import Budget, BudgetStatus, remaining_units
+from costing.meter import Meter
+from costing.money import format_units
+from costing.records import RemoteUsage, UsageEntry, from_epoch_us
+from costing.store import Store
+from costing.tasks import pause
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = b": keep-alive\n\n"
+MAX_TRACKED_CAMPAIGNS = 10_000
+
+
+def status_of(spent: int, budget: Budget) -> BudgetStatus:
+    """`costing.budget.status` in money units."""
+    if spent >= budget.limit_units:
+        return BudgetStatus.EXCEEDED
+    if spent >= budget.warning_units:
+        return BudgetStatus.WARNING
+    return BudgetStatus.OK
+
+
+def at_text(created_us: int) -> str:
+    """ISO 8601 UTC with milliseconds and a Z, as /costs renders timestamps."""
+    return from_epoch_us(created_us).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def budget_payload(campaign_id: str, spent: int, budget: Budget) -> dict[str, str]:
+    """The campaign's `budget` object as /costs renders it, plus `campaign_id`."""
+    return {
+        "campaign_id": campaign_id,
+        "warning_usd": format_units(budget.warning_units),
+        "limit_usd": format_units(budget.limit_units),
+        "spent_usd": format_units(spent),
+        "remaining_usd": format_units(remaining_units(spent, budget)),
+        "status": str(status_of(spent, budget)),
+    }
+
+
+def usage_payload(entry: UsageEntry, campaign_spent: int, session_spent: int | None,
+                  status: BudgetStatus) -> dict[str, object]:
+    u = entry.usage
+    return {
+        "campaign_id": entry.campaign_id,
+        "session_id": entry.session_id,
+        "model": entry.model,
+        "cost_usd": format_units(entry.cost_units),
+        "tokens": {"input": u.input_tokens, "cached_input": u.cached_input_tokens,
+                   "output": u.output_tokens, "reasoning": u.reasoning_tokens,
+                   "audio_input": u.audio_input_tokens, "audio_output": u.audio_output_tokens},
+        "estimated": entry.estimated,
+        "at": at_text(entry.created_us),
+        "campaign_cost_usd": format_units(campaign_spent),
+        "session_cost_usd": format_units(session_spent) if session_spent is not None else None,
+        "budget_status": str(status),
+    }
+
+
+def frame(event_id: str, event: str, data: object) -> bytes:
+    """One SSE event: id, event name and a one-line JSON data field."""
+    return b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), event.encode(), orjson.dumps(data))
+
+
+@dataclass(slots=True)
+class Event:
+    seq: int
+    campaign_id: str
+    frame: bytes
+
+
+class Subscriber:
+    """One /costs/events connection: a bounded queue of frames and a wake-up for its writer."""
+
+    __slots__ = ("campaign_id", "closed", "limit", "on_drop", "queue", "resync", "wake")
+
+    def __init__(self, campaign_id: str | None, limit: int) -> None:
+        self.campaign_id = campaign_id
+        self.limit = limit
+        self.queue: deque[bytes] = deque()
+        self.wake = asyncio.Event()
+        self.closed = False  # no more frames will come; the writer sends what is left and ends
+        self.resync = False  # dropped for falling behind: its last frame is `resync`
+        # Called when it is dropped: its writer may be stuck on a client that reads nothing.
+        self.on_drop: Callable[[], None] | None = None
+
+    def offer(self, data: bytes) -> bool:
+        """Queue a frame; False when the queue is full (the subscriber fell behind)."""
+        if len(self.queue) >= self.limit:
+            return False
+        self.queue.append(data)
+        self.wake.set()
+        return True
+
+    async def take(self) -> list[bytes]:
+        """Everything queued, waiting for something; an empty list once closed and drained."""
+        while not self.queue:
+            if self.closed:
+                return []
+            self.wake.clear()
+            await self.wake.wait()
+        frames = list(self.queue)
+        self.queue.clear()
+        return frames
+
+    def close(self, last: bytes | None = None) -> None:
+        """End the stream after what is queued; with `last`, instead of it (a resync)."""
+        if last is not None:
+            self.queue.clear()
+            self.queue.append(last)
+        self.closed = True
+        self.wake.set()
+
+
+class TooManySubscribers(Exception):
+    """The feed already serves its maximum number of subscribers."""
+
+
+class Feed:
+    """Publishes events to subscribers; see the module docstring."""
+
+    def __init__(self, *, buffer_events: int, queue_events: int, max_subscribers: int,
+                 linger_seconds: float = 60.0) -> None:
+        self.queue_events = queue_events
+        self.max_subscribers = max_subscribers
+        self.linger_seconds = linger_seconds
+        self.epoch = secrets.token_hex(4)
+        self.seq = 0
+        self.ring: deque[Event] = deque(maxlen=buffer_events)
+        self.subscribers: list[Subscriber] = []
+        # Read on every recorded call: True while anyone listens, and for `linger_seconds` after
+        # the last one left, so a reconnect still resumes.
+        self.live = False
+        self.live_since_ms = 0  # when it last went live: calls made before then are not published
+        self.dropped = 0  # subscribers dropped for falling behind
+        self._statuses: OrderedDict[str, BudgetStatus] = OrderedDict()
+        self._linger: asyncio.TimerHandle | None = None
+        self.seen = SeenIds()
+
+    # -- subscribers ---------------------------------------------------------------------------
+
+    def subscribe(self, campaign_id: str | None, last_event_id: str | None) -> Subscriber:
+        """A new subscriber, with the events it missed since `last_event_id` already queued (or
+        a `resync` first when they are no longer all held); raises TooManySubscribers."""
+        if len(self.subscribers) >= self.max_subscribers:
+            raise TooManySubscribers(f"the feed serves at most {self.max_subscribers} subscribers")
+        sub = Subscriber(campaign_id, self.queue_events)
+        if last_event_id:
+            missed = self.since(last_event_id, campaign_id)
+            if missed is None:
+                sub.queue.append(self._resync_frame("Last-Event-ID is outside the feed's window"))
+            else:
+                for data in missed[-self.queue_events:]:
+                    sub.queue.append(data)
+        self.subscribers.append(sub)
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if not self.live:
+            self.live = True
+            self.live_since_ms = int(time.time() * 1000)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        if sub in self.subscribers:
+            self.subscribers.remove(sub)
+        if not self.subscribers and self.live and self._linger is None:
+            self._linger = asyncio.get_running_loop().call_later(self.linger_seconds, self._sleep)
+
+    def _sleep(self) -> None:
+        """Nobody listened for `linger_seconds`: stop publishing. The epoch changes, so an id
+        handed out before now asks for a resync (events went unrecorded meanwhile)."""
+        self._linger = None
+        if self.subscribers:
+            return
+        self.live = False
+        self.ring.clear()
+        self.epoch = secrets.token_hex(4)
+        self.seen.clear()
+
+    def close(self) -> None:
+        """Shutdown: every stream ends after what it has queued."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        for sub in self.subscribers:
+            sub.close()
+        self.subscribers.clear()
+        self.live = False
+
+    def since(self, last_event_id: str, campaign_id: str | None) -> list[bytes] | None:
+        """Frames after `last_event_id` (for one campaign, or all), or None when some of them
+        are no longer held (another epoch, or older than the ring)."""
+        epoch, _, number = last_event_id.strip().partition("-")
+        if epoch != self.epoch or not number.isdigit():
+            return None
+        seq = int(number)
+        if seq > self.seq:
+            return None
+        oldest = self.ring[0].seq if self.ring else self.seq + 1
+        if seq + 1 < oldest:
+            return None
+        return [e.frame for e in self.ring
+                if e.seq > seq and (campaign_id is None or e.campaign_id == campaign_id)]
+
+    def _resync_frame(self, reason: str) -> bytes:
+        return frame(f"{self.epoch}-{self.seq}", "resync", {"reason": reason})
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def publish(self, campaign_id: str, event: str, data: object) -> None:
+        """Format once, keep in the ring, offer the same bytes to every matching subscriber."""
+        self.seq += 1
+        data_frame = frame(f"{self.epoch}-{self.seq}", event, data)
+        self.ring.append(Event(self.seq, campaign_id, data_frame))
+        behind: list[Subscriber] = []
+        for sub in self.subscribers:
+            if (sub.campaign_id is None or sub.campaign_id == campaign_id) and not sub.offer(data_frame):
+                behind.append(sub)
+        for sub in behind:
+            self.subscribers.remove(sub)
+            self.dropped += 1
+            sub.resync = True
+            sub.close(self._resync_frame("the subscriber fell behind; reload /costs and reconnect"))
+            if sub.on_drop is not None:
+                sub.on_drop()
+        if behind and not self.subscribers:
+            self.unsubscribe(behind[0])  # start the linger timer
+
+    def heartbeat(self) -> None:
+        """A comment to every subscriber: keeps proxies and browsers from timing the stream out."""
+        for sub in list(self.subscribers):
+            sub.offer(HEARTBEAT)  # a full queue is dealt with by the next event
+
+    def usage(self, entry: UsageEntry, campaign_spent: int, budget: Budget,
+              session_spent: int | None) -> None:
+        """A recorded call: its `usage` event, then a `budget` event if its campaign's status
+        changed. `campaign_spent` already includes the call's cost."""
+        status = status_of(campaign_spent, budget)
+        before = self._statuses.get(entry.campaign_id)
+        if before is None:
+            before = status_of(campaign_spent - entry.cost_units, budget)
+        self.publish(entry.campaign_id, "usage", usage_payload(entry, campaign_spent, session_spent, status))
+        self._track(entry.campaign_id, status)
+        if status != before:
+            self.publish(entry.campaign_id, "budget",
+                         budget_payload(entry.campaign_id, campaign_spent, budget))
+
+    def budget_changed(self, campaign_id: str, spent: int, budget: Budget) -> None:
+        """A budget was set or reset through /costs: its new `budget` event, always (the tab
+        shows the new limit even when the status stays the same)."""
+        if not self.live:
+            return
+        self._track(campaign_id, status_of(spent, budget))
+        self.publish(campaign_id, "budget", budget_payload(campaign_id, spent, budget))
+
+    def _track(self, campaign_id: str, status: BudgetStatus) -> None:
+        self._statuses[campaign_id] = status
+        self._statuses.move_to_end(campaign_id)
+        if len(self._statuses) > MAX_TRACKED_CAMPAIGNS:
+            self._statuses.popitem(last=False)
+
+
+class SeenIds:
+    """Record ids already published, within the window the ledger watcher looks back over, and
+    which of them (this process's own calls) its ledger has not written yet."""
+
+    def __init__(self) -> None:
+        self._ids: set[int] = set()
+        self.unwritten: set[int] = set()
+
+    def __contains__(self, record_id: int) -> bool:
+        return record_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, record_id: int, *, written: bool = True) -> None:
+        self._ids.add(record_id)
+        if not written:
+            self.unwritten.add(record_id)
+
+    def on_flushed(self, batch: Sequence[UsageEntry], _inserted: Sequence[UsageEntry],
+                   _seconds: float) -> None:
+        """Ledger listener: these are in the database now (inserted or known already)."""
+        if self.unwritten:
+            for entry in batch:
+                self.unwritten.discard(entry.id)
+
+    def on_dropped(self, entry: UsageEntry) -> None:
+        """Ledger drop listener: this one never will be."""
+        self.unwritten.discard(entry.id)
+
+    def forget_before(self, floor_id: int) -> None:
+        """Keep only ids from `floor_id` on (ids are time-ordered: their first 48 bits are ms)."""
+        self._ids = {i for i in self._ids if i >= floor_id}
+        self.unwritten = {i for i in self.unwritten if i >= floor_id}
+
+    @property
+    def written(self) -> int:
+        """How many of the ids are in the database: what a count of its rows from the same floor
+        finds when no other process wrote any."""
+        return len(self._ids) - len(self.unwritten)
+
+    def clear(self) -> None:
+        self._ids.clear()
+        self.unwritten.clear()
+
+
+class MeterListener:
+    """The Meter listener for this replica's calls: does nothing at all while nobody listens.
+
+    A call's event carries its session's total, which needs the session's stored cost; for the
+    first call of a session that read may still be running (it starts at admission, alongside
+    the upstream call). Such a call, and any recorded after it, wait in order in `waiting`
+    until the read is done, so events never overtake one another.
+    """
+
+    def __init__(self, feed: Feed, meter: Meter) -> None:
+        self.feed = feed
+        self.meter = meter
+        self.waiting: deque[tuple[UsageEntry, int, Budget, int | None,
+                                  tuple[asyncio.Future[int], int] | None]] = deque()
+
+    def __call__(self, entry: UsageEntry) -> None:
+        feed = self.feed
+        if not feed.live:
+            return
+        feed.seen.add(entry.id, written=False)
+        meter = self.meter
+        spent, budget = meter.standing(entry.campaign_id)
+        session = meter.session_total_now(entry.campaign_id, entry.session_id)
+        later = None if session is not None else meter.sessions.total_later(entry.campaign_id,
+                                                                              entry.session_id)
+        if later is None and not self.waiting:
+            feed.usage(entry, spent, budget, session)
+            return
+        self.waiting.append((entry, spent, budget, session, later))
+        if len(self.waiting) == 1 and later is not None:
+            later[0].add_done_callback(self._drain)
+
+    def _drain(self, _done: object = None) -> None:
+        while self.waiting:
+            entry, spent, budget, session, later = self.waiting[0]
+            if later is not None:
+                read, added = later
+                if not read.done():
+                    read.add_done_callback(self._drain)
+                    return
+                if not read.cancelled() and read.exception() is None:
+                    session = read.result() + added
+            self.waiting.popleft()
+            if self.feed.live:
+                self.feed.usage(entry, spent, budget, session)
+
+
+def running_totals(rows: Iterable[RemoteUsage]) -> list[RemoteUsage]:
+    """Rows in id order, with each one's campaign and session totals as they stood right after
+    it: the stored totals were read after all of them, so later rows' costs are taken off."""
+    ordered = sorted(rows, key=lambda r: r.entry.id)
+    later_campaign: dict[str, int] = {}
+    later_session: dict[tuple[str, str], int] = {}
+    result = []
+    for row in reversed(ordered):
+        e = row.entry
+        key = (e.campaign_id, e.session_id)
+        c_later = later_campaign.get(e.campaign_id, 0)
+        s_later = later_session.get(key, 0)
+        result.append(RemoteUsage(e, row.campaign_spent - c_later, row.session_spent - s_later,
+                                  row.budget))
+        later_campaign[e.campaign_id] = c_later + e.cost_units
+        later_session[key] = s_later + e.cost_units
+    result.reverse()
+    return result
+
+
+class LedgerWatcher:
+    """Brings other processes' calls (replicas on one PostgreSQL, `serve --workers N` on one
+    database) into this feed by reading the ledger by time, while anyone listens.
+
+    Record ids are version 7 UUIDs (their first 48 bits: the milliseconds they were made), so
+    "rows made in the last `lag_seconds`" is a range of the primary key. Each poll counts the
+    rows in that range (from the index alone); when there are no more than this process has
+    published and written (its own calls, published when recorded, and rows of earlier polls),
+    that is all. Otherwise it reads the ids in the range, skips those already published, and
+    reads the rest in full with their campaign's and session's stored totals. A row committed
+    more than `lag_seconds` after it was made (a writer that could not reach the database for
+    that long) is missed by the feed, never by /costs.
+    """
+
+    def __init__(self, store: Store, feed: Feed, *, lag_seconds: float, max_rows: int = 10_000,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.feed = feed
+        self.lag_ms = int(lag_seconds * 1000)
+        self.max_rows = max_rows
+        self.wall = wall
+
+    async def poll(self) -> int:
+        """One look at the ledger; returns the number of events published."""
+        feed = self.feed
+        if not feed.live:
+            return 0
+        floor = max(feed.live_since_ms, int(self.wall() * 1000) - self.lag_ms) << 80
+        feed.seen.forget_before(floor)
+        # Nearly always, nobody else wrote: the rows from the floor on are the ones already
+        # published, and one count says so without reading them.
+        if await self.store.count_records_from(floor) <= feed.seen.written:
+            return 0
+        ids = await self.store.record_ids_after(floor, self.max_rows)
+        new = [i for i in ids if i not in feed.seen]
+        if not new:
+            return 0
+        rows = await self.store.usage_with_totals(new)
+        published = 0
+        for row in running_totals(rows):
+            if row.entry.id in feed.seen or not feed.live:
+                continue
+            feed.seen.add(row.entry.id)
+            feed.usage(row.entry, row.campaign_spent, row.budget, row.session_spent)
+            published += 1
+        return published
+
+    async def run(self, interval: float, stop: asyncio.Event) -> None:
+        """Poll every `interval` seconds until `stop` is set (never stopped mid-query)."""
+        while not await pause(stop, interval):
+            try:
+                await self.poll()
+            except Exception as exc:
+                log.debug("live feed: ledger poll failed: %s", exc)

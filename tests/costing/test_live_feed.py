@@ -1,0 +1,117 @@
+"""The live feed's rules without a server: ids and resume, bounded queues, status changes, and
+the running totals of other processes' rows."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import orjson
+import pytest
+
+from costing.budget import make_budget
+from costing.feed import Feed, SeenIds, TooManySubscribers, running_totals, status_of
+from costing.records import RemoteUsage, UsageEntry
+from costing.usage import Usage
+
+BUDGET = make_budget(Decimal("1.00"), Decimal("2.00"))
+DOLLAR = 10**10  # money units
+
+
+def entry(cost: int, campaign: str = "c1", session: str = "s1", record_id: int = 0) -> UsageEntry:
+    made = UsageEntry(campaign, session, "chat", "gpt-4o-mini", "gpt-4o-mini", Usage(10, 0, 5, 0), cost,
+                      False, False, False, 200, 3, 1_764_547_200_000_000)
+    if record_id:
+        made.id = record_id
+    return made
+
+
+def data(frame: bytes) -> dict:
+    return orjson.loads(frame.split(b"data: ", 1)[1])
+
+
+async def test_usage_then_budget_events_only_when_the_status_changes():
+    feed = Feed(buffer_events=100, queue_events=100, max_subscribers=5)
+    sub = feed.subscribe(None, None)
+    spent = 0
+    for cost in (DOLLAR // 2, DOLLAR // 2, DOLLAR // 4, DOLLAR):
+        spent += cost
+        feed.usage(entry(cost), spent, BUDGET, spent)
+    frames = await sub.take()
+    kinds = [f.split(b"event: ", 1)[1].split(b"\n", 1)[0] for f in frames]
+    assert kinds == [b"usage", b"usage", b"budget", b"usage", b"usage", b"budget"]
+    assert [data(f)["status"] for f in frames if b"event: budget" in f] == ["warning", "exceeded"]
+    assert data(frames[-1]) == {"campaign_id": "c1", "warning_usd": "1.00", "limit_usd": "2.00",
+                                "spent_usd": "2.25", "remaining_usd": "0.00", "status": "exceeded"}
+    assert status_of(DOLLAR - 1, BUDGET) == "ok" and status_of(DOLLAR, BUDGET) == "warning"
+
+
+async def test_ids_resume_within_the_window_else_resync():
+    feed = Feed(buffer_events=3, queue_events=100, max_subscribers=5)
+    first = feed.subscribe(None, None)
+    for i in range(2):
+        feed.usage(entry(1, session=f"s{i}"), 1, BUDGET, 1)
+    ids = [f.split(b"\n", 1)[0].removeprefix(b"id: ").decode() for f in await first.take()]
+    assert ids == [f"{feed.epoch}-1", f"{feed.epoch}-2"]
+    assert feed.since(ids[0], None) is not None and len(feed.since(ids[0], None) or []) == 1
+    assert feed.since(ids[0], "other") == []
+    for i in range(3):
+        feed.usage(entry(1, session=f"t{i}"), 1, BUDGET, 1)
+    assert feed.since(ids[0], None) is None  # seq 2 fell out of a window of 3
+    assert feed.since(f"{feed.epoch}-2", None) is not None
+    assert feed.since(f"{feed.epoch}-99", None) is None
+    assert feed.since("cafebabe-4", None) is None
+    resumed = feed.subscribe(None, ids[0])
+    assert b"event: resync" in (await resumed.take())[0]
+
+
+async def test_a_full_queue_drops_the_subscriber_with_resync_and_spares_the_others():
+    feed = Feed(buffer_events=100, queue_events=3, max_subscribers=5)
+    slow, fast = feed.subscribe(None, None), feed.subscribe(None, None)
+    for i in range(3):
+        feed.usage(entry(1), i + 1, BUDGET, i + 1)
+    assert len(await fast.take()) == 3
+    feed.usage(entry(1), 4, BUDGET, 4)
+    assert feed.subscribers == [fast] and feed.dropped == 1 and slow.closed
+    frames = await slow.take()
+    assert len(frames) == 1 and b"event: resync" in frames[0]
+    assert await slow.take() == []  # then the stream ends
+    assert len(await fast.take()) == 1
+
+
+async def test_nobody_listening_costs_nothing_and_a_new_epoch_follows():
+    feed = Feed(buffer_events=10, queue_events=10, max_subscribers=1, linger_seconds=0.01)
+    assert not feed.live
+    sub = feed.subscribe("c1", None)
+    with pytest.raises(TooManySubscribers, match="at most 1"):
+        feed.subscribe(None, None)
+    epoch = feed.epoch
+    feed.unsubscribe(sub)
+    assert feed.live  # lingers, so a reconnect resumes
+    await asyncio.sleep(0.05)
+    assert not feed.live and feed.epoch != epoch and not feed.ring
+
+
+def test_running_totals_take_later_rows_off_the_stored_totals():
+    rows = [RemoteUsage(entry(cost, session=session, record_id=rid), 100, stored_session, BUDGET)
+            for rid, cost, session, stored_session in
+            ((3, 30, "a", 40), (1, 10, "a", 40), (2, 60, "b", 60))]
+    result = running_totals(rows)
+    assert [(r.entry.id, r.campaign_spent, r.session_spent) for r in result] == [
+        (1, 10, 10), (2, 70, 60), (3, 100, 40)]
+
+
+def test_seen_ids_forget_what_falls_below_the_floor_and_count_what_is_written():
+    seen = SeenIds()
+    for i in (9, 1, 5, 2):  # published out of order: other processes' rows come later
+        seen.add(i << 80)
+    own = [entry(1, record_id=(i << 80)) for i in (3, 6, 7)]
+    for e in own:
+        seen.add(e.id, written=False)
+    assert seen.written == 4
+    seen.on_flushed(own[:2], own[:1], 0.01)  # a batch is written (one of it known already)
+    assert seen.written == 6
+    seen.on_dropped(own[2])  # refused by the database: never written
+    assert seen.written == 7 and len(seen) == 7
+    seen.forget_before(5 << 80)
+    assert (1 << 80) not in seen and (5 << 80) in seen and len(seen) == 4 and seen.written == 4
