@@ -31,6 +31,19 @@ class DatabaseTarget:
         return self.url.startswith("sqlite")
 
 
+def parse_fsync(value: str) -> float | None:
+    """LEDGER_SPOOL_FSYNC as seconds between syncs: None never, 0 always."""
+    text = value.strip().lower()
+    if text == "never":
+        return None
+    if text == "always":
+        return 0.0
+    seconds = float(text)
+    if not 0 < seconds < float("inf"):  # NaN too
+        raise ValueError("must be never, always or a number of seconds above 0")
+    return seconds
+
+
 def parse_database_url(raw: str) -> DatabaseTarget:
     """Accept SQLAlchemy URLs and the app's Prisma-style `postgresql://...?schema=public` as is."""
     raw = raw.strip()
@@ -87,6 +100,11 @@ class Settings(BaseSettings):
     ledger_flush_interval_seconds: float = Field(0.2, gt=0, le=60)
     ledger_batch_size: int = Field(1000, ge=1)
     ledger_buffer_max_records: int = Field(100_000, ge=100)
+    # Durability (#19, costing/spool.py): every record is appended here before its answer's last
+    # byte, and replayed at start. Empty: no spool (a kill -9 loses up to one flush interval).
+    ledger_spool_dir: Path | None = Path("./llm-costs-spool")
+    # never (survives the process, not the machine), always (fdatasync per record) or seconds.
+    ledger_spool_fsync: str = "never"
 
     upstream_connect_timeout_seconds: float = Field(10.0, gt=0)
     upstream_read_timeout_seconds: float = Field(600.0, gt=0)
@@ -109,7 +127,17 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL such as https://api.openai.com")
         return value.strip().rstrip("/")
 
-    @field_validator("openai_api_key", "costs_api_token", "prices_file", mode="before")
+    @field_validator("ledger_spool_fsync")
+    @classmethod
+    def _check_spool_fsync(cls, value: str) -> str:
+        try:
+            parse_fsync(value)
+        except ValueError:
+            raise ValueError("must be never, always or a number of seconds above 0") from None
+        return value.strip().lower()
+
+    @field_validator("openai_api_key", "costs_api_token", "prices_file", "ledger_spool_dir",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -125,6 +153,11 @@ class Settings(BaseSettings):
     @property
     def database(self) -> DatabaseTarget:
         return parse_database_url(self.database_url)
+
+    @property
+    def spool_fsync_seconds(self) -> float | None:
+        """LEDGER_SPOOL_FSYNC as seconds between syncs: None never, 0 always."""
+        return parse_fsync(self.ledger_spool_fsync)
 
 
 def describe_error(error: ValidationError) -> str:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from costing import schema
 from costing.pricing import PriceTableError
 from costing.settings import Settings, describe_error
+from costing.spool import SpoolUnavailable
 
 
 def load_settings() -> Settings:
@@ -54,7 +55,7 @@ def serve(settings: Settings) -> None:
                     print=lambda _: logging.getLogger("llm_cost_proxy").info(
                         "serving on http://%s:%s, forwarding to %s", settings.proxy_host,
                         settings.proxy_port, settings.upstream_base_url))
-    except (SchemaNotCurrent, PriceTableError) as exc:
+    except (SchemaNotCurrent, PriceTableError, SpoolUnavailable) as exc:
         print(f"llm-cost-proxy: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -12,6 +12,7 @@ from costing.gate import BudgetGate
 from costing.ledger import Ledger
 from costing.meter import Meter
 from costing.settings import Settings
+from costing.spool import Spool
 from costing.store import Store
 from proxy.metrics import Metrics
 
@@ -32,3 +33,4 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 LEDGER = web.AppKey("ledger", Ledger)
 GATE = web.AppKey("gate", BudgetGate)
 METER = web.AppKey("meter", Meter)
+SPOOL = web.AppKey("spool", Spool)
