@@ -78,7 +78,8 @@ def encode(e: UsageEntry) -> bytes:
     try:
         return orjson.dumps(values, option=_APPEND)
     except orjson.JSONEncodeError:  # an integer beyond 64 bits (an absurd price): as text
-        return orjson.dumps([str(v) if isinstance(v, int) else v for v in values], option=_APPEND)
+        return orjson.dumps([FORMAT_VERSION, *(str(v) if isinstance(v, int) else v
+                                                for v in values[1:])], option=_APPEND)
 
 
 def decode(line: bytes) -> UsageEntry:

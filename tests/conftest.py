@@ -193,6 +193,35 @@ async def spawn_proxy(**env: str) -> tuple[asyncio.subprocess.Process, str]:
     return process, url
 
 
+async def start_serve(env: dict[str, str], stderr: Any = None) -> tuple[asyncio.subprocess.Process, str]:
+    """`serve` started, not waited for (spawn_proxy waits until it answers)."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        str(CLI), "serve", stderr=stderr,
+        env={**os.environ, "LOG_LEVEL": "WARNING", **env, "PROXY_PORT": str(port)})
+    return process, f"http://127.0.0.1:{port}"
+
+
+async def serve_ready(env: dict[str, str], stderr: Any = None,
+                      seconds: float = 90.0) -> tuple[asyncio.subprocess.Process, str]:
+    """`serve` started and answering, after its spool replay (which can take a while on a busy
+    machine); killed if it does not get there."""
+    process, url = await start_serve(env, stderr)
+    try:
+        await wait_ready(url, process, seconds)
+    except BaseException:
+        await kill(process)
+        raise
+    return process, url
+
+
+async def kill(process: asyncio.subprocess.Process) -> None:
+    """SIGKILL, unless it has exited already."""
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
 async def wait_answering(url: str, name: str, exited: Callable[[], bool], *, seconds: float = 15.0,
                          details: Callable[[], str] = lambda: "") -> None:
     """Poll `url` until it answers 200; fail at once if the process behind it has exited."""

@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from conftest import spawn_proxy
+from conftest import serve_ready
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 
 from costing.db import create_engine
@@ -110,7 +110,7 @@ async def test_kill_9_at_random_moments_loses_no_answered_call(database_url, fak
     process = None
     try:
         for _round in range(ROUNDS):
-            process, url = await spawn_proxy(**env)
+            process, url = await serve_ready(env)
             await check_ledger(engine, answered)  # what the last kill left is in, before listening
             calls = Calls(url)
             stop = asyncio.Event()
@@ -123,7 +123,7 @@ async def test_kill_9_at_random_moments_loses_no_answered_call(database_url, fak
             answered |= calls.answered
             sent += calls.sent
             cut_off += calls.cut_off
-        process, url = await spawn_proxy(**env)
+        process, url = await serve_ready(env)
         rows, unanswered = await check_ledger(engine, answered)
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0

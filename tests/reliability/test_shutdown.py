@@ -1,5 +1,5 @@
 """SIGTERM under load: the real `llm-cost-proxy serve` process drains in-flight requests and
-flushes every pending record before it exits."""
+flushes every pending record before it exits, and leaves its spool empty."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from ledger_check import assert_aggregates_match_ledger, ledger_rows
 from costing.db import create_engine
 
 
-async def test_sigterm_under_load_loses_nothing(database_url, fake):
+async def test_sigterm_under_load_loses_nothing(database_url, fake, tmp_path):
+    spool = tmp_path / "spool"
     process, url = await spawn_proxy(DATABASE_URL=database_url, UPSTREAM_BASE_URL=fake.url,
-                                     LEDGER_FLUSH_INTERVAL_SECONDS="5")
+                                     LEDGER_FLUSH_INTERVAL_SECONDS="5", LEDGER_SPOOL_DIR=str(spool))
     fake.behaviour.delay = 0.5
     headers = {"X-Campaign-Id": "term", "X-Session-Id": "s", "Authorization": "Bearer sk-x"}
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -36,6 +37,7 @@ async def test_sigterm_under_load_loses_nothing(database_url, fake):
     assert await asyncio.wait_for(process.wait(), 30) == 0
     completed = statuses.count(200)
     assert completed == 40
+    assert list(spool.iterdir()) == []  # every record committed: its directory removed
     engine = create_engine(make_settings(database_url=database_url).database)
     try:
         rows = await ledger_rows(engine)

@@ -30,7 +30,7 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
-from conftest import CLI, IN_CI, free_port, spawn_proxy, wait_ready
+from conftest import CLI, IN_CI, free_port, kill, serve_ready, start_serve
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 from sqlalchemy import func, select
 
@@ -39,6 +39,13 @@ from costing.models import UsageRecord
 from costing.settings import parse_database_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+async def rows_reach(engine: Any, count: int, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while await count_rows(engine) < count:
+        assert time.monotonic() < deadline, f"the ledger never reached {count} rows"
+        await asyncio.sleep(0.05)
+
 
 BODY = {"model": "gpt-4o-mini", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -71,23 +78,8 @@ async def count_rows(engine: Any) -> int:
         return int(await conn.scalar(select(func.count()).select_from(UsageRecord)) or 0)
 
 
-async def start_serve(env: dict[str, str], stderr: Any = None) -> tuple[asyncio.subprocess.Process, str]:
-    """`serve` started, not waited for (spawn_proxy waits until it answers)."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        str(CLI), "serve", stderr=stderr,
-        env={**os.environ, "LOG_LEVEL": "WARNING", **env, "PROXY_PORT": str(port)})
-    return process, f"http://127.0.0.1:{port}"
-
-
-async def kill(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        process.kill()
-        await process.wait()
-
-
 async def test_kill_during_replay_and_its_commits_loses_nothing(database_url, backend, tmp_path):
-    count = 30_000
+    count = 20_000
     spool = tmp_path / "spool"
     leave_dead_spool(spool, count)
     env = {"DATABASE_URL": database_url, "LEDGER_SPOOL_DIR": str(spool), "LEDGER_BATCH_SIZE": "2000",
@@ -111,7 +103,7 @@ async def test_kill_during_replay_and_its_commits_loses_nothing(database_url, ba
             if progress[-1] == count:
                 break
         assert any(0 < rows < count for rows in progress), progress  # killed mid-replay
-        process, _url = await spawn_proxy(**env)
+        process, _url = await serve_ready(env)
         try:
             rows = await ledger_rows(engine)
             assert sorted(r.response_id for r in rows) == sorted(f"replay-{i}" for i in range(count))
@@ -176,11 +168,10 @@ async def test_kill_during_a_blocked_batch_commit_loses_nothing(database_url, fa
     engine = create_engine(parse_database_url(database_url))
     fake.behaviour.chunk_delay = 0.001
     try:
-        process, url = await spawn_proxy(**env)
+        process, url = await serve_ready(env)
         try:
             answered = await answer_calls(url, "commit", 1)  # the campaign and its lease exist
-            while await count_rows(engine) < 1:
-                await asyncio.sleep(0.05)
+            await rows_reach(engine, 1)
             async with database_locked(database_url, backend, "commit") as pg:
                 answered |= await answer_calls(url, "commit", 20)
                 if pg is not None:
@@ -196,7 +187,7 @@ async def test_kill_during_a_blocked_batch_commit_loses_nothing(database_url, fa
                 await kill(process)
         finally:
             await kill(process)
-        process, url = await spawn_proxy(**env)
+        process, url = await serve_ready(env)
         try:
             rows = await ledger_rows(engine)
             recorded = [r.response_id for r in rows]
@@ -218,11 +209,10 @@ async def test_a_torn_last_line_is_skipped_counted_and_logged(database_url, tmp_
         file.write(whole[: len(whole) // 50 // 2])  # half a record, no newline: a write cut off
     log = tmp_path / "stderr.log"
     with log.open("wb") as stderr:
-        process, url = await start_serve({"DATABASE_URL": database_url, "LEDGER_SPOOL_DIR": str(spool),
+        process, url = await serve_ready({"DATABASE_URL": database_url, "LEDGER_SPOOL_DIR": str(spool),
                                           "AUTO_MIGRATE": "false"}, stderr=stderr)
         engine = create_engine(parse_database_url(database_url))
         try:
-            await wait_ready(url, process)
             assert await count_rows(engine) == 50
             async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
                 metrics = await response.text()
@@ -290,7 +280,7 @@ async def test_a_full_disk_refuses_metered_requests_and_loses_nothing(database_u
     with disk as mount:
         env = {"DATABASE_URL": database_url, "UPSTREAM_BASE_URL": fake.url,
                "LEDGER_SPOOL_DIR": str(mount / "spool"), "AUTO_MIGRATE": "false"}
-        process, url = await spawn_proxy(**env)
+        process, url = await serve_ready(env)
         engine = create_engine(parse_database_url(database_url))
         headers = {"X-Campaign-Id": "full", "X-Session-Id": "s", "Authorization": "Bearer sk-x"}
         statuses: list[int] = []
@@ -314,8 +304,7 @@ async def test_a_full_disk_refuses_metered_requests_and_loses_nothing(database_u
 
                 for _ in range(5):
                     await call()
-                while await count_rows(engine) < 5:  # committed: the spool is empty again
-                    await asyncio.sleep(0.05)
+                await rows_reach(engine, 5)  # committed: the spool is empty again
                 filler = fill(mount)
                 for _ in range(10):
                     await call()
