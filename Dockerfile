@@ -15,8 +15,8 @@ COPY migrations ./migrations
 RUN pip install . \
     && rm -rf /src/build \
     && useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin/nologin app \
-    && mkdir -p /data \
-    && chown app:app /data
+    && mkdir -p /data/llm-costs-spool \
+    && chown -R app:app /data
 
 # Without DATABASE_URL the embedded SQLite file lands in /data (the working directory).
 WORKDIR /data
@@ -24,6 +24,11 @@ USER app
 
 ENV PROXY_HOST=0.0.0.0 \
     PROXY_PORT=8080
+
+# The spool of records not yet committed to the ledger (README "Durability"): keep it across
+# container restarts, so the next start writes what a killed one left.
+ENV LEDGER_SPOOL_DIR=/data/llm-costs-spool
+VOLUME /data/llm-costs-spool
 EXPOSE 8080
 
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \

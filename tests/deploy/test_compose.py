@@ -37,7 +37,7 @@ from deploy_files import (
 from costing.settings import Settings
 
 # Values the compose stack sets on purpose instead of the .env.example default.
-COMPOSE_OVERRIDES = {"DATABASE_URL", "PROXY_HOST"}
+COMPOSE_OVERRIDES = {"DATABASE_URL", "PROXY_HOST", "LEDGER_SPOOL_DIR"}
 
 
 def test_compose_has_the_four_services_and_declares_its_named_volumes():
