@@ -308,6 +308,8 @@ async def test_a_full_disk_refuses_metered_requests_and_loses_nothing(database_u
                 filler = fill(mount)
                 for _ in range(10):
                     await call()
+                async with http.get(f"{url}/readyz") as response:
+                    ready_when_full = response.status, (await response.json())["checks"]["spool"]
                 refused = statuses.count(503)
                 forwarded = fake.hits("/chat/completions")
                 filler.unlink()
@@ -320,6 +322,7 @@ async def test_a_full_disk_refuses_metered_requests_and_loses_nothing(database_u
             assert statuses[5] == 200 and statuses[6:15] == [503] * 9 and refused == 9
             assert forwarded == 6  # refused calls never reached the upstream
             assert statuses[15:] == [200] * 5
+            assert ready_when_full == (503, "cannot be written: No space left on device")
             await asyncio.sleep(0.5)
             rows = await ledger_rows(engine)
             assert sorted(r.response_id for r in rows) == sorted(answered)
