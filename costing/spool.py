@@ -10,7 +10,8 @@ takes it over and replays it (`take_over`). The kernel drops a dead process's lo
 stale-lock heuristics are needed.
 
 A segment holds one record per line, a JSON array of plain values with a format version first
-(`encode`): one `orjson.dumps` and one `write(2)` per record, ~2 us together (docs/performance.md).
+(`encode`): one `orjson.dumps` and one `write(2)` per record, ~4 us of CPU together
+(docs/performance.md, "Durability").
 A write into the page cache survives the death of the process; LEDGER_SPOOL_FSYNC decides what a
 power loss may cost: `never`, `always` (fdatasync per record, on the request path), or a number
 of seconds (a background fdatasync at that pace). Segments roll over at SEGMENT_BYTES; a segment
