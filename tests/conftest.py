@@ -189,7 +189,11 @@ async def spawn_proxy(**env: str) -> tuple[asyncio.subprocess.Process, str]:
                                 "LEDGER_SPOOL_DIR": str(new_spool_dir()), **env,
                                 "PROXY_PORT": str(port)})
     url = f"http://127.0.0.1:{port}"
-    await wait_ready(url, process)
+    try:
+        await wait_ready(url, process)
+    except BaseException:
+        await kill(process)  # never left running behind a failed test
+        raise
     return process, url
 
 
