@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import aiohttp
 from conftest import make_settings, spawn_proxy
@@ -31,7 +32,10 @@ async def test_sigterm_under_load_loses_nothing(database_url, fake, tmp_path):
 
     async with aiohttp.ClientSession() as http:
         calls = [asyncio.create_task(call(http)) for _ in range(40)]
-        await asyncio.sleep(0.2)  # all 40 are now waiting on the upstream
+        deadline = time.monotonic() + 20
+        while fake.hits("/chat/completions") < 40:  # all 40 waiting on the upstream (not a guess)
+            assert time.monotonic() < deadline, "the calls never reached the upstream"
+            await asyncio.sleep(0.01)
         process.send_signal(signal.SIGTERM)
         statuses = await asyncio.gather(*calls)
     assert await asyncio.wait_for(process.wait(), 30) == 0
