@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from ledger_check import ledger_rows
 
 from costing.spool import read_segment
 from proxy.state import SPOOL
@@ -106,3 +107,12 @@ async def test_committed_records_leave_the_spool_and_a_stop_removes_it(start_pro
     directory = spool.directory
     await proxy.stop()
     assert not directory.exists() and list(directory.parent.iterdir()) == []
+
+
+async def test_an_empty_spool_setting_turns_the_spool_off(start_proxy):
+    proxy = await start_proxy(ledger_spool_dir="")
+    assert proxy.settings.ledger_spool_dir is None and SPOOL not in proxy.app
+    assert proxy.ledger.spool is None
+    answer = await proxy.client().chat.completions.create(**CHAT)
+    await proxy.flush()
+    assert [r.response_id for r in await ledger_rows(proxy.engine)] == [answer.id]
