@@ -25,18 +25,6 @@ def spooled_ids(proxy: Any) -> list[str | None]:
             for e in read_segment(path)[0]]
 
 
-async def read_events(response: aiohttp.ClientResponse) -> list[bytes]:
-    """The events of a stream, each checked against the spool as it arrives (see callers)."""
-    events: list[bytes] = []
-    buffer = b""
-    async for chunk in response.content.iter_any():
-        buffer += chunk
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
-            events.append(event)
-    return events
-
-
 @pytest.mark.parametrize("include_usage", [True, False])
 async def test_a_streamed_call_is_spooled_before_its_last_events(start_proxy, fake, include_usage):
     proxy = await start_proxy(ledger_flush_interval_seconds=30)  # nothing leaves the spool
