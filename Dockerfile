@@ -16,8 +16,8 @@ COPY migrations ./migrations
 RUN pip install . \
     && rm -rf /src/build \
     && useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin/nologin app \
-    && mkdir -p /data \
-    && chown app:app /data
+    && mkdir -p /data/llm-costs-spool \
+    && chown -R app:app /data
 
 # The state of a proxy without PostgreSQL lives in the volume /data: the embedded SQLite ledger
 # and the local spool of records not yet committed.

@@ -1,11 +1,13 @@
 """The ledger writer: the request path hands finished usage over without waiting; a background
 task writes it in batches, one transaction per batch, and keeps it until the write succeeds.
 
-Crash window: at most one flush interval (LEDGER_FLUSH_INTERVAL_SECONDS), plus the write in
-progress, of records lives only in memory. On a database outage records wait in a bounded
-buffer; the proxy refuses new metered requests (503) before that buffer could overflow, so
-nothing admitted is ever dropped, but for a record the database refuses on its own while it
-answers (see `_write_apart`).
+Durability: with a spool (costing/spool.py), `submit` appends each record to it before
+buffering it, and a committed batch leaves it; what a killed process left is written by
+`replay` at the next start, before the proxy listens. Without one, a crash loses at most one
+flush interval (LEDGER_FLUSH_INTERVAL_SECONDS), plus the write in progress. On a database
+outage records wait in a bounded buffer (and in the spool); the proxy refuses new metered
+requests (503) before that buffer could overflow, so nothing admitted is ever dropped, but for
+a record the database refuses on its own while it answers (see `_write_apart`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from itertools import islice
 from sqlalchemy.exc import DataError, IntegrityError
 
 from costing.records import UsageEntry
+from costing.spool import Spool, read_segment
 from costing.store import Store
 from costing.tasks import finish
 
@@ -50,9 +53,10 @@ and the buffer drains, and fail-closed or buffer-full refusals end, within this 
 class Ledger:
     def __init__(
         self, store: Store, holder_id: str, *, flush_interval: float, batch_size: int,
-        max_records: int,
+        max_records: int, spool: Spool | None = None,
     ) -> None:
         self.store = store
+        self.spool = spool
         self.holder_id = holder_id
         self.flush_interval = flush_interval
         self.batch_size = batch_size
@@ -95,7 +99,14 @@ class Ledger:
         return len(self._buffer) + in_flight < self.max_records
 
     def submit(self, entry: UsageEntry) -> None:
-        """Queue a record; never blocks, never drops (admission keeps the buffer bounded)."""
+        """Spool and queue a record; never blocks, never drops (admission keeps the buffer
+        bounded). A record the spool cannot take (disk full) is still queued: admission refuses
+        further requests while the spool is unusable."""
+        if self.spool is not None:
+            try:
+                self.spool.append(entry)
+            except OSError:
+                pass  # counted and logged by the spool; `Spool.usable` now refuses admission
         self._buffer.append(entry)
         if len(self._buffer) >= self.batch_size and self.healthy:
             self._wake.set()  # while writes fail, the retry backoff sets the pace instead
@@ -160,6 +171,8 @@ class Ledger:
             if from_buffer_head:
                 for _ in entries:
                     self._buffer.popleft()
+            if self.spool is not None:
+                self.spool.release(entries)
             for listener in self.listeners:
                 listener(entries, inserted, elapsed)
 
@@ -193,12 +206,65 @@ class Ledger:
         self._committed_apart.clear()
         self._buffer.extendleft(reversed(kept))
         for entry, error in bad:
-            log.error("usage record %s refused by the database, dropped: %s", entry.id, error)
-            for listener in self.listeners:
-                listener([entry], [], 0.0)  # releases what the gate counted as pending
-            for on_drop in self.drop_listeners:
-                on_drop(entry)
+            self._drop(entry, error)
         return True
+
+    def _drop(self, entry: UsageEntry, error: Exception) -> None:
+        log.error("usage record %s refused by the database, dropped: %s", entry.id, error)
+        if self.spool is not None:
+            self.spool.release([entry])  # replaying it would only be refused again
+        for listener in self.listeners:
+            listener([entry], [], 0.0)  # releases what the gate counted as pending
+        for on_drop in self.drop_listeners:
+            on_drop(entry)
+
+    async def replay(self) -> tuple[int, int]:
+        """Write what dead processes left in the spool; (records replayed, torn lines skipped).
+
+        Called at start, before the proxy listens. Idempotent: a record already in the ledger
+        (its batch committed just before the kill) is skipped by its id, so a kill during a
+        replay or during a commit costs nothing but the work done again. A segment is removed
+        once all its records are committed, a directory once all its segments are. Raises when
+        the database cannot be written (the start fails; the spool stays for the next one).
+        """
+        replayed = torn = 0
+        if self.spool is None:
+            return 0, 0
+        for orphan in self.spool.take_over():
+            try:
+                for path in orphan.segments():
+                    entries, skipped = read_segment(path)
+                    if skipped:
+                        log.warning("spool %s: %d torn or unreadable lines skipped", path, skipped)
+                    torn += skipped
+                    for start in range(0, len(entries), self.batch_size):
+                        await self._write_now(entries[start:start + self.batch_size])
+                    replayed += len(entries)
+                    path.unlink()
+                orphan.remove()
+            except BaseException:
+                orphan.unlock()  # left for the next start
+                raise
+        if replayed or torn:
+            log.warning("spool replayed: %d records of stopped processes written (known ones "
+                        "skipped), %d torn lines skipped", replayed, torn)
+        return replayed, torn
+
+    async def _write_now(self, entries: list[UsageEntry]) -> None:
+        """Write records that are not in the buffer; a record the database refuses on its own
+        is dropped as in `_write_apart`; raises when the database cannot write at all."""
+        try:
+            await self._commit(entries, from_buffer_head=False)
+            return
+        except Exception:
+            pass
+        for entry in entries:
+            error = await self._write_one(entry)
+            if error is None:
+                continue
+            if not blames_the_record(error):
+                raise error
+            self._drop(entry, error)
 
     async def _write_one(self, entry: UsageEntry) -> Exception | None:
         """Write one record (twice if need be: a passing conflict drops nothing); its error."""

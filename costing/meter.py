@@ -92,6 +92,10 @@ class Meter:
         """The request's price and worst-case cost, once the ledger can take its record."""
         if not self.ledger.has_room(self.gate.in_flight_requests + 1):
             raise LedgerUnavailable("usage cannot be recorded right now (ledger buffer full)")
+        spool = self.ledger.spool
+        if spool is not None and not spool.healthy and not spool.usable():
+            raise LedgerUnavailable("usage cannot be recorded right now (the local spool in "
+                                    f"LEDGER_SPOOL_DIR cannot be written: {spool.last_error})")
         if self.gate.fail_closed and not self.ledger.healthy:
             # BUDGET_FAIL_CLOSED: serve nothing while usage cannot be written, even when a budget
             # lease held from before the outage would still cover the request.

@@ -111,6 +111,19 @@ def _postgresql_target(netloc: str, path: str, query: list[tuple[str, str]]) -> 
     return DatabaseTarget(url, **fields)
 
 
+def parse_fsync(value: str) -> float | None:
+    """LEDGER_SPOOL_FSYNC as seconds between syncs: None never, 0 always."""
+    text = value.strip().lower()
+    if text == "never":
+        return None
+    if text == "always":
+        return 0.0
+    seconds = float(text)
+    if not 0 < seconds < float("inf"):  # NaN too
+        raise ValueError("must be never, always or a number of seconds above 0")
+    return seconds
+
+
 def parse_database_url(raw: str) -> DatabaseTarget:
     """Accept SQLAlchemy URLs and the libpq/Prisma URLs of hosted PostgreSQL services as they are:
     the driver, `schema` and the connection parameters are mapped, unknown parameters refused."""
@@ -162,6 +175,11 @@ class Settings(BaseSettings):
     ledger_flush_interval_seconds: float = Field(0.2, gt=0, le=60)
     ledger_batch_size: int = Field(1000, ge=1)
     ledger_buffer_max_records: int = Field(100_000, ge=100)
+    # Durability (#19, costing/spool.py): every record is appended here before its answer's last
+    # byte, and replayed at start. Empty: no spool (a kill -9 loses up to one flush interval).
+    ledger_spool_dir: Path | None = Path("./llm-costs-spool")
+    # never (survives the process, not the machine), always (fdatasync per record) or seconds.
+    ledger_spool_fsync: str = "never"
 
     # Live costs (/costs/events and the cost page at /)
     live_max_subscribers: int = Field(500, ge=1)
@@ -212,8 +230,17 @@ class Settings(BaseSettings):
             parse_client_keys(value.get_secret_value())
         return value
 
+    @field_validator("ledger_spool_fsync")
+    @classmethod
+    def _check_spool_fsync(cls, value: str) -> str:
+        try:
+            parse_fsync(value)
+        except ValueError:
+            raise ValueError("must be never, always or a number of seconds above 0") from None
+        return value.strip().lower()
+
     @field_validator("openai_api_key", "costs_api_token", "prices_file", "proxy_api_keys",
-                     "metrics_token", mode="before")
+                     "metrics_token", "ledger_spool_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -235,6 +262,11 @@ class Settings(BaseSettings):
         """UPSTREAM_BASE_URL without a trailing `/v1`: the incoming `/v1/...` path is appended to
         it, and an SDK-style base URL (`https://api.groq.com/openai/v1`) is a common copy."""
         return self.upstream_base_url.removesuffix("/v1")
+
+    @property
+    def spool_fsync_seconds(self) -> float | None:
+        """LEDGER_SPOOL_FSYNC as seconds between syncs: None never, 0 always."""
+        return parse_fsync(self.ledger_spool_fsync)
 
     @property
     def client_keys(self) -> dict[str, str | None]:

@@ -27,6 +27,7 @@ from costing.ledger import Ledger
 from costing.meter import Meter
 from costing.pricing import PriceTable
 from costing.settings import Settings
+from costing.spool import Spool
 from costing.store import Store
 from costing.tasks import finish, pause
 from proxy import costs_api, feed, health
@@ -42,6 +43,7 @@ from proxy.state import (
     METER,
     METRICS,
     SETTINGS,
+    SPOOL,
     STORE,
     UPSTREAM,
     Upstream,
@@ -60,6 +62,27 @@ class SchemaNotCurrent(RuntimeError):
 def holder_id() -> str:
     """Identifies this process's budget leases: host, pid and a random part (pids get reused)."""
     return f"{socket.gethostname()[:30]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+async def _spool(app: web.Application) -> AsyncIterator[None]:
+    """This process's spool directory, opened first: an unusable LEDGER_SPOOL_DIR stops the start
+    with one line before anything else happens. Closed last, after the final flush: emptied and
+    removed when every record was committed, else left for the next start to replay."""
+    settings = app[SETTINGS]
+    if settings.ledger_spool_dir is None:
+        yield
+        return
+    spool = Spool(settings.ledger_spool_dir, settings.spool_fsync_seconds)
+    spool.open()
+    app[SPOOL] = spool
+    stop = asyncio.Event()
+    syncing = asyncio.create_task(spool.sync_loop(stop), name="spool-fsync")
+    try:
+        yield
+    finally:
+        stop.set()
+        await syncing
+        spool.close()
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
@@ -102,9 +125,20 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     metrics = app[METRICS]
     holder = holder_id()
+    spool = app.get(SPOOL)
     ledger = Ledger(store, holder, flush_interval=settings.ledger_flush_interval_seconds,
                     batch_size=settings.ledger_batch_size,
-                    max_records=settings.ledger_buffer_max_records)
+                    max_records=settings.ledger_buffer_max_records, spool=spool)
+    if spool is not None:
+        # What killed processes left, written before the budget gate reads any spend and before
+        # the server listens (cleanup contexts run before the site starts).
+        ledger.listeners.append(metrics.on_flushed)
+        replayed, torn = await ledger.replay()
+        metrics.spool_replayed.inc(replayed)
+        metrics.spool_torn.inc(torn)
+        ledger.listeners.clear()
+        metrics.spooled.set_function(lambda: len(spool))
+        metrics.spool_write_errors.set_function(lambda: spool.write_errors)
     gate = BudgetGate(store, holder, store.default_budget, lease_seconds=settings.budget_lease_seconds,
                       lease_fraction=settings.budget_lease_fraction,
                       fail_closed=settings.budget_fail_closed, write_lock=ledger.writing)
@@ -129,7 +163,7 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     await finish(tasks, grace_seconds=2 * gate.db_timeout)
     await app[METER].sessions.close()
     left = await ledger.close(settings.shutdown_timeout_seconds)
-    if left:
+    if left and spool is None:  # with a spool they are kept for the next start
         metrics.dropped.inc(left)
 
 
@@ -161,7 +195,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app[CLIENT_KEYS] = ClientKeys.from_settings(settings)
     app[METRICS] = Metrics(registry if registry is not None else CollectorRegistry(),
                            settings.metrics_max_campaigns)
-    app.cleanup_ctx.extend([_database, _upstream, _metering])
+    app.cleanup_ctx.extend([_spool, _database, _upstream, _metering])
     app.router.add_route("*", "/v1/{tail:.*}", forward)
     health.setup(app)
     feed.setup(app)

@@ -27,6 +27,7 @@ from costing.db import describe_cause, is_transient, wait_until_reachable
 from costing.errors import DatabaseUnavailable
 from costing.pricing import PriceTable, PriceTableError, library_version, service_tier_key
 from costing.settings import Settings, describe_error
+from costing.spool import SpoolUnavailable
 
 log = logging.getLogger("llm_cost_proxy")
 
@@ -61,7 +62,7 @@ def startup_error_line(exc: BaseException, settings: Settings) -> str:
         lines = str(value).strip().splitlines()
         return lines[0] if lines else type(value).__name__
 
-    if isinstance(exc, (DatabaseUnavailable, SchemaNotCurrent)):
+    if isinstance(exc, (DatabaseUnavailable, SchemaNotCurrent, SpoolUnavailable)):
         return first_line(exc)
     if isinstance(exc, PriceTableError):
         return f"PRICES_FILE: {first_line(exc)}"

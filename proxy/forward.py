@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -322,9 +322,12 @@ async def _retrieval(request: web.Request, app: web.Application, headers: Header
 
 
 async def _stream_back(request: web.Request, upstream: aiohttp.ClientResponse, reply_headers: Headers,
-                       tap: SSETap, timing: Timing) -> web.StreamResponse:
-    """Relay an event stream through `tap`: event by event, or in one send when the whole stream
-    has arrived already (a short answer from a nearby upstream), like a JSON body."""
+                       tap: SSETap, timing: Timing,
+                       record: Callable[[], object] | None = None) -> web.StreamResponse:
+    """Relay an event stream through `tap`: event by event (`record` called before the last
+    events go out, see `_relay`), or in one send when the whole stream has arrived already (a
+    short answer from a nearby upstream), like a JSON body: then the caller records before
+    returning, before any byte goes out."""
     if upstream.content.is_eof():
         events = upstream.content.read_nowait()
         return web.Response(status=upstream.status, reason=upstream.reason,
@@ -332,7 +335,7 @@ async def _stream_back(request: web.Request, upstream: aiohttp.ClientResponse, r
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                   headers=reply_headers)
     await response.prepare(request)
-    await _relay(request, upstream, response, timing, tap)
+    await _relay(request, upstream, response, timing, tap, record)
     return response
 
 
@@ -352,8 +355,13 @@ async def _answer_body(upstream: aiohttp.ClientResponse, timing: Timing) -> byte
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse,
-                 timing: Timing, tap: SSETap | None) -> bool:
+                 timing: Timing, tap: SSETap | None, record: Callable[[], object] | None = None) -> bool:
     """Copy the upstream body to the client as it arrives; False if either side broke off.
+
+    `record` (metered streams) is called once, before the events that end the answer go out:
+    as soon as the tap has seen the usage event, or else when the upstream body has ended. So
+    the call's record is spooled before the client has its last byte (a kill after that loses
+    nothing); a stream that breaks off is recorded by the caller.
 
     An upstream that breaks off mid-body breaks the client's connection too (after passing on
     what arrived), so the client sees a truncated answer as truncated, as it would from OpenAI.
@@ -379,14 +387,21 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, respons
                 # The body ended with this chunk: it goes out with the end of the response (and
                 # with the headers, when they are still unsent), one send instead of two or three.
                 rest = tap.finish() if tap is not None else b""
+                if record is not None:
+                    record()
                 await response.write_eof(out + rest if rest else out)
                 return True
+            if record is not None and tap is not None and tap.reported is not None:
+                record()  # the usage event is in `out`: recorded before it goes out
+                record = None
             if out:
                 waited = time.perf_counter()
                 await response.write(out)
                 timing.waiting += time.perf_counter() - waited
         if tap is not None:
             rest = tap.finish()
+            if record is not None:
+                record()
             if rest:
                 await response.write(rest)
         await response.write_eof()
@@ -427,10 +442,16 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
         async with upstream:
             if _is_event_stream(upstream.headers):
                 tap = SSETap(strip_usage=strip_usage)
+                streamed = tap
+
+                def record() -> None:  # before the last events go out (see _relay)
+                    meter.record(ticket, streamed.result(), status=outcome.status, streamed=True,
+                                 streamed_chars=0 if streamed.usage_seen else streamed.streamed_chars())
+
                 return await _stream_back(
                     request, upstream,
                     response_headers(upstream.headers) + campaign_headers(meter, campaign_id),
-                    tap, timing)
+                    tap, timing, record)
             body = await _answer_body(upstream, timing)
             reported = _reported(body)
             entry = meter.record(ticket, reported, status=outcome.status, streamed=False)

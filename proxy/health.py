@@ -13,7 +13,7 @@ from costing import schema
 from costing.tasks import uninterrupted
 from proxy import access
 from proxy.errors import answering
-from proxy.state import ENGINE, LEDGER, METRICS, SETTINGS
+from proxy.state import ENGINE, LEDGER, METRICS, SETTINGS, SPOOL
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -39,6 +39,13 @@ async def readyz(request: web.Request) -> web.Response:
         checks["database"] = f"unreachable: {type(exc).__name__}"
     ledger = request.app[LEDGER]
     checks["ledger"] = f"{len(ledger)} records waiting" + ("" if ledger.healthy else ", writes failing")
+    spool = request.app.get(SPOOL)
+    if spool is not None:
+        if spool.healthy or spool.usable():
+            checks["spool"] = f"{len(spool)} records waiting for a commit"
+        else:  # metered requests are refused meanwhile
+            ready = False
+            checks["spool"] = f"cannot be written: {spool.last_error}"
     body = {"status": "ready" if ready else "not ready", "checks": checks}
     return web.Response(status=200 if ready else 503, body=orjson.dumps(body),
                         content_type="application/json")

@@ -167,6 +167,16 @@ class Metrics:
                                          "price table)", ["model"], registry=registry)
         self.flush_errors = Counter("llm_ledger_flush_errors", "Failed ledger batch writes",
                                     registry=registry)
+        # Durability (costing/spool.py)
+        self.spooled = Gauge("llm_spool_records", "Usage records in the local spool, not yet "
+                             "committed", registry=registry)
+        self.spool_write_errors = Gauge("llm_spool_write_errors", "Failed spool appends since "
+                                        "start (a full or failing disk)", registry=registry)
+        self.spool_replayed = Counter("llm_spool_replayed_records", "Records of stopped "
+                                      "processes replayed from the spool at start",
+                                      registry=registry)
+        self.spool_torn = Counter("llm_spool_torn_lines", "Spool lines skipped at replay: cut "
+                                  "short by a crash mid-write, or unreadable", registry=registry)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.budgets = BudgetCollector(self.campaign)
         registry.register(self.budgets)

@@ -13,6 +13,7 @@ from costing.gate import BudgetGate
 from costing.ledger import Ledger
 from costing.meter import Meter
 from costing.settings import Settings
+from costing.spool import Spool
 from costing.store import Store
 from proxy.keys import ClientKeys
 from proxy.metrics import Metrics
@@ -37,3 +38,4 @@ METER = web.AppKey("meter", Meter)
 # None unless PROXY_API_KEYS is set; a plain value built from the settings, nothing to close.
 CLIENT_KEYS: web.AppKey[ClientKeys | None] = web.AppKey("client_keys")
 FEED = web.AppKey("feed", Feed)
+SPOOL = web.AppKey("spool", Spool)

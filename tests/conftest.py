@@ -10,6 +10,7 @@ tests that need it instead of skipping them. Each test gets its own database, bu
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import shutil
@@ -43,6 +44,14 @@ PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("TEST_PG_USER", "postgres")
 BACKENDS = os.environ.get("TEST_BACKENDS", "sqlite,postgresql").split(",")
+# Each proxy's spool (LEDGER_SPOOL_DIR) in a directory of its own under this one, never in the
+# working directory; removed at exit.
+SPOOLS = Path(tempfile.mkdtemp(prefix="llmcost-spools-"))
+atexit.register(shutil.rmtree, SPOOLS, True)
+
+
+def new_spool_dir() -> Path:
+    return SPOOLS / uuid.uuid4().hex[:12]
 
 
 def free_port() -> int:
@@ -176,10 +185,45 @@ async def spawn_proxy(**env: str) -> tuple[asyncio.subprocess.Process, str]:
     """
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        str(CLI), "serve", env={**os.environ, "LOG_LEVEL": "WARNING", **env, "PROXY_PORT": str(port)})
+        str(CLI), "serve", env={**os.environ, "LOG_LEVEL": "WARNING",
+                                "LEDGER_SPOOL_DIR": str(new_spool_dir()), **env,
+                                "PROXY_PORT": str(port)})
     url = f"http://127.0.0.1:{port}"
-    await wait_ready(url, process)
+    try:
+        await wait_ready(url, process)
+    except BaseException:
+        await kill(process)  # never left running behind a failed test
+        raise
     return process, url
+
+
+async def start_serve(env: dict[str, str], stderr: Any = None) -> tuple[asyncio.subprocess.Process, str]:
+    """`serve` started, not waited for (spawn_proxy waits until it answers)."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        str(CLI), "serve", stderr=stderr,
+        env={**os.environ, "LOG_LEVEL": "WARNING", **env, "PROXY_PORT": str(port)})
+    return process, f"http://127.0.0.1:{port}"
+
+
+async def serve_ready(env: dict[str, str], stderr: Any = None,
+                      seconds: float = 90.0) -> tuple[asyncio.subprocess.Process, str]:
+    """`serve` started and answering, after its spool replay (which can take a while on a busy
+    machine); killed if it does not get there."""
+    process, url = await start_serve(env, stderr)
+    try:
+        await wait_ready(url, process, seconds)
+    except BaseException:
+        await kill(process)
+        raise
+    return process, url
+
+
+async def kill(process: asyncio.subprocess.Process) -> None:
+    """SIGKILL, unless it has exited already."""
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
 
 
 async def wait_answering(url: str, name: str, exited: Callable[[], bool], *, seconds: float = 15.0,
@@ -211,6 +255,7 @@ def make_settings(**values: Any) -> Settings:
         "database_url": "sqlite+aiosqlite:///:memory:", "upstream_base_url": "http://127.0.0.1:9",
         "openai_api_key": None, "costs_api_token": None, "prices_file": None,
         "ledger_flush_interval_seconds": 0.05, "log_level": "WARNING",
+        "ledger_spool_dir": new_spool_dir(),
     }
     defaults.update(values)
     return Settings(_env_file=None, **defaults)  # type: ignore[call-arg]

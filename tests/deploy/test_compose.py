@@ -41,7 +41,7 @@ from costing.settings import Settings
 
 # Values the compose stack sets on purpose instead of the .env.example default (METRICS_TOKEN:
 # required, Prometheus scrapes with it).
-COMPOSE_OVERRIDES = {"DATABASE_URL", "PROXY_HOST", "METRICS_TOKEN"}
+COMPOSE_OVERRIDES = {"DATABASE_URL", "PROXY_HOST", "METRICS_TOKEN", "LEDGER_SPOOL_DIR"}
 
 
 def test_compose_has_the_four_services_and_declares_its_named_volumes():

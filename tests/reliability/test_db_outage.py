@@ -10,6 +10,8 @@ started again.
   requests are refused with 503 in OpenAI's error shape; what was answered is still recorded.
 - buffer full (LEDGER_BUFFER_MAX_RECORDS tiny): rather than serve requests it could not record,
   the proxy refuses them with 503 once the buffer is full; nothing is dropped.
+- stopped during an outage: what the final flush could not write stays in the spool, and the next
+  start writes it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from conftest import PgCluster, Proxy, free_port, make_settings, pg_database
+from conftest import PgCluster, Proxy, free_port, make_settings, new_spool_dir, pg_database
 from fakeupstream import FakeUpstream
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 from prometheus_client import CollectorRegistry
@@ -306,3 +308,44 @@ async def test_buffer_full_refuses_instead_of_dropping(owned_pg_cluster, fake):
         print(f"\nbuffer full (max {limit}): {len(during)} requests during the outage, "
               f"{len(served)} served and buffered, {len(refused)} refused with 503, "
               f"{written} ledger rows, 0 dropped")
+
+
+async def test_a_stop_during_an_outage_leaves_its_records_to_the_next_start(owned_pg_cluster, fake):
+    """SIGTERM's final flush cannot reach the database: the records stay in the spool
+    (LEDGER_SPOOL_DIR), and the next start writes them before it serves."""
+    spool = new_spool_dir()
+    async with pg_database(owned_pg_cluster) as url:
+        await schema.upgrade(make_settings(database_url=url))
+
+        def settings() -> Any:
+            return make_settings(database_url=url, upstream_base_url=fake.url, proxy_port=free_port(),
+                                 shutdown_timeout_seconds=2, ledger_spool_dir=spool)
+
+        proxy = Proxy(settings(), CollectorRegistry())
+        await proxy.start()
+        client = proxy.client(campaign="stopped")
+        messages = [{"role": "user", "content": "hi"}]
+        answered = [(await client.chat.completions.create(model="gpt-4o-mini", messages=messages)).id]
+        await proxy.flush()
+        await asyncio.to_thread(owned_pg_cluster.stop)
+        try:
+            for _ in range(3):
+                answer = await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+                answered.append(answer.id)
+            stream = await client.chat.completions.create(model="gpt-4o-mini", messages=messages,
+                                                          stream=True)
+            chunks = [chunk async for chunk in stream]  # read to its end
+            answered.append(chunks[0].id)
+            await proxy.stop()
+        finally:
+            await asyncio.to_thread(owned_pg_cluster.start)
+        [left] = [p for p in spool.iterdir() if not p.name.startswith(".")]
+        again = Proxy(settings(), CollectorRegistry())
+        await again.start()
+        try:
+            rows = await ledger_rows(again.engine)
+            assert sorted(r.response_id for r in rows) == sorted(answered)
+            await assert_aggregates_match_ledger(again.engine)
+            assert not left.exists()
+        finally:
+            await again.stop()
