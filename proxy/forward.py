@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import aiohttp
 import orjson
@@ -23,13 +24,15 @@ from costing import budget as rules
 from costing.errors import BudgetExceeded
 from costing.meter import Meter, Ticket
 from costing.money import format_units, from_units
+from costing.records import UsageEntry
 from costing.settings import Settings
 from costing.usage import Operation, Reported, from_body, operation_for, request_facts
 from proxy.errors import ProxyError, answer
 from proxy.metrics import Metrics
 from proxy.sse import SSETap
-from proxy.state import METER, METRICS, SETTINGS, UPSTREAM, Upstream
+from proxy.state import METER, METRICS, SETTINGS, TRACER, UPSTREAM, Upstream
 from proxy.tags import tag_value
+from tracing.recorder import error_type, stream_failure
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -280,23 +283,30 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
         parsed["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                     "include_usage": True}
         raw = orjson.dumps(parsed)
+    tracer = app[TRACER]
+    span = (tracer.start(request.headers, headers, str(operation), campaign_id, session_id, facts, parsed)
+            if tracer is not None else None)
     authorization = request.headers.get("Authorization")
     try:
         ticket = (meter.admit_now(campaign_id, session_id, operation, facts, authorization)
                   or await meter.admit(campaign_id, session_id, operation, facts, authorization))
     except BudgetExceeded:
         metrics.on_blocked(campaign_id)
+        if span is not None:
+            span.tracer.end(span, 429, "budget_exceeded", None, None)
         raise
     status = 502
     answered = False
     reported: Reported | None = None
     tap: SSETap | None = None
+    entry: UsageEntry | None = None
+    failure: str | None = None  # why the call failed, when not by the upstream's HTTP status
     try:
         upstream = await _send(request, app[UPSTREAM], headers, raw, timing)
         status, answered = upstream.status, True
         async with upstream:
             if _is_event_stream(upstream.headers):
-                tap = SSETap(strip_usage=strip_usage)
+                tap = SSETap(strip_usage=strip_usage, ends=[] if span is not None else None)
                 reply_headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
                 if upstream.content.is_eof():
                     # The whole stream has arrived already (a short answer from a nearby
@@ -307,7 +317,8 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                               headers=reply_headers)
                 await response.prepare(request)
-                await _relay(request, upstream, response, timing, tap)
+                if not await _relay(request, upstream, response, timing, tap):
+                    failure = stream_failure(upstream.content.exception())
                 return response
             waited = time.perf_counter()
             try:
@@ -320,7 +331,10 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                                  type="server_error", code="upstream_incomplete") from exc
             finally:
                 timing.waiting += time.perf_counter() - waited
-            reported = _reported(body)
+            decoded = _decoded(body)
+            reported = from_body(decoded) if decoded is not None else None
+            if span is not None:
+                span.tracer.answered(span, decoded)
             entry = meter.record(ticket, reported, status=status, streamed=False)
             reply_headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
             reply_headers.append((REQUEST_COST, format_units(entry.cost_units)))
@@ -332,11 +346,12 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
             return web.Response(status=upstream.status, reason=upstream.reason, body=body,
                                 headers=reply_headers)
     except ProxyError as exc:
-        status = exc.status
+        status, failure = exc.status, exc.code
         raise
     except asyncio.CancelledError:
         if not answered:  # the client left first: recorded as nginx logs it, not as an upstream 502
             status = CLIENT_CLOSED_REQUEST
+        failure = "client_disconnected"
         raise
     finally:
         if tap is not None:
@@ -346,11 +361,14 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                                  streamed_chars=tap.streamed_chars() if tap and not tap.usage_seen
                                  else 0)
         _observe(metrics, ticket, reported, status, timing)
+        if span is not None:
+            span.tracer.end(span, status, error_type(status, failure), entry, reported,
+                            tap.ends if tap is not None else None)
 
 
-def _reported(body: bytes) -> Reported | None:
+def _decoded(body: bytes) -> Any:
     try:
-        return from_body(orjson.loads(body))
+        return orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
 

@@ -14,6 +14,7 @@ from costing.meter import Meter
 from costing.settings import Settings
 from costing.store import Store
 from proxy.metrics import Metrics
+from tracing.recorder import Tracer
 
 
 @dataclass(slots=True)
@@ -32,3 +33,6 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 LEDGER = web.AppKey("ledger", Ledger)
 GATE = web.AppKey("gate", BudgetGate)
 METER = web.AppKey("meter", Meter)
+# None when tracing is off (no OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT): the request path then
+# skips it with one test.
+TRACER: web.AppKey[Tracer | None] = web.AppKey("tracer")
