@@ -1,68 +1,69 @@
 """W3C Trace Context (`traceparent`, `tracestate`): parse what the caller sent, format what goes
-upstream, and make ids. Pure; ids come from a generator of our own, seeded once from the OS, so
-code that seeds the global `random` cannot make ids repeat."""
+upstream, and make ids. Pure.
+
+Ids stay as the lowercase hex text they travel in: a caller's ids are sliced from its header
+and ours go into the upstream header, so the request path never converts them; the exporter
+turns them into bytes in the background. New ids come from a generator of our own, seeded once
+from the OS, so code that seeds the global `random` cannot make ids repeat.
+"""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+import re
+from typing import NamedTuple
 
 _ids = random.Random()
-_HEX = frozenset("0123456789abcdef")
-MAX_TRACESTATE = 512  # W3C: at most 32 members; vendors truncate at 512 characters
-SAMPLED = 0x01
+# version-traceid-parentid-flags; a version after 00 may carry more fields after a dash.
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+ZERO_TRACE_ID = "0" * 32
+ZERO_SPAN_ID = "0" * 16
+MAX_TRACESTATE = 512  # W3C: vendors may drop a tracestate longer than 512 characters
 
 
-@dataclass(frozen=True, slots=True)
-class Parent:
-    """The caller's span, from its `traceparent`."""
+class Parent(NamedTuple):
+    """The caller's span, from its `traceparent` (ids as 32 and 16 lowercase hex digits)."""
 
-    trace_id: int
-    span_id: int
-    flags: int
+    trace_id: str
+    span_id: str
+    sampled: bool
     tracestate: str | None = None
-
-    @property
-    def sampled(self) -> bool:
-        return bool(self.flags & SAMPLED)
 
 
 def parse_traceparent(value: str | None, tracestate: str | None = None) -> Parent | None:
     """The parent in a `traceparent` header; None when absent or invalid (a new trace starts).
 
     Version 00 is parsed exactly; a later version is read by its first four fields, as the
-    specification asks. All-zero ids and version ff are invalid.
+    specification asks. Version ff and all-zero ids are invalid.
     """
     if not value:
         return None
-    value = value.strip()
-    if len(value) < 55 or value[2] != "-" or value[35] != "-" or value[52] != "-":
+    found = _TRACEPARENT.fullmatch(value)
+    if found is None:
         return None
-    version, trace_hex, span_hex, flags_hex = value[:2], value[3:35], value[36:52], value[53:55]
-    if version == "ff" or (version == "00" and len(value) != 55) or (len(value) > 55 and value[55] != "-"):
+    version, trace_id, span_id, flags, rest = found.groups()
+    if version == "ff" or (rest is not None and version == "00"):
         return None
-    if not _HEX.issuperset(value[:2] + trace_hex + span_hex + flags_hex):
+    if trace_id == ZERO_TRACE_ID or span_id == ZERO_SPAN_ID:
         return None
-    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
-    if not trace_id or not span_id:
-        return None
-    state = tracestate.strip()[:MAX_TRACESTATE] if tracestate else None
-    return Parent(trace_id, span_id, int(flags_hex, 16), state or None)
+    if tracestate and len(tracestate) > MAX_TRACESTATE:
+        tracestate = tracestate[:MAX_TRACESTATE].rpartition(",")[0]
+    return Parent(trace_id, span_id, flags[1] in "13579bdf", tracestate or None)
 
 
-def format_traceparent(trace_id: int, span_id: int, sampled: bool) -> str:
-    return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
+def format_traceparent(trace_id: str, span_id: str, sampled: bool) -> str:
+    return f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
 
 
-def new_trace_id() -> int:
+def new_trace_id() -> str:
     while True:
-        trace_id = _ids.getrandbits(128)
-        if trace_id:
+        trace_id = f"{_ids.getrandbits(128):032x}"
+        if trace_id != ZERO_TRACE_ID:
             return trace_id
 
 
-def new_span_id() -> int:
+def new_span_id() -> str:
     while True:
-        span_id = _ids.getrandbits(64)
-        if span_id:
+        span_id = f"{_ids.getrandbits(64):016x}"
+        if span_id != ZERO_SPAN_ID:
             return span_id

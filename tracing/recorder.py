@@ -56,7 +56,7 @@ class Tracer:
         if not sampled:
             return None
         content = (spans.request_content(operation, body), None) if self.capture_content else None
-        return Span(self, trace_id, span_id, parent.span_id if parent is not None else 0,
+        return Span(self, trace_id, span_id, parent.span_id if parent is not None else None,
                     parent.tracestate if parent is not None else None, time.time_ns(), operation,
                     campaign_id, session_id, facts, spans.max_tokens(body), content)
 

@@ -10,33 +10,33 @@ from collections.abc import Callable
 
 from tracing.context import Parent
 
-Sampler = Callable[[int, Parent | None], bool]
+Sampler = Callable[[str, Parent | None], bool]
+"""(trace id as 32 hex digits, the caller's span or None) -> sampled."""
 NAMES = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
          "parentbased_always_off", "parentbased_traceidratio")
-_LOW_64 = (1 << 64) - 1
 
 
-def _always_on(trace_id: int, parent: Parent | None) -> bool:
+def _always_on(trace_id: str, parent: Parent | None) -> bool:
     return True
 
 
-def _always_off(trace_id: int, parent: Parent | None) -> bool:
+def _always_off(trace_id: str, parent: Parent | None) -> bool:
     return False
 
 
 def ratio(rate: float) -> Sampler:
-    """TraceIdRatioBased as OpenTelemetry's SDKs do it: the trace id's low 64 bits against a
-    bound, so every service sampling at the same rate keeps the same traces."""
+    """TraceIdRatioBased as OpenTelemetry's SDKs do it: the trace id's low 64 bits (its last 16
+    hex digits) against a bound, so every service sampling at the same rate keeps the same traces."""
     bound = round(min(max(rate, 0.0), 1.0) * (1 << 64))
 
-    def sample(trace_id: int, parent: Parent | None) -> bool:
-        return (trace_id & _LOW_64) < bound
+    def sample(trace_id: str, parent: Parent | None) -> bool:
+        return int(trace_id[16:], 16) < bound
 
     return sample
 
 
 def parent_based(root: Sampler) -> Sampler:
-    def sample(trace_id: int, parent: Parent | None) -> bool:
+    def sample(trace_id: str, parent: Parent | None) -> bool:
         return root(trace_id, None) if parent is None else parent.sampled
 
     return sample

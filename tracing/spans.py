@@ -53,7 +53,7 @@ class Span:
                  "operation", "parent_span_id", "reported", "session_id", "span_id", "spent_budget",
                  "start_ns", "status", "trace_id", "tracer", "tracestate")
 
-    def __init__(self, tracer: Tracer, trace_id: int, span_id: int, parent_span_id: int,
+    def __init__(self, tracer: Tracer, trace_id: str, span_id: str, parent_span_id: str | None,
                  tracestate: str | None, start_ns: int, operation: str, campaign_id: str,
                  session_id: str, facts: RequestFacts, max_tokens: int | None,
                  content: Any) -> None:

@@ -25,7 +25,8 @@ import aiohttp
 import pytest
 from conftest import IN_CI, free_port
 
-DEFAULT_VENV = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-cost-proxy" / "phoenix-venv"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+DEFAULT_VENV = CACHE / "llm-cost-proxy" / "phoenix-venv"
 PHOENIX_VENV = Path(os.environ.get("PHOENIX_VENV") or DEFAULT_VENV)
 READY_SECONDS = 240  # ~8 s on an idle machine; its first start also migrates its database
 
