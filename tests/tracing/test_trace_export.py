@@ -241,3 +241,22 @@ async def test_tracing_off_leaves_the_callers_headers_alone(start_proxy, fake):
     await proxy.client().embeddings.create(model="text-embedding-3-small", input="a",
                                            extra_headers={"traceparent": traceparent()})
     assert upstream_traceparent(fake) == traceparent()
+
+
+async def test_spans_still_queued_at_shutdown_are_sent(traced, receiver, fake):
+    proxy = await traced(otel_bsp_schedule_delay=60_000)
+    await proxy.client().embeddings.create(model="text-embedding-3-small", input="a")
+    await asyncio.sleep(0.2)
+    assert receiver.spans == []  # waiting for its batch
+    await proxy.stop()
+    assert len(receiver.spans) == 1
+    assert proxy.registry.get_sample_value("llm_trace_spans_exported_total") == 1
+
+
+async def test_a_full_batch_goes_out_before_the_schedule_delay(traced, receiver, fake):
+    proxy = await traced(otel_bsp_schedule_delay=60_000, otel_bsp_max_export_batch_size=3)
+    client = proxy.client()
+    for _ in range(3):
+        await client.embeddings.create(model="text-embedding-3-small", input="a")
+    assert len(await receiver.wait_for(3, seconds=5)) == 3
+    assert receiver.posts == 1
