@@ -18,7 +18,8 @@ from functools import lru_cache
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
-from tracing.spans import Span, Value, attributes
+from costing.money import SCALE
+from tracing.spans import Shape, Span, Value, content_attributes, repeating_attributes, shape
 
 SCOPE_NAME = "llm-cost-proxy"
 SPAN_KIND_CLIENT = 3
@@ -85,15 +86,52 @@ def key_value(key: str, value: Value) -> bytes:
     return _delimited(b"\x4a", _key(key) + (_SMALL[n] if n < 0x80 else varint(n)) + encoded)
 
 
-# Attributes whose values repeat from span to span: encoded once, reused as bytes.
-_cached = lru_cache(maxsize=4096)(key_value)
-_REPEATING = frozenset({
-    "gen_ai.operation.name", "gen_ai.provider.name", "openai.api.type", "server.address", "server.port",
-    "gen_ai.request.model", "gen_ai.response.model", "llm_proxy.campaign.id", "gen_ai.request.stream",
-    "llm_proxy.cost.estimated", "llm_proxy.priced_by_default", "llm_proxy.budget.status", "error.type",
-    "http.response.status_code", "gen_ai.request.max_tokens", "gen_ai.usage.cache_read.input_tokens",
-    "gen_ai.usage.reasoning.output_tokens",
-})
+def _int_prefixes(key: str) -> tuple[bytes, ...]:
+    """Everything of an int attribute but its varint, by the varint's length (1 to 10 bytes)."""
+    name = _key(key)
+    return tuple(b"\x4a" + _SMALL[len(name) + 2 + n] + name + _SMALL[1 + n] + b"\x18" for n in range(11))
+
+
+def _double_prefix(key: str) -> bytes:
+    """Everything of a double attribute but its 8 bytes."""
+    name = _key(key)
+    return b"\x4a" + _SMALL[len(name) + 10] + name + b"\x09\x21"
+
+
+_INPUT = _int_prefixes("gen_ai.usage.input_tokens")
+_OUTPUT = _int_prefixes("gen_ai.usage.output_tokens")
+_CACHED = _int_prefixes("gen_ai.usage.cache_read.input_tokens")
+_REASONING = _int_prefixes("gen_ai.usage.reasoning.output_tokens")
+_COST = _double_prefix("llm_proxy.cost.usd")
+_COST_MIRROR = _double_prefix("gen_ai.usage.cost")
+
+
+def _varying(span: Span) -> list[bytes]:
+    """`spans.varying_attributes`, written with the keys' bytes made once (the attributes every
+    span has its own values of: most of the encoding's work)."""
+    out = []
+    reported, entry = span.reported, span.entry
+    if reported is not None and reported.response_id:
+        out.append(key_value("gen_ai.response.id", reported.response_id))
+    cost = 0.0
+    if entry is not None:
+        usage = entry.usage
+        for prefixes, count in ((_INPUT, usage.input_tokens), (_OUTPUT, usage.output_tokens),
+                                (_CACHED, usage.cached_input_tokens), (_REASONING, usage.reasoning_tokens)):
+            encoded = varint(count)
+            out.append(prefixes[len(encoded)] + encoded)
+        cost = entry.cost_units / SCALE
+    packed = _DOUBLE.pack(cost)
+    out += (_COST + packed, _COST_MIRROR + packed)
+    if span.content is not None:
+        out += [key_value(key, value) for key, value in content_attributes(span)]
+    return out
+
+
+@lru_cache(maxsize=8192)
+def _repeating(values: Shape) -> bytes:
+    """The attributes a span shares with others of its shape, encoded once."""
+    return b"".join([key_value(key, value) for key, value in repeating_attributes(values)])
 
 
 def span_bytes(span: Span, server: tuple[str, int]) -> bytes:
@@ -106,10 +144,9 @@ def span_bytes(span: Span, server: tuple[str, int]) -> bytes:
         parts += (b"\x22\x08", bytes.fromhex(span.parent_span_id))
         flags |= IS_REMOTE
     parts += (_string(b"\x2a", span.name), b"\x30\x03",
-              b"\x39", _FIXED64.pack(span.start_ns), b"\x41", _FIXED64.pack(max(span.end_ns, span.start_ns)))
-    repeating, cached = _REPEATING, _cached
-    for key, value in attributes(span, server):
-        parts.append(cached(key, value) if key in repeating else key_value(key, value))  # type: ignore[arg-type]
+              b"\x39", _FIXED64.pack(span.start_ns), b"\x41", _FIXED64.pack(max(span.end_ns, span.start_ns)),
+              _repeating(shape(span, server)))
+    parts += _varying(span)
     if span.error_type:
         # Status: message 2, code 3 (ERROR)
         parts.append(_delimited(b"\x7a", _string(b"\x12", span.error_type) + b"\x18\x02"))

@@ -188,68 +188,97 @@ def _output_messages(operation: str, value: Any) -> Any:
     return out
 
 
-def attributes(span: Span, server: tuple[str, int]) -> Attributes:
-    """The span's attributes, typed as the conventions say (ints, doubles, bools, string[])."""
-    facts = span.facts
-    operation, api_type = OPERATION_NAMES[span.operation]
-    attrs: Attributes = [
-        ("gen_ai.operation.name", operation),
-        ("gen_ai.provider.name", PROVIDER),
-        ("openai.api.type", api_type),
-        ("server.address", server[0]),
-        ("server.port", server[1]),
-        ("llm_proxy.campaign.id", span.campaign_id),
-        ("llm_proxy.session.id", span.session_id),
-    ]
-    if facts.model:
-        attrs.append(("gen_ai.request.model", facts.model))
-    if facts.stream:
-        attrs.append(("gen_ai.request.stream", True))
-    if span.max_tokens is not None:
-        attrs.append(("gen_ai.request.max_tokens", span.max_tokens))
-    if span.session_id != UNTAGGED:
-        attrs.append(("gen_ai.conversation.id", span.session_id))
-    reported = span.reported
-    if reported is not None:
-        if reported.model:
-            attrs.append(("gen_ai.response.model", reported.model))
-        if reported.response_id:
-            attrs.append(("gen_ai.response.id", reported.response_id))
+Shape = tuple[Any, ...]
+"""The values a span's repeating attributes come from (see `shape`)."""
+
+
+def shape(span: Span, server: tuple[str, int]) -> Shape:
+    """What spans share with many others (operation, models, campaign, session, status, flags,
+    finish reasons): hashable, so the encoder can reuse their encoded attributes."""
+    facts, reported, entry = span.facts, span.reported, span.entry
     finish = span.finish
     reasons: list[str] | None
     if finish and isinstance(finish[0], bytes):
         reasons = stream_finish_reasons(span.operation, b"".join(cast(list[bytes], finish)))
     else:
         reasons = cast(list[str] | None, finish)
+    return (span.operation, facts.model, facts.stream, span.max_tokens,
+            reported.model if reported is not None else None, span.campaign_id, span.session_id,
+            span.status, span.error_type, tuple(reasons) if reasons else None,
+            entry.estimated if entry is not None else False,
+            entry.priced_by_default if entry is not None else False,
+            budget_status(*span.spent_budget) if span.spent_budget is not None else None, server)
+
+
+def repeating_attributes(values: Shape) -> Attributes:
+    """The attributes of a span's `shape`, typed as the conventions say."""
+    (operation_key, model, stream, max_tokens, response_model, campaign_id, session_id, status,
+     error_type, reasons, estimated, priced_by_default, budget, server) = values
+    operation, api_type = OPERATION_NAMES[operation_key]
+    attrs: Attributes = [
+        ("gen_ai.operation.name", operation),
+        ("gen_ai.provider.name", PROVIDER),
+        ("openai.api.type", api_type),
+        ("server.address", server[0]),
+        ("server.port", server[1]),
+        ("llm_proxy.campaign.id", campaign_id),
+        ("llm_proxy.session.id", session_id),
+        ("llm_proxy.cost.estimated", estimated),
+        ("llm_proxy.priced_by_default", priced_by_default),
+    ]
+    if model:
+        attrs.append(("gen_ai.request.model", model))
+    if stream:
+        attrs.append(("gen_ai.request.stream", True))
+    if max_tokens is not None:
+        attrs.append(("gen_ai.request.max_tokens", max_tokens))
+    if session_id != UNTAGGED:
+        attrs.append(("gen_ai.conversation.id", session_id))
+    if response_model:
+        attrs.append(("gen_ai.response.model", response_model))
     if reasons:
-        attrs.append(("gen_ai.response.finish_reasons", reasons))
-    entry = span.entry
+        attrs.append(("gen_ai.response.finish_reasons", list(reasons)))
+    if budget is not None:
+        attrs.append(("llm_proxy.budget.status", budget))
+    if status:
+        attrs.append(("http.response.status_code", status))
+    if error_type:
+        attrs.append(("error.type", error_type))
+    return attrs
+
+
+def varying_attributes(span: Span) -> Attributes:
+    """The attributes that differ from span to span: response id, token counts, cost, content."""
+    attrs: Attributes = []
+    reported, entry = span.reported, span.entry
+    if reported is not None and reported.response_id:
+        attrs.append(("gen_ai.response.id", reported.response_id))
     if entry is not None:
         usage = entry.usage
-        cost = entry.cost_units / SCALE
         attrs += [
             ("gen_ai.usage.input_tokens", usage.input_tokens),
             ("gen_ai.usage.output_tokens", usage.output_tokens),
             ("gen_ai.usage.cache_read.input_tokens", usage.cached_input_tokens),
             ("gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens),
-            ("llm_proxy.cost.usd", cost),
-            ("gen_ai.usage.cost", cost),
-            ("llm_proxy.cost.estimated", entry.estimated),
-            ("llm_proxy.priced_by_default", entry.priced_by_default),
         ]
-    else:
-        attrs += [("llm_proxy.cost.usd", 0.0), ("gen_ai.usage.cost", 0.0),
-                  ("llm_proxy.cost.estimated", False), ("llm_proxy.priced_by_default", False)]
-    if span.spent_budget is not None:
-        attrs.append(("llm_proxy.budget.status", budget_status(*span.spent_budget)))
-    if span.status:
-        attrs.append(("http.response.status_code", span.status))
-    if span.error_type:
-        attrs.append(("error.type", span.error_type))
-    if span.content is not None:
-        request, answer = span.content
-        if request is not None:
-            attrs.append(("gen_ai.input.messages", content_json(_input_messages(span.operation, request))))
-        if answer is not None:
-            attrs.append(("gen_ai.output.messages", content_json(_output_messages(span.operation, answer))))
+    cost = entry.cost_units / SCALE if entry is not None else 0.0
+    attrs += [("llm_proxy.cost.usd", cost), ("gen_ai.usage.cost", cost)]
+    return attrs + content_attributes(span)
+
+
+def content_attributes(span: Span) -> Attributes:
+    """Captured message content (OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true only)."""
+    if span.content is None:
+        return []
+    attrs: Attributes = []
+    request, answer = span.content
+    if request is not None:
+        attrs.append(("gen_ai.input.messages", content_json(_input_messages(span.operation, request))))
+    if answer is not None:
+        attrs.append(("gen_ai.output.messages", content_json(_output_messages(span.operation, answer))))
     return attrs
+
+
+def attributes(span: Span, server: tuple[str, int]) -> Attributes:
+    """All of a span's attributes (GenAI semantic conventions, v1.37+ names, and the proxy's own)."""
+    return repeating_attributes(shape(span, server)) + varying_attributes(span)

@@ -14,7 +14,7 @@ from otlpreceiver import attributes
 from costing.budget import make_budget
 from costing.records import UsageEntry
 from costing.usage import Reported, RequestFacts, Usage
-from tracing import otlp
+from tracing import otlp, spans
 from tracing.recorder import Tracer
 from tracing.sampler import make_sampler
 from tracing.spans import Span
@@ -84,5 +84,19 @@ def test_a_request_decodes_to_the_spans_it_holds():
     assert second.status.code == Status.StatusCode.STATUS_CODE_ERROR and second.status.message == "timeout"
     assert attributes(second.attributes)["error.type"] == "timeout"
     assert "gen_ai.usage.input_tokens" not in attributes(second.attributes)  # nothing was used
+    # The encoder's fast paths write exactly the attributes spans.attributes() describes.
+    for span, message in ((ok, first), (failed, second)):
+        assert attributes(message.attributes) == dict(spans.attributes(span, ("api.openai.com", 443)))
     # The cache of repeating attributes hands out the same bytes as encoding afresh.
     assert _decode(encoder, [ok]) == _decode(encoder, [ok])
+
+
+def test_captured_content_is_encoded_too():
+    tracer = Tracer(make_sampler("always_on", None), capture_content=True)
+    span = _span(tracer, parent=False)
+    span.content = ([{"role": "user", "content": "x" * 20_000}], None)
+    encoder = otlp.Encoder(otlp.resource_attributes("svc", []), "", ("h", 1))
+    [decoded] = _decode(encoder, [span]).resource_spans[0].scope_spans[0].spans
+    captured = attributes(decoded.attributes)["gen_ai.input.messages"]
+    assert captured.startswith('[{"role":"user","parts":[{"type":"text","content":"xxx')
+    assert len(captured) == 16 * 1024
