@@ -55,6 +55,15 @@ def format_traceparent(trace_id: str, span_id: str, sampled: bool) -> str:
     return f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
 
 
+def new_ids() -> tuple[str, str]:
+    """A new trace id and span id, from one draw."""
+    while True:
+        drawn = f"{_ids.getrandbits(192):048x}"
+        trace_id, span_id = drawn[:32], drawn[32:]
+        if trace_id != ZERO_TRACE_ID and span_id != ZERO_SPAN_ID:
+            return trace_id, span_id
+
+
 def new_trace_id() -> str:
     while True:
         trace_id = f"{_ids.getrandbits(128):032x}"

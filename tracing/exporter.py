@@ -32,6 +32,9 @@ FIRST_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 8.0
 ENCODE_SLICE = 64  # spans built between two yields to the event loop (~0.5 ms)
 CONTENT_TYPE = "application/x-protobuf"
+# zlib's fastest level: span batches still shrink ~10x (ids and numbers are most of their bytes),
+# for about a third of level 6's CPU.
+GZIP_LEVEL = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +164,7 @@ class Exporter:
             encoded += map(self.encoder.span, spans[start:start + ENCODE_SLICE])
         data = self.encoder.request(encoded)
         if self.config.gzip:
-            data = await asyncio.to_thread(gzip.compress, data, 6)
+            data = await asyncio.to_thread(gzip.compress, data, GZIP_LEVEL)
         return data
 
     async def export(self, spans: list[Span]) -> bool:

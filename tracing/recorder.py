@@ -15,7 +15,7 @@ from costing.budget import Budget
 from costing.records import UsageEntry
 from costing.usage import Reported, RequestFacts
 from tracing import spans
-from tracing.context import format_traceparent, new_span_id, new_trace_id, parse_traceparent
+from tracing.context import format_traceparent, new_ids, new_span_id, parse_traceparent
 from tracing.sampler import Sampler
 from tracing.spans import Span
 
@@ -47,8 +47,10 @@ class Tracer:
         parent = parse_traceparent(incoming, request_headers.get("tracestate")) if incoming else None
         if incoming is not None or "tracestate" in request_headers:
             upstream_headers[:] = [h for h in upstream_headers if h[0].lower() not in TRACE_HEADERS]
-        trace_id = parent.trace_id if parent is not None else new_trace_id()
-        span_id = new_span_id()
+        if parent is not None:
+            trace_id, span_id = parent.trace_id, new_span_id()
+        else:
+            trace_id, span_id = new_ids()
         sampled = self.sampler(trace_id, parent)
         upstream_headers.append(("traceparent", format_traceparent(trace_id, span_id, sampled)))
         if parent is not None and parent.tracestate:

@@ -7,7 +7,7 @@ from conftest import make_settings
 from pydantic import ValidationError
 
 from costing.settings import describe_error
-from tracing.context import Parent, format_traceparent, new_span_id, new_trace_id, parse_traceparent
+from tracing.context import Parent, format_traceparent, new_ids, new_span_id, new_trace_id, parse_traceparent
 from tracing.exporter import ExportConfig, parse_pairs, server_of
 from tracing.sampler import make_sampler
 
@@ -46,6 +46,9 @@ def test_formatted_ids_round_trip_and_are_never_zero():
     assert parent == Parent(trace_id, span_id, False)
     assert format_traceparent(TRACE, SPAN, sampled=True) == f"00-{TRACE}-{SPAN}-01"
     assert len({new_span_id() for _ in range(1000)}) == 1000
+    trace_id, span_id = new_ids()
+    assert len(trace_id) == 32 and len(span_id) == 16 and int(trace_id, 16) and int(span_id, 16)
+    assert len({new_ids() for _ in range(1000)}) == 1000
 
 
 def test_samplers():
