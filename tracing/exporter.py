@@ -109,6 +109,7 @@ class Exporter:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._client: aiohttp.ClientSession | None = None
+        self._failing = False
 
     def start(self) -> None:
         self._client = aiohttp.ClientSession(
@@ -180,21 +181,35 @@ class Exporter:
                 async with self._client.post(self.config.url, data=body, headers=self.headers) as response:
                     await response.read()
                     if response.status < 300:
+                        self._succeeded()
                         self.on_exported(len(spans))
                         return True
+                    problem = f"HTTP {response.status}"
                     if response.status not in RETRY_STATUSES:
-                        log.warning("trace receiver refused %d spans: HTTP %d", len(spans), response.status)
-                        self.on_dropped(len(spans))
+                        self._dropped(spans, problem)
                         return False
                     retry_after = _seconds(response.headers.get("Retry-After"))
             except (aiohttp.ClientError, TimeoutError) as exc:
-                log.debug("trace receiver unreachable: %r", exc)
+                problem = type(exc).__name__
             wait = min(retry_after if retry_after is not None else backoff, MAX_BACKOFF_SECONDS)
             if self._stop.is_set() or time.monotonic() + wait >= deadline:
-                self.on_dropped(len(spans))
+                self._dropped(spans, problem)
                 return False
             await asyncio.sleep(wait)
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    def _dropped(self, spans: list[Span], problem: str) -> None:
+        """Count a lost batch; say so once per outage, not once per batch."""
+        self.on_dropped(len(spans))
+        if not self._failing:
+            self._failing = True
+            log.warning("trace receiver %s failing (%s): spans are dropped and counted in "
+                        "llm_trace_spans_dropped_total until it answers again", self.config.url, problem)
+
+    def _succeeded(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.warning("trace receiver %s answers again", self.config.url)
 
 
 def _seconds(value: str | None) -> float | None:

@@ -59,7 +59,7 @@ def _summary(latencies: list[float]) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
-async def test_a_bad_receiver_costs_requests_nothing(start_proxy, fake):
+async def test_a_bad_receiver_costs_requests_nothing(start_proxy, fake, caplog):
     baseline = _summary(await _load(await start_proxy()))
     for fault in ("down", "slow", "failing"):
         async with OTLPReceiver(status=503 if fault == "failing" else 200,
@@ -84,3 +84,6 @@ async def test_a_bad_receiver_costs_requests_nothing(start_proxy, fake):
                 assert receiver.posts >= 1, fault
             if fault == "failing":
                 assert receiver.posts >= 2, "a 503 is retried"
+    # Said once per outage (per proxy here), not once per lost batch.
+    warnings = [r.getMessage() for r in caplog.records if "failing" in r.getMessage()]
+    assert len(warnings) == 3, warnings

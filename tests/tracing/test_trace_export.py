@@ -260,3 +260,19 @@ async def test_a_full_batch_goes_out_before_the_schedule_delay(traced, receiver,
         await client.embeddings.create(model="text-embedding-3-small", input="a")
     assert len(await receiver.wait_for(3, seconds=5)) == 3
     assert receiver.posts == 1
+
+
+async def test_an_upstream_that_breaks_off_mid_stream(traced, receiver, fake):
+    proxy = await traced()
+    fake.behaviour.reply = "one two three four five six seven eight"
+    fake.behaviour.chunk_delay = 0.01
+    fake.behaviour.disconnect_after_chunks = 3
+    with pytest.raises(openai.APIError):
+        stream = await proxy.client().chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True)
+        async for _chunk in stream:
+            pass
+    (got,) = await receiver.wait_for(1)
+    assert got.attributes["error.type"] == "upstream_incomplete"
+    assert got.attributes["http.response.status_code"] == 200  # the answer had begun
+    assert got.attributes["llm_proxy.cost.estimated"] is True
