@@ -10,13 +10,15 @@ python3 -m venv .venv
 .venv/bin/pip install -q -e ".[test]"
 
 # --- tracing (#18): a real Arize Phoenix for tests/tracing/test_phoenix.py, in its own venv ---
-# Kept across runs (~45 s to install); `.installed` marks a finished install, so a broken one is redone.
+# Kept across runs (~45 s to install). Only a venv this block made is ever removed (an install
+# cut short leaves `.installing` and is redone); a PHOENIX_VENV of your own is used as it is.
 export PHOENIX_VENV="${PHOENIX_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-cost-proxy/phoenix-venv}"
-if [ ! -f "$PHOENIX_VENV/.installed" ]; then
+if [ ! -f "$PHOENIX_VENV/.installed" ] && { [ ! -e "$PHOENIX_VENV" ] || [ -f "$PHOENIX_VENV/.installing" ]; }; then
   rm -rf "$PHOENIX_VENV"
-  python3 -m venv "$PHOENIX_VENV"
+  mkdir -p "$(dirname "$PHOENIX_VENV")"
+  python3 -m venv "$PHOENIX_VENV" && touch "$PHOENIX_VENV/.installing"
   if "$PHOENIX_VENV/bin/pip" install -q "arize-phoenix==20.26.1"; then
-    touch "$PHOENIX_VENV/.installed"
+    mv "$PHOENIX_VENV/.installing" "$PHOENIX_VENV/.installed"
   else
     echo "note: could not install arize-phoenix into $PHOENIX_VENV"
   fi
