@@ -51,12 +51,12 @@ def main() -> None:
     answer = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
 
     def start(request_headers: CIMultiDictProxy[str]) -> None:
-        tracer.start(request_headers, list(headers), operation, "c1", "s1", facts, body)
+        tracer.start(request_headers, list(headers), operation, "c1", "s1", facts, body, 0.0)
 
     copy_us = per_call_us(lambda: list(headers), 200_000)
     start_us = per_call_us(lambda: start(plain), 100_000) - copy_us
     start_parent_us = per_call_us(lambda: start(with_parent), 100_000) - copy_us
-    span = tracer.start(plain, list(headers), operation, "c1", "s1", facts, body)
+    span = tracer.start(plain, list(headers), operation, "c1", "s1", facts, body, 0.0)
     assert span is not None
     answered_us = per_call_us(lambda: tracer.answered(span, answer), 200_000)
 
@@ -69,7 +69,7 @@ def main() -> None:
     spans = []
     for n in range(BATCH):  # new traces, each its own response id, tokens and cost
         one = tracer.start(plain, list(headers), operation, f"campaign-{n % 20}", f"session-{n % 200}",
-                           facts, body)
+                           facts, body, 0.0)
         assert one is not None
         tracer.answered(one, answer)
         usage = Usage(30 + n, 0, 12 + n % 50, 0)

@@ -284,8 +284,8 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                                     "include_usage": True}
         raw = orjson.dumps(parsed)
     tracer = app[TRACER]
-    span = (tracer.start(request.headers, headers, str(operation), campaign_id, session_id, facts, parsed)
-            if tracer is not None else None)
+    span = (tracer.start(request.headers, headers, str(operation), campaign_id, session_id, facts, parsed,
+                         timing.started) if tracer is not None else None)
     authorization = request.headers.get("Authorization")
     try:
         ticket = (meter.admit_now(campaign_id, session_id, operation, facts, authorization)

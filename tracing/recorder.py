@@ -36,13 +36,17 @@ class Tracer:
         self.on_drop = on_drop
         self.standing = standing
         self.queue: list[Span] = []
+        # Span times on the monotonic clock the request's timing uses, turned into Unix time:
+        # durations exact, the start the moment the request arrived.
+        self.epoch_offset_ns = time.time_ns() - time.perf_counter_ns()
         self.full = asyncio.Event()  # a batch is ready: the exporter need not wait for its timer
 
     def start(self, request_headers: CIMultiDictProxy[str], upstream_headers: list[tuple[str, str]],
               operation: str, campaign_id: str, session_id: str, facts: RequestFacts,
-              body: dict[str, Any]) -> Span | None:
+              body: dict[str, Any], received: float) -> Span | None:
         """Continue the caller's trace (or start one) and send the proxy's span id upstream;
-        the span when sampled, else None. The caller's own `traceparent` never goes upstream."""
+        the span when sampled, else None. The caller's own `traceparent` never goes upstream.
+        `received`: when the request arrived, on the `time.perf_counter()` clock."""
         incoming = request_headers.get("traceparent")
         parent = parse_traceparent(incoming, request_headers.get("tracestate")) if incoming else None
         if incoming is not None or "tracestate" in request_headers:
@@ -59,7 +63,8 @@ class Tracer:
             return None
         content = (spans.request_content(operation, body), None) if self.capture_content else None
         return Span(self, trace_id, span_id, parent.span_id if parent is not None else None,
-                    parent.tracestate if parent is not None else None, time.time_ns(), operation,
+                    parent.tracestate if parent is not None else None,
+                    self.epoch_offset_ns + int(received * 1e9), operation,
                     campaign_id, session_id, facts, spans.max_tokens(body), content)
 
     def answered(self, span: Span, body: Any) -> None:
@@ -72,7 +77,7 @@ class Tracer:
     def end(self, span: Span, status: int, error_type: str | None, entry: UsageEntry | None,
             reported: Reported | None, finish: list[bytes] | None = None) -> None:
         """The call is over (answered, failed or abandoned): queue its span."""
-        span.end_ns = time.time_ns()
+        span.end_ns = self.epoch_offset_ns + time.perf_counter_ns()
         span.status = status
         span.error_type = error_type
         span.entry = entry

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,11 +47,14 @@ def upstream_traceparent(fake: Any) -> str:
 async def test_a_chat_call_continues_the_callers_trace(traced, receiver, fake):
     proxy = await traced()
     client = proxy.client()
+    before = time.time_ns()
     reply = await client.chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "secret prompt"}], max_tokens=50,
         extra_headers={"traceparent": traceparent(), "tracestate": "vendor=abc"})
+    after = time.time_ns()
     (got,) = await receiver.wait_for(1)
     span = got.span
+    assert before < span.start_time_unix_nano < span.end_time_unix_nano < after
     assert span.name == "chat gpt-4o-mini"
     assert span.kind == Span.SpanKind.SPAN_KIND_CLIENT
     assert span.trace_id.hex() == CALLER_TRACE
