@@ -12,6 +12,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY costing ./costing
+COPY tracing ./tracing
 COPY migrations ./migrations
 RUN pip install . \
     && rm -rf /src/build \

@@ -202,6 +202,29 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None
     database_connect_timeout_seconds: float = Field(30.0, ge=0)
 
+    # Tracing (standard OTEL_* variables, their standard meanings; see tracing/ and the README)
+    otel_sdk_disabled: bool = False
+    otel_traces_exporter: str = "otlp"
+    otel_service_name: str = "llm-cost-proxy"
+    otel_resource_attributes: str = ""
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_exporter_otlp_traces_endpoint: str | None = None
+    otel_exporter_otlp_headers: SecretStr | None = None
+    otel_exporter_otlp_traces_headers: SecretStr | None = None
+    otel_exporter_otlp_timeout: int | None = Field(None, gt=0)  # milliseconds, 10000 when unset
+    otel_exporter_otlp_traces_timeout: int | None = Field(None, gt=0)
+    otel_exporter_otlp_compression: str | None = None  # gzip when unset, or none
+    otel_exporter_otlp_traces_compression: str | None = None
+    otel_exporter_otlp_protocol: str | None = None  # http/protobuf (the only one served)
+    otel_exporter_otlp_traces_protocol: str | None = None
+    otel_traces_sampler: str = "parentbased_always_on"
+    otel_traces_sampler_arg: str | None = None
+    otel_bsp_schedule_delay: int = Field(5000, ge=0)  # milliseconds
+    otel_bsp_export_timeout: int = Field(30000, gt=0)  # milliseconds
+    otel_bsp_max_queue_size: int = Field(2048, ge=1)
+    otel_bsp_max_export_batch_size: int = Field(512, ge=1)
+    otel_instrumentation_genai_capture_message_content: bool = False
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -239,8 +262,37 @@ class Settings(BaseSettings):
             raise ValueError("must be never, always or a number of seconds above 0") from None
         return value.strip().lower()
 
+    @field_validator("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint")
+    @classmethod
+    def _check_otlp_endpoint(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL such as http://localhost:4318")
+        return value.strip()
+
+    @field_validator("otel_exporter_otlp_compression", "otel_exporter_otlp_traces_compression")
+    @classmethod
+    def _check_compression(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if value.strip().lower() not in ("gzip", "none"):
+            raise ValueError("must be gzip or none")
+        return value.strip().lower()
+
+    @field_validator("otel_exporter_otlp_protocol", "otel_exporter_otlp_traces_protocol")
+    @classmethod
+    def _check_protocol(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if value.strip().lower() != "http/protobuf":
+            raise ValueError("only http/protobuf is supported (send to the receiver's OTLP/HTTP port, 4318)")
+        return value.strip().lower()
+
     @field_validator("openai_api_key", "costs_api_token", "prices_file", "proxy_api_keys",
-                     "metrics_token", "ledger_spool_dir", mode="before")
+                     "metrics_token", "ledger_spool_dir", "otel_exporter_otlp_headers",
+                     "otel_exporter_otlp_traces_headers", "otel_traces_sampler_arg", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -251,6 +303,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 "COST_WARNING_THRESHOLD_USD must not exceed COST_LIMIT_THRESHOLD_USD"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_sampler(self) -> Settings:
+        from tracing.sampler import make_sampler  # tracing depends on costing, not the reverse
+
+        try:
+            make_sampler(self.otel_traces_sampler, self.otel_traces_sampler_arg)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     @property
@@ -280,6 +342,18 @@ class Settings(BaseSettings):
         """/metrics takes METRICS_TOKEN, else the /costs token; with neither, loopback only."""
         return self.metrics_token if self.metrics_token is not None else self.costs_api_token
 
+
+    @property
+    def traces_url(self) -> str | None:
+        """Where spans go: the traces endpoint as given, else `{endpoint}/v1/traces`; None when
+        tracing is off (no endpoint, OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none)."""
+        if self.otel_sdk_disabled or self.otel_traces_exporter.strip().lower() == "none":
+            return None
+        if self.otel_exporter_otlp_traces_endpoint:
+            return self.otel_exporter_otlp_traces_endpoint
+        if self.otel_exporter_otlp_endpoint:
+            return self.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
+        return None
 
 def parse_client_keys(raw: str) -> dict[str, str | None]:
     """`key1,key2=campaign` -> {key: bound campaign or None}. Messages never quote a key.

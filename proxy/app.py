@@ -8,6 +8,7 @@ before the engine is disposed.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import os
 import socket
@@ -45,9 +46,11 @@ from proxy.state import (
     SETTINGS,
     SPOOL,
     STORE,
+    TRACER,
     UPSTREAM,
     Upstream,
 )
+from tracing.exporter import ExportConfig, Exporter, make_tracer, server_of
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +170,32 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
         metrics.dropped.inc(left)
 
 
+async def _tracing(app: web.Application) -> AsyncIterator[None]:
+    """Spans of metered calls, exported over OTLP when an endpoint is set; flushed at shutdown
+    within OTEL_BSP_EXPORT_TIMEOUT (and the shutdown timeout)."""
+    settings = app[SETTINGS]
+    config = ExportConfig.from_settings(settings)
+    if config is None:
+        yield
+        return
+    metrics = app[METRICS]
+    tracer = make_tracer(settings, config, metrics.spans_dropped.inc, app[METER].standing)
+    exporter = Exporter(tracer, config, server_of(settings.upstream_base_url),
+                        on_exported=metrics.spans_exported.inc, on_dropped=metrics.spans_dropped.inc,
+                        scope_version=_version())
+    exporter.start()
+    app[TRACER] = tracer
+    yield
+    await exporter.close(min(config.export_timeout, settings.shutdown_timeout_seconds))
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("llm-cost-proxy")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
 async def _refresh_gauges(app: web.Application, stop: asyncio.Event) -> None:
     metrics = app[METRICS]
     while True:
@@ -195,7 +224,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app[CLIENT_KEYS] = ClientKeys.from_settings(settings)
     app[METRICS] = Metrics(registry if registry is not None else CollectorRegistry(),
                            settings.metrics_max_campaigns)
-    app.cleanup_ctx.extend([_spool, _database, _upstream, _metering])
+    app[TRACER] = None
+    app.cleanup_ctx.extend([_spool, _database, _upstream, _metering, _tracing])
     app.router.add_route("*", "/v1/{tail:.*}", forward)
     health.setup(app)
     feed.setup(app)

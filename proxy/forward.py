@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import aiohttp
 import orjson
@@ -24,14 +25,16 @@ from costing.endpoints import Endpoint, Kind, classify, normalize
 from costing.errors import BudgetExceeded
 from costing.meter import CLIENT_CLOSED_REQUEST, Meter, Ticket
 from costing.money import format_units, from_units
+from costing.records import UsageEntry
 from costing.settings import Settings
 from costing.tasks import uninterrupted
 from costing.usage import Operation, Reported, RequestFacts, from_body, request_facts
 from proxy.errors import ProxyError, answer
 from proxy.metrics import Metrics
 from proxy.sse import SSETap
-from proxy.state import CLIENT_KEYS, METER, METRICS, SETTINGS, UPSTREAM, Upstream
+from proxy.state import CLIENT_KEYS, METER, METRICS, SETTINGS, TRACER, UPSTREAM, Upstream
 from proxy.tags import tag_value
+from tracing.recorder import error_type, stream_failure
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -224,6 +227,7 @@ class Outcome:
 
     status: int = 502
     answered: bool = False
+    failure: str | None = None  # why it failed, when not by the upstream's status (traces)
 
     def answer(self, status: int) -> None:
         self.status, self.answered = status, True
@@ -232,9 +236,11 @@ class Outcome:
         """Called as an exception leaves the handler: a departing client (cancellation) before
         the answer is recorded as nginx logs it (499), not as an upstream failure."""
         if isinstance(exc, ProxyError):
-            self.status = exc.status
-        elif isinstance(exc, asyncio.CancelledError) and not self.answered:
-            self.status = CLIENT_CLOSED_REQUEST
+            self.status, self.failure = exc.status, exc.code
+        elif isinstance(exc, asyncio.CancelledError):
+            self.failure = "client_disconnected"
+            if not self.answered:
+                self.status = CLIENT_CLOSED_REQUEST
 
 
 async def _pass_through(request: web.Request, app: web.Application, headers: Headers,
@@ -322,8 +328,8 @@ async def _retrieval(request: web.Request, app: web.Application, headers: Header
 
 
 async def _stream_back(request: web.Request, upstream: aiohttp.ClientResponse, reply_headers: Headers,
-                       tap: SSETap, timing: Timing,
-                       record: Callable[[], object] | None = None) -> web.StreamResponse:
+                       tap: SSETap, timing: Timing, record: Callable[[], object] | None = None,
+                       outcome: Outcome | None = None) -> web.StreamResponse:
     """Relay an event stream through `tap`: event by event (`record` called before the last
     events go out, see `_relay`), or in one send when the whole stream has arrived already (a
     short answer from a nearby upstream), like a JSON body: then the caller records before
@@ -335,7 +341,8 @@ async def _stream_back(request: web.Request, upstream: aiohttp.ClientResponse, r
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                   headers=reply_headers)
     await response.prepare(request)
-    await _relay(request, upstream, response, timing, tap, record)
+    if not await _relay(request, upstream, response, timing, tap, record) and outcome is not None:
+        outcome.failure = stream_failure(upstream.content.exception())
     return response
 
 
@@ -431,9 +438,18 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
         parsed["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                     "include_usage": True}
         raw = orjson.dumps(parsed)
-    ticket = await _admit(app, campaign_id, session_id, endpoint.operation, facts,
-                          request.headers.get("Authorization"))
+    tracer = app[TRACER]
+    span = (tracer.start(request.headers, headers, endpoint.operation, campaign_id, session_id, facts,
+                         parsed, timing.started) if tracer is not None else None)
+    try:
+        ticket = await _admit(app, campaign_id, session_id, endpoint.operation, facts,
+                              request.headers.get("Authorization"))
+    except BudgetExceeded:
+        if span is not None:
+            span.tracer.end(span, 429, "budget_exceeded", None, None)
+        raise
     outcome = Outcome()
+    entry: UsageEntry | None = None
     reported: Reported | None = None
     tap: SSETap | None = None
     try:
@@ -441,19 +457,24 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
         outcome.answer(upstream.status)
         async with upstream:
             if _is_event_stream(upstream.headers):
-                tap = SSETap(strip_usage=strip_usage)
+                tap = SSETap(strip_usage=strip_usage, ends=[] if span is not None else None)
                 streamed = tap
 
                 def record() -> None:  # before the last events go out (see _relay)
-                    meter.record(ticket, streamed.result(), status=outcome.status, streamed=True,
-                                 streamed_chars=0 if streamed.usage_seen else streamed.streamed_chars())
+                    nonlocal entry
+                    entry = meter.record(ticket, streamed.result(), status=outcome.status,
+                                         streamed=True, streamed_chars=0 if streamed.usage_seen
+                                         else streamed.streamed_chars())
 
                 return await _stream_back(
                     request, upstream,
                     response_headers(upstream.headers) + campaign_headers(meter, campaign_id),
-                    tap, timing, record)
+                    tap, timing, record, outcome)
             body = await _answer_body(upstream, timing)
-            reported = _reported(body)
+            decoded = _decoded(body)
+            reported = from_body(decoded) if decoded is not None else None
+            if span is not None:
+                span.tracer.answered(span, decoded)
             entry = meter.record(ticket, reported, status=outcome.status, streamed=False)
             reply_headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
             reply_headers.append((REQUEST_COST, format_units(entry.cost_units)))
@@ -471,16 +492,25 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
         if tap is not None:
             reported = tap.result()
         if not ticket.settled:
-            meter.record(ticket, reported, status=outcome.status, streamed=tap is not None,
-                         streamed_chars=tap.streamed_chars() if tap and not tap.usage_seen else 0)
+            entry = meter.record(ticket, reported, status=outcome.status, streamed=tap is not None,
+                                 streamed_chars=tap.streamed_chars() if tap and not tap.usage_seen
+                                 else 0)
         _observe(app[METRICS], ticket, reported, outcome.status, timing)
+        if span is not None:
+            span.tracer.end(span, outcome.status, error_type(outcome.status, outcome.failure), entry,
+                            reported, tap.ends if tap is not None else None)
+
+
+def _decoded(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _reported(body: bytes) -> Reported | None:
-    try:
-        return from_body(orjson.loads(body))
-    except orjson.JSONDecodeError:
-        return None
+    decoded = _decoded(body)
+    return from_body(decoded) if decoded is not None else None
 
 
 def _observe(metrics: Metrics, ticket: Ticket, reported: Reported | None, status: int,

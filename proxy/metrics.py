@@ -177,6 +177,12 @@ class Metrics:
                                       registry=registry)
         self.spool_torn = Counter("llm_spool_torn_lines", "Spool lines skipped at replay: cut "
                                   "short by a crash mid-write, or unreadable", registry=registry)
+        # Tracing (tracing/exporter.py): spans sent to the OTLP receiver, and spans given up.
+        self.spans_exported = Counter("llm_trace_spans_exported", "Trace spans the OTLP receiver accepted",
+                                      registry=registry)
+        self.spans_dropped = Counter("llm_trace_spans_dropped",
+                                     "Trace spans dropped: queue full, receiver failing or shutdown",
+                                     registry=registry)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.budgets = BudgetCollector(self.campaign)
         registry.register(self.budgets)

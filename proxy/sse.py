@@ -81,10 +81,14 @@ def _event_end(data: bytes, at: int) -> int:
 
 class SSETap:
     # Slots: one tap is made for every streamed request.
-    __slots__ = ("_partial", "_unread", "model", "reported", "response_id", "strip_usage", "usage_seen")
+    __slots__ = ("_partial", "_unread", "ends", "model", "reported", "response_id", "strip_usage",
+                 "usage_seen")
 
-    def __init__(self, *, strip_usage: bool) -> None:
+    def __init__(self, *, strip_usage: bool, ends: list[bytes] | None = None) -> None:
         self.strip_usage = strip_usage
+        # When traced: the stretches that name finish reasons (chat, completions) and the head of
+        # a Responses terminal event, for the span's gen_ai.response.finish_reasons.
+        self.ends = ends
         self.usage_seen = False
         self.model: str | None = None
         self.response_id: str | None = None
@@ -120,6 +124,8 @@ class SSETap:
         """
         if not self.usage_seen:
             self._unread.append(events)
+        if self.ends is not None and events.find(b'"finish_reason":"') >= 0 and len(self.ends) < 8:
+            self.ends.append(events[-4096:])
         at = events.find(b'"usage"')
         if at < 0:
             return events
@@ -161,6 +167,8 @@ class SSETap:
         self.model = self.model or reported.model
         self.response_id = self.response_id or reported.response_id
         if reported.usage is not None:
+            if self.ends is not None:
+                self.ends.append(event[:2048])
             self.usage_seen = True
             self._unread.clear()
             reported.model = reported.model or self.model

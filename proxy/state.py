@@ -17,6 +17,7 @@ from costing.spool import Spool
 from costing.store import Store
 from proxy.keys import ClientKeys
 from proxy.metrics import Metrics
+from tracing.recorder import Tracer
 
 
 @dataclass(slots=True)
@@ -39,3 +40,6 @@ METER = web.AppKey("meter", Meter)
 CLIENT_KEYS: web.AppKey[ClientKeys | None] = web.AppKey("client_keys")
 FEED = web.AppKey("feed", Feed)
 SPOOL = web.AppKey("spool", Spool)
+# None when tracing is off (no OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT): the request path then
+# skips it with one test.
+TRACER: web.AppKey[Tracer | None] = web.AppKey("tracer")

@@ -9,6 +9,22 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e ".[test]"
 
+# --- tracing (#18): a real Arize Phoenix for tests/tracing/test_phoenix.py, in its own venv ---
+# Kept across runs (~45 s to install). Only a venv this block made is ever removed (an install
+# cut short leaves `.installing` and is redone); a PHOENIX_VENV of your own is used as it is.
+export PHOENIX_VENV="${PHOENIX_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-cost-proxy/phoenix-venv}"
+if [ ! -f "$PHOENIX_VENV/.installed" ] && { [ ! -e "$PHOENIX_VENV" ] || [ -f "$PHOENIX_VENV/.installing" ]; }; then
+  rm -rf "$PHOENIX_VENV"
+  mkdir -p "$(dirname "$PHOENIX_VENV")"
+  python3 -m venv "$PHOENIX_VENV" && touch "$PHOENIX_VENV/.installing"
+  if "$PHOENIX_VENV/bin/pip" install -q "arize-phoenix==20.26.1"; then
+    mv "$PHOENIX_VENV/.installing" "$PHOENIX_VENV/.installed"
+  else
+    echo "note: could not install arize-phoenix into $PHOENIX_VENV"
+  fi
+fi
+# --- end tracing ---
+
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   command -v prometheus >/dev/null || missing+=(prometheus)
@@ -31,6 +47,6 @@ if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ] && ! pg_isready
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
 fi
 
-.venv/bin/ruff check proxy costing migrations tests bench
+.venv/bin/ruff check proxy costing tracing migrations tests bench
 .venv/bin/mypy
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -256,6 +256,8 @@ def make_settings(**values: Any) -> Settings:
         "openai_api_key": None, "costs_api_token": None, "prices_file": None,
         "ledger_flush_interval_seconds": 0.05, "log_level": "WARNING",
         "ledger_spool_dir": new_spool_dir(),
+        # Tracing off unless a test turns it on, whatever OTEL_* the machine has set.
+        "otel_exporter_otlp_endpoint": None, "otel_exporter_otlp_traces_endpoint": None,
     }
     defaults.update(values)
     return Settings(_env_file=None, **defaults)  # type: ignore[call-arg]

@@ -63,7 +63,7 @@ now = time.time_ns() // 1000
 for i in range(count):
     spool.append(UsageEntry("replay", f"s{i % 7}", "chat.completions", "gpt-4o-mini", "gpt-4o-mini",
                             Usage(10, 2, 5, 1), 1000 + i, False, False, i % 2 == 1, 200, 5, now + i,
-                            f"replay-{i}", None, new_id()))
+                            f"replay-{i}", None, id=new_id()))
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
