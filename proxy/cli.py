@@ -116,10 +116,12 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def fail(exc: BaseException, settings: Settings) -> NoReturn:
+    """Exit 2 when a setting is what to fix (PRICES_FILE, LEDGER_SPOOL_DIR), as for bad
+    settings; 1 for the rest (a database, a port)."""
     if settings.log_level == "DEBUG":
         traceback.print_exception(exc, file=sys.stderr)
     print(f"llm-cost-proxy: {startup_error_line(exc, settings)}", file=sys.stderr)
-    raise SystemExit(1) from None
+    raise SystemExit(2 if isinstance(exc, PriceTableError | SpoolUnavailable) else 1) from None
 
 
 def serve(settings: Settings) -> None:
