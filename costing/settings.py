@@ -5,6 +5,7 @@ Everything configurable lives here; no other module reads `os.environ`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -95,6 +96,9 @@ class Settings(BaseSettings):
     shutdown_timeout_seconds: float = Field(30.0, ge=0)
     log_level: str = "INFO"
 
+    # Workers (#21): processes serving one port; "auto" = one per core.
+    proxy_workers: str = Field("1", pattern=r"^\s*(auto|[1-9][0-9]{0,2})\s*$")
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -121,6 +125,12 @@ class Settings(BaseSettings):
                 "COST_WARNING_THRESHOLD_USD must not exceed COST_LIMIT_THRESHOLD_USD"
             )
         return self
+
+    @property
+    def workers(self) -> int:
+        """PROXY_WORKERS as a count of processes."""
+        value = self.proxy_workers.strip()
+        return len(os.sched_getaffinity(0)) if value == "auto" else int(value)
 
     @property
     def database(self) -> DatabaseTarget:

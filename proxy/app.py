@@ -33,7 +33,19 @@ from proxy import costs_api, health
 from proxy.errors import add_fallback
 from proxy.forward import forward
 from proxy.metrics import Metrics
-from proxy.state import ENGINE, GATE, LEDGER, METER, METRICS, SETTINGS, STORE, UPSTREAM, Upstream
+from proxy.peers import WorkerSlot, serve_registry
+from proxy.state import (
+    ENGINE,
+    GATE,
+    LEDGER,
+    METER,
+    METRICS,
+    SETTINGS,
+    STORE,
+    UPSTREAM,
+    WORKER,
+    Upstream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +142,13 @@ async def _refresh_gauges(app: web.Application, stop: asyncio.Event) -> None:
             return
 
 
+async def _worker_metrics(app: web.Application) -> AsyncIterator[None]:
+    """A worker's own registry on its private socket, for the worker that answers a scrape."""
+    runner = await serve_registry(app[WORKER], app[METRICS].registry)
+    yield
+    await runner.cleanup()
+
+
 def server_options(settings: Settings) -> dict[str, Any]:
     """aiohttp server options, shared by `serve` and the tests' runner.
 
@@ -141,12 +160,17 @@ def server_options(settings: Settings) -> dict[str, Any]:
             "shutdown_timeout": settings.shutdown_timeout_seconds}
 
 
-def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
+def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
+               worker: WorkerSlot | None = None) -> web.Application:
+    """The proxy; `worker` when it is one of the processes of `serve --workers N`."""
     app = web.Application(client_max_size=settings.max_request_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics(registry if registry is not None else CollectorRegistry(),
                            settings.metrics_max_campaigns)
     app.cleanup_ctx.extend([_database, _upstream, _metering])
+    if worker is not None:
+        app[WORKER] = worker
+        app.cleanup_ctx.append(_worker_metrics)
     app.router.add_route("*", "/v1/{tail:.*}", forward)
     health.setup(app)
     costs_api.setup(app)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import orjson
 from aiohttp import web
@@ -11,11 +12,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from costing import schema
 from costing.tasks import uninterrupted
 from proxy.errors import answering
-from proxy.state import ENGINE, LEDGER, METRICS, SETTINGS
+from proxy.peers import all_workers_exposition
+from proxy.state import ENGINE, LEDGER, METRICS, SETTINGS, WORKER
 
 
-async def healthz(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+async def healthz(request: web.Request) -> web.Response:
+    worker = request.app.get(WORKER)
+    if worker is None:
+        return web.json_response({"status": "ok"})
+    # Under `serve --workers N`: which worker answered (its pid, to find or signal it).
+    return web.json_response({"status": "ok", "worker": {"index": worker.index, "pid": os.getpid()}})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -43,7 +49,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    payload = generate_latest(request.app[METRICS].registry)
+    registry = request.app[METRICS].registry
+    worker = request.app.get(WORKER)
+    payload = (generate_latest(registry) if worker is None
+               else await all_workers_exposition(worker, registry))
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

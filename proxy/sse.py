@@ -3,8 +3,10 @@ the side, and removes the usage chunk the proxy itself asked for.
 
 Events are forwarded whole (an SSE client acts only on complete events, so holding a partial
 event costs no latency). Chunks are handled as blocks of bytes: only an event carrying a usage
-object is split out and JSON decoded; the model, id and text of the rest are decoded only if
-the stream ends without usage (to price an estimate).
+object is split out and JSON decoded. For an estimate, should the stream end without usage, the
+tap keeps running counts, never the events: the characters of generated text (read from the
+bytes in the usual shapes, see `text_chars`) and the model and id of the first events. Its
+memory is one partial event, whatever the stream's length.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ _SEPARATORS = (b"\r\n\r\n", b"\n\n", b"\r\r")
 _BOUNDARY = re.compile(b"|".join(_SEPARATORS))  # longest first: CRLF pairs win over LF pairs
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,')
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+# The usual text-bearing events as OpenAI writes them (compact JSON, text without escapes): a
+# chat chunk whose delta is only its content, and a Responses `*.delta` event.
+_CHAT_CONTENT = re.compile(rb'"delta":\{"content":"([^"\\]*)"\}')
+_RESPONSES_DELTA = re.compile(rb'"delta":"([^"\\]*)"[,}]')
+# Events decoded for the model and id, should usage never come: these normally sit in the first.
+_IDENTIFYING_BLOCKS = 4
 
 
 def event_data(event: bytes) -> bytes | None:
@@ -79,9 +87,45 @@ def _event_end(data: bytes, at: int) -> int:
     return end
 
 
+def _data_events(block: bytes) -> Iterator[Any]:
+    """The decoded `data:` payloads of a block of whole events (undecodable ones skipped)."""
+    for event in _BOUNDARY.split(block):
+        payload = event_data(event)
+        if payload is None or payload == b"[DONE]":
+            continue
+        try:
+            yield orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+
+
+def decoded_text_chars(block: bytes) -> int:
+    """Characters of generated text in a block of whole events, by decoding every event."""
+    return sum(len(event_text(event)) for event in _data_events(block))
+
+
+def text_chars(block: bytes) -> int:
+    """Characters of generated text in a block of whole events, as `decoded_text_chars` counts.
+
+    Runs for every relayed block until usage arrives, so the usual shapes are read from the bytes:
+    a chat chunk's `"delta":{"content":"..."}` and a Responses `"delta":"..."`, one regex search
+    where a JSON decode costs several times more. Any other block (the role and stop chunks,
+    tool calls, reasoning text, legacy completions, escapes anywhere) is decoded.
+    """
+    if block.find(b"\\") >= 0:  # an escape could hide a quote from the patterns
+        return decoded_text_chars(block)
+    texts = _CHAT_CONTENT.findall(block) or _RESPONSES_DELTA.findall(block)
+    if not texts:
+        return decoded_text_chars(block)
+    if block.isascii():
+        return sum(map(len, texts))
+    return sum(len(text.decode("utf-8", "replace")) for text in texts)
+
+
 class SSETap:
     # Slots: one tap is made for every streamed request.
-    __slots__ = ("_partial", "_unread", "model", "reported", "response_id", "strip_usage", "usage_seen")
+    __slots__ = ("_blocks", "_chars", "_partial", "model", "reported", "response_id", "strip_usage",
+                 "usage_seen")
 
     def __init__(self, *, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
@@ -90,7 +134,8 @@ class SSETap:
         self.response_id: str | None = None
         self.reported: Reported | None = None
         self._partial = b""
-        self._unread: list[bytes] = []  # forwarded events not decoded, for an output estimate
+        self._chars = 0  # generated text forwarded so far, for an estimate without usage
+        self._blocks = 0  # blocks forwarded, to stop looking for the model and id
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to forward for this chunk (complete events only)."""
@@ -106,9 +151,9 @@ class SSETap:
         """The stream ended: whatever incomplete event is left goes to the client as it is."""
         rest, self._partial = self._partial, b""
         if rest.strip():
-            unread = len(self._unread)
+            chars = self._chars
             self._block(rest)  # usage in it was still billed upstream
-            del self._unread[unread:]  # but its text never reached the client's SDK (SSE discards it)
+            self._chars = chars  # but its text never reached the client's SDK (SSE discards it)
         return rest
 
     def _block(self, events: bytes) -> bytes:
@@ -118,15 +163,32 @@ class SSETap:
         once for usage mentions: usage objects are decoded, and only a stretch that still
         mentions usage after the compact replace goes through the regex.
         """
+        out = self._usage(events)
         if not self.usage_seen:
-            self._unread.append(events)
+            self._count(events)
+        return out
+
+    def _count(self, events: bytes) -> None:
+        if self._blocks < _IDENTIFYING_BLOCKS and not (self.model and self.response_id):
+            self._blocks += 1
+            for event in _data_events(events):
+                reported = from_event(event)
+                self.model = self.model or reported.model
+                self.response_id = self.response_id or reported.response_id
+                self._chars += len(event_text(event))
+            return
+        self._chars += text_chars(events)
+
+    def _usage(self, events: bytes) -> bytes:
         at = events.find(b'"usage"')
         if at < 0:
             return events
         if self.strip_usage:
             # OpenAI writes compact JSON: this removes almost every null usage the proxy asked for.
-            events = b"".join(events.split(b',"usage":null'))
+            events = events.replace(b',"usage":null', b"")
             at = events.find(b'"usage"')
+            if at < 0:
+                return events
         out: list[bytes] = []
         done = 0
         mentioned = False  # a usage mention other than an object since `done`
@@ -162,7 +224,6 @@ class SSETap:
         self.response_id = self.response_id or reported.response_id
         if reported.usage is not None:
             self.usage_seen = True
-            self._unread.clear()
             reported.model = reported.model or self.model
             reported.response_id = reported.response_id or self.response_id
             self.reported = reported
@@ -170,29 +231,12 @@ class SSETap:
                 return b""
         return self._plain(event)
 
-    def _unread_events(self) -> Iterator[Any]:
-        for block in self._unread:
-            for event in _BOUNDARY.split(block):
-                payload = event_data(event)
-                if payload is None or payload == b"[DONE]":
-                    continue
-                try:
-                    yield orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    continue
-
     def streamed_chars(self) -> int:
-        """Characters of generated text forwarded so far (decoded only when an estimate is needed)."""
-        return sum(len(event_text(event)) for event in self._unread_events())
+        """Characters of generated text forwarded so far (meaningful while usage has not come)."""
+        return self._chars
 
     def result(self) -> Reported:
-        """Usage, model and id; without usage, model and id come from the events forwarded."""
+        """Usage, model and id; without usage, model and id come from the first events forwarded."""
         if self.reported is not None:
             return self.reported
-        model, response_id = self.model, self.response_id
-        for event in self._unread_events():
-            if model and response_id:
-                break
-            reported = from_event(event)
-            model, response_id = model or reported.model, response_id or reported.response_id
-        return Reported(None, model, response_id)
+        return Reported(None, self.model, self.response_id)

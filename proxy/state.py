@@ -14,6 +14,7 @@ from costing.meter import Meter
 from costing.settings import Settings
 from costing.store import Store
 from proxy.metrics import Metrics
+from proxy.peers import WorkerSlot
 
 
 @dataclass(slots=True)
@@ -32,3 +33,4 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 LEDGER = web.AppKey("ledger", Ledger)
 GATE = web.AppKey("gate", BudgetGate)
 METER = web.AppKey("meter", Meter)
+WORKER = web.AppKey("worker", WorkerSlot)  # set only under `serve --workers N`
