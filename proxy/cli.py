@@ -49,12 +49,12 @@ def _install_uvloop() -> None:
 
 
 def serve(settings: Settings) -> None:
+    if settings.workers > 1:
+        serve_workers(settings)
+        return
     from proxy.app import SchemaNotCurrent
 
     try:
-        if settings.workers > 1:
-            serve_workers(settings)
-            return
         _install_uvloop()
         _run(settings, None)
     except (SchemaNotCurrent, PriceTableError) as exc:

@@ -63,6 +63,29 @@ def check_port(settings: Settings) -> None:
         probe.bind((settings.proxy_host, settings.proxy_port))
 
 
+def migrate_in_child(settings: Settings) -> bool:
+    """Run the migrations in a child process; whether they succeeded.
+
+    Alembic, once imported, stays in a process's memory (~10 MB): the supervisor, and the workers
+    forked from it, never import it.
+    """
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            asyncio.run(schema.upgrade(settings))
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if status:
+        log.error("the database migration failed (see above): not starting the workers")
+    return status == 0
+
+
 def _die_with_parent() -> None:
     """Ask Linux to send this worker SIGTERM when the supervisor dies (no-op elsewhere)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -90,8 +113,8 @@ class Supervisor:
     def run(self) -> int:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            if self.settings.auto_migrate:
-                asyncio.run(schema.upgrade(self.settings))
+            if self.settings.auto_migrate and not migrate_in_child(self.settings):
+                return CONFIG_ERROR
             for slot in self.slots:
                 self._start(slot)
             log.info("serving on http://%s:%s with %d workers, forwarding to %s",
