@@ -180,22 +180,26 @@ class SSETap:
         mentions usage after the compact replace goes through the regex. Until usage has come,
         the block's text is counted too.
         """
-        if not self.usage_seen:
-            blocks = self._blocks = self._blocks + 1
-            if blocks > _EXACT_BLOCKS and blocks % _SAMPLE_EVERY:
-                self._skipped += len(events)  # counted in proportion, in streamed_chars()
-            elif blocks <= _IDENTIFYING_BLOCKS and not (self.model and self.response_id):
-                self._identify(events)
-            else:
-                self._chars += text_chars(events)
-                self._counted += len(events)
+        block = events
         if self.strip_usage:
             # OpenAI writes compact JSON: this removes almost every null usage the proxy asked for.
             events = events.replace(b',"usage":null', b"")
         at = events.find(b'"usage"')
-        if at < 0:
-            return events
-        return self._usage(events, at)
+        if at >= 0:
+            events = self._usage(events, at)
+        if not self.usage_seen:  # a block with the usage event is not counted: no estimate then
+            self._count(block)
+        return events
+
+    def _count(self, block: bytes) -> None:
+        blocks = self._blocks = self._blocks + 1
+        if blocks > _EXACT_BLOCKS and blocks % _SAMPLE_EVERY:
+            self._skipped += len(block)  # counted in proportion, in streamed_chars()
+        elif blocks <= _IDENTIFYING_BLOCKS and not (self.model and self.response_id):
+            self._identify(block)
+        else:
+            self._chars += text_chars(block)
+            self._counted += len(block)
 
     def _identify(self, events: bytes) -> None:
         """A first block: decoded whole, for the model and id as well as the text."""
