@@ -116,7 +116,8 @@ class Supervisor:
             if self.settings.auto_migrate and not migrate_in_child(self.settings):
                 return CONFIG_ERROR
             for slot in self.slots:
-                self._start(slot)
+                if not self.stopping:  # a signal during the migration: start nothing
+                    self._start(slot)
             log.info("serving on http://%s:%s with %d workers, forwarding to %s",
                      self.settings.proxy_host, self.settings.proxy_port, self.count,
                      self.settings.upstream_base_url)
