@@ -186,3 +186,23 @@ async def test_a_killed_worker_is_replaced_and_the_proxy_keeps_answering(start_w
                            for _ in range(20)))
     assert await workers.stop() == 0
     assert len(await stored_rows(database_url)) == answered + 20 == fake.hits("/chat/completions")
+
+
+async def test_ctrl_c_stops_the_workers_like_sigterm(start_workers):
+    workers = await start_workers()
+    pids = workers.worker_pids()
+    workers.process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(workers.process.wait(), 30) == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+async def test_a_worker_that_cannot_start_stops_everything_with_status_2(tmp_path):
+    process = await asyncio.create_subprocess_exec(
+        str(CLI), "serve", "--workers", "2", stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LOG_LEVEL": "WARNING", "AUTO_MIGRATE": "false",
+             "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", "PROXY_PORT": str(free_port())})
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert "the database schema is at nothing" in err.decode()
