@@ -5,6 +5,7 @@ Everything configurable lives here; no other module reads `os.environ`.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -225,6 +226,9 @@ class Settings(BaseSettings):
     otel_bsp_max_export_batch_size: int = Field(512, ge=1)
     otel_instrumentation_genai_capture_message_content: bool = False
 
+    # Workers (#21): processes serving one port; "auto" = one per core.
+    proxy_workers: str = Field("1", pattern=r"^\s*(auto|[1-9][0-9]{0,2})\s*$")
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -314,6 +318,12 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+    @property
+    def workers(self) -> int:
+        """PROXY_WORKERS as a count of processes."""
+        value = self.proxy_workers.strip()
+        return len(os.sched_getaffinity(0)) if value == "auto" else int(value)
 
     @property
     def database(self) -> DatabaseTarget:

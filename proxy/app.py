@@ -36,6 +36,7 @@ from proxy.errors import add_fallback
 from proxy.forward import forward
 from proxy.keys import ClientKeys
 from proxy.metrics import Metrics
+from proxy.peers import WorkerSlot, serve_registry
 from proxy.state import (
     CLIENT_KEYS,
     ENGINE,
@@ -48,6 +49,7 @@ from proxy.state import (
     STORE,
     TRACER,
     UPSTREAM,
+    WORKER,
     Upstream,
 )
 from tracing.exporter import ExportConfig, Exporter, make_tracer, server_of
@@ -207,6 +209,13 @@ async def _refresh_gauges(app: web.Application, stop: asyncio.Event) -> None:
             return
 
 
+async def _worker_metrics(app: web.Application) -> AsyncIterator[None]:
+    """A worker's own registry on its private socket, for the worker that answers a scrape."""
+    runner = await serve_registry(app[WORKER], app[METRICS].registry)
+    yield
+    await runner.cleanup()
+
+
 def server_options(settings: Settings) -> dict[str, Any]:
     """aiohttp server options, shared by `serve` and the tests' runner.
 
@@ -218,7 +227,9 @@ def server_options(settings: Settings) -> dict[str, Any]:
             "shutdown_timeout": settings.shutdown_timeout_seconds}
 
 
-def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
+def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
+               worker: WorkerSlot | None = None) -> web.Application:
+    """The proxy; `worker` when it is one of the processes of `serve --workers N`."""
     app = web.Application(client_max_size=settings.max_request_body_bytes)
     app[SETTINGS] = settings
     app[CLIENT_KEYS] = ClientKeys.from_settings(settings)
@@ -226,6 +237,9 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
                            settings.metrics_max_campaigns)
     app[TRACER] = None
     app.cleanup_ctx.extend([_spool, _database, _upstream, _metering, _tracing])
+    if worker is not None:
+        app[WORKER] = worker
+        app.cleanup_ctx.append(_worker_metrics)
     app.router.add_route("*", "/v1/{tail:.*}", forward)
     health.setup(app)
     feed.setup(app)

@@ -1,4 +1,5 @@
-"""The `llm-cost-proxy` command: `serve` (default), `migrate`, and `prices MODEL [--tier T]`.
+"""The `llm-cost-proxy` command: `serve` (default, `--workers N` for N processes), `migrate`,
+and `prices MODEL [--tier T]`.
 
 A start that fails says why in one line on stderr, naming the variable or the cause, and exits
 non-zero; the traceback only with LOG_LEVEL=DEBUG.
@@ -28,6 +29,7 @@ from costing.errors import DatabaseUnavailable
 from costing.pricing import PriceTable, PriceTableError, library_version, service_tier_key
 from costing.settings import Settings, describe_error
 from costing.spool import SpoolUnavailable
+from proxy.peers import WorkerSlot
 
 log = logging.getLogger("llm_cost_proxy")
 
@@ -116,16 +118,19 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def fail(exc: BaseException, settings: Settings) -> NoReturn:
-    """Exit 2 when a setting is what to fix (PRICES_FILE, LEDGER_SPOOL_DIR), as for bad
-    settings; 1 for the rest (a database, a port)."""
+    """Exit 2 when a setting or a step of the operator's is what to fix (PRICES_FILE,
+    LEDGER_SPOOL_DIR, `migrate` with AUTO_MIGRATE=false), as for bad settings: a supervisor
+    does not restart a worker for those. 1 for the rest (a database, a port)."""
+    from proxy.app import SchemaNotCurrent
+
     if settings.log_level == "DEBUG":
         traceback.print_exception(exc, file=sys.stderr)
     print(f"llm-cost-proxy: {startup_error_line(exc, settings)}", file=sys.stderr)
-    raise SystemExit(2 if isinstance(exc, PriceTableError | SpoolUnavailable) else 1) from None
+    operator = isinstance(exc, PriceTableError | SpoolUnavailable | SchemaNotCurrent)
+    raise SystemExit(2 if operator else 1) from None
 
 
 def serve(settings: Settings) -> None:
-    from proxy.app import create_app, server_options
     from proxy.keys import open_proxy_refusal
 
     refusal = open_proxy_refusal(settings)
@@ -135,21 +140,65 @@ def serve(settings: Settings) -> None:
     if settings.upstream_base != settings.upstream_base_url:
         log.warning("UPSTREAM_BASE_URL ends in /v1, which the proxy adds itself: forwarding to %s/v1/...",
                     settings.upstream_base)
+    if settings.workers > 1:
+        serve_workers(settings)
+        return
+    try:
+        _install_uvloop()
+        _run(settings, None)
+    except Exception as exc:
+        fail(exc, settings)
+
+
+def _install_uvloop() -> None:
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
+
+
+def _run(settings: Settings, worker: WorkerSlot | None) -> None:
+    """One process serving the port: the whole proxy, or one of N workers (SO_REUSEPORT)."""
+    from proxy.app import create_app, server_options
+
+    app = create_app(settings, worker=worker)
+    tune_gc()
+    web.run_app(app, host=settings.proxy_host, port=settings.proxy_port, reuse_port=worker is not None,
+                **server_options(settings),
+                print=None if worker is not None else lambda _: log.info(
+                    "serving on http://%s:%s, forwarding to %s", settings.proxy_host,
+                    settings.proxy_port, settings.upstream_base))
+
+
+def _run_worker(settings: Settings, worker: WorkerSlot) -> None:
+    _install_uvloop()
     try:
-        app = create_app(settings)
-        tune_gc()
-        web.run_app(app, host=settings.proxy_host, port=settings.proxy_port, **server_options(settings),
-                    print=lambda _: log.info(
-                        "serving on http://%s:%s, forwarding to %s", settings.proxy_host,
-                        settings.proxy_port, settings.upstream_base))
+        _run(settings, worker)
     except Exception as exc:
         fail(exc, settings)
+
+
+def serve_workers(settings: Settings) -> None:
+    from proxy.workers import Supervisor, check_port
+
+    try:
+        check_port(settings)
+    except OSError as exc:
+        print(f"llm-cost-proxy: cannot listen on {settings.proxy_host}:{settings.proxy_port}: "
+              f"{exc.strerror} (PROXY_HOST / PROXY_PORT)", file=sys.stderr)
+        raise SystemExit(2) from None
+    status = Supervisor(settings, settings.workers, _run_worker).run()
+    if status:
+        raise SystemExit(status)
+
+
+def _workers(value: str) -> str:
+    """`--workers`: a count of processes or `auto` (one per core)."""
+    if value.strip() != "auto" and not (value.strip().isdigit() and 1 <= int(value) <= 999):
+        raise argparse.ArgumentTypeError("a number from 1 to 999, or auto")
+    return value.strip()
 
 
 def migrate(settings: Settings) -> None:
@@ -225,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", nargs="?", default="serve", choices=("serve", "migrate", "prices"))
     parser.add_argument("model", nargs="?", help="prices: the model name, as a request would send it")
     parser.add_argument("--tier", help="prices: the service tier (flex, priority, batch; default: standard)")
+    parser.add_argument("--workers", type=_workers, default=None, metavar="N",
+                        help="serve: processes on one port, or `auto` for one per core "
+                             "(default PROXY_WORKERS, else 1)")
     args = parser.parse_args(argv)
     if args.command == "prices" and not args.model:
         parser.error("prices needs a MODEL, e.g. llm-cost-proxy prices gpt-4o-mini --tier flex")
@@ -232,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "prices":
         prices(settings, args.model, args.tier)
         return
+    if args.workers is not None:
+        settings = settings.model_copy(update={"proxy_workers": args.workers})
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import orjson
 from aiohttp import web
@@ -13,11 +14,16 @@ from costing import schema
 from costing.tasks import uninterrupted
 from proxy import access
 from proxy.errors import answering
-from proxy.state import ENGINE, LEDGER, METRICS, SETTINGS, SPOOL
+from proxy.peers import all_workers_exposition
+from proxy.state import ENGINE, LEDGER, METRICS, SETTINGS, SPOOL, WORKER
 
 
-async def healthz(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+async def healthz(request: web.Request) -> web.Response:
+    worker = request.app.get(WORKER)
+    if worker is None:
+        return web.json_response({"status": "ok"})
+    # Under `serve --workers N`: which worker answered (its pid, to find or signal it).
+    return web.json_response({"status": "ok", "worker": {"index": worker.index, "pid": os.getpid()}})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -52,9 +58,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Campaign ids and spend: the /costs access rule, with METRICS_TOKEN (else COSTS_API_TOKEN)."""
+    """Campaign ids and spend: the /costs access rule, with METRICS_TOKEN (else COSTS_API_TOKEN).
+    Under `serve --workers N` the scraped worker adds up every worker's registry."""
     access.check(request, request.app[SETTINGS].metrics_access_token, "/metrics", "METRICS_TOKEN")
-    payload = generate_latest(request.app[METRICS].registry)
+    registry = request.app[METRICS].registry
+    worker = request.app.get(WORKER)
+    payload = (generate_latest(registry) if worker is None
+               else await all_workers_exposition(worker, registry))
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -17,6 +17,7 @@ from costing.spool import Spool
 from costing.store import Store
 from proxy.keys import ClientKeys
 from proxy.metrics import Metrics
+from proxy.peers import WorkerSlot
 from tracing.recorder import Tracer
 
 
@@ -43,3 +44,4 @@ SPOOL = web.AppKey("spool", Spool)
 # None when tracing is off (no OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT): the request path then
 # skips it with one test.
 TRACER: web.AppKey[Tracer | None] = web.AppKey("tracer")
+WORKER = web.AppKey("worker", WorkerSlot)  # set only under `serve --workers N`

@@ -264,3 +264,13 @@ def test_a_limit_too_large_to_store_is_refused_naming_the_variable_or_works(env)
         assert "COST_LIMIT_THRESHOLD_USD" in describe_error(exc)
         return
     make_budget(s.cost_warning_threshold_usd, s.cost_limit_threshold_usd)
+
+
+def test_workers_are_a_count_or_auto():
+    assert Settings(_env_file=None).workers == 1  # type: ignore[call-arg]
+    assert Settings(_env_file=None, proxy_workers="4").workers == 4  # type: ignore[call-arg]
+    assert Settings(_env_file=None, proxy_workers="auto").workers == len(os.sched_getaffinity(0))  # type: ignore[call-arg]
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(ValidationError) as caught:
+            Settings(_env_file=None, proxy_workers=bad)  # type: ignore[call-arg]
+        assert describe_error(caught.value).startswith("invalid configuration: PROXY_WORKERS")

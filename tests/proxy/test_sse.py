@@ -5,13 +5,15 @@ chunks, the client receives the same events, and usage is found exactly once.
 from __future__ import annotations
 
 import itertools
+import sys
+import tracemalloc
 
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
 from costing.usage import Usage
-from proxy.sse import SSETap
+from proxy.sse import SSETap, decoded_text_chars, text_chars
 
 WORDS = ["The goblin", " king \\\"usage\\\": {", " leans", " back.", " Ünïcode ✓", ""]
 USAGE = {"prompt_tokens": 120, "completion_tokens": 24, "total_tokens": 144,
@@ -101,3 +103,53 @@ def test_responses_usage_comes_from_the_terminal_event_and_nothing_is_removed():
         assert run(tap, [stream[i:i + size] for i in range(0, len(stream), size)]) == stream
         assert tap.result().usage == Usage(10, 2, 7, 3)
         assert tap.result().response_id == "resp_1"
+
+
+def long_stream(events: int) -> list[bytes]:
+    """A long answer without usage (as an upstream cut off before it), one event per chunk."""
+    words = [" goblin", " king", " Ünïcode ✓", " leans", " back.", " \\\"quoted\\\""]
+    return [chat_event({"role": "assistant", "content": ""})] + [
+        chat_event({"content": words[i % len(words)]}) for i in range(events)]
+
+
+def held_bytes(tap: SSETap) -> int:
+    """Bytes the tap holds: its fields and what they refer to."""
+    return sum(sys.getsizeof(getattr(tap, name)) for name in SSETap.__slots__)
+
+
+def test_the_tap_holds_the_same_few_bytes_however_long_the_stream():
+    chunks = long_stream(10_000)
+    tap = SSETap(strip_usage=True)
+    sizes = []
+    for i, chunk in enumerate(chunks):
+        tap.feed(chunk[:50])  # every event arrives in two pieces: a partial event is held too
+        tap.feed(chunk[50:])
+        if i in (100, 10_000):
+            sizes.append(held_bytes(tap))
+    assert sizes[1] <= sizes[0] + 64  # a few int objects grow by a digit, nothing more
+    assert sizes[1] < 2_000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for chunk in chunks:
+            tap.feed(chunk)
+        assert tracemalloc.get_traced_memory()[0] - before < 2_000
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_long_stream_without_usage_is_estimated_within_a_few_per_cent():
+    chunks = long_stream(10_000)
+    tap = SSETap(strip_usage=True)
+    forwarded = run(tap, chunks)
+    exact = sum(len(orjson.loads(event[6:])["choices"][0]["delta"]["content"])
+                for event in forwarded.split(b"\n\n")[:-1])
+    assert not tap.usage_seen
+    assert abs(tap.streamed_chars() - exact) <= 0.03 * exact
+    assert (tap.result().model, tap.result().response_id) == ("gpt-4o-mini-2024-07-18", "chatcmpl-1")
+
+
+@given(st.lists(st.sampled_from([*WORDS, "\n", '{"usage": null}', "日本語"]), max_size=8))
+def test_the_text_read_from_the_bytes_is_the_text_decoded(words):
+    block = b"".join(chat_event({"content": w}) for w in words)
+    assert text_chars(block) == decoded_text_chars(block) == sum(len(w) for w in words)
