@@ -53,9 +53,14 @@ def effective(override_warning: Decimal | None, override_limit: Decimal | None,
 
 
 def status(spent: Decimal, budget: Budget) -> BudgetStatus:
-    if spent >= budget.limit_usd:
+    return status_units(to_units(spent), budget)
+
+
+def status_units(spent: int, budget: Budget) -> BudgetStatus:
+    """`status` in money units, for the request path and the live feed."""
+    if spent >= budget.limit_units:
         return BudgetStatus.EXCEEDED
-    if spent >= budget.warning_usd:
+    if spent >= budget.warning_units:
         return BudgetStatus.WARNING
     return BudgetStatus.OK
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from costing.budget import Budget, BudgetStatus, remaining_units
+from costing.budget import Budget, BudgetStatus, remaining_units, status_units
 from costing.meter import Meter
 from costing.money import format_units
 from costing.records import RemoteUsage, UsageEntry, from_epoch_us
@@ -35,15 +35,6 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = b": keep-alive\n\n"
 MAX_TRACKED_CAMPAIGNS = 10_000
-
-
-def status_of(spent: int, budget: Budget) -> BudgetStatus:
-    """`costing.budget.status` in money units."""
-    if spent >= budget.limit_units:
-        return BudgetStatus.EXCEEDED
-    if spent >= budget.warning_units:
-        return BudgetStatus.WARNING
-    return BudgetStatus.OK
 
 
 def at_text(created_us: int) -> str:
@@ -59,7 +50,7 @@ def budget_payload(campaign_id: str, spent: int, budget: Budget) -> dict[str, st
         "limit_usd": format_units(budget.limit_units),
         "spent_usd": format_units(spent),
         "remaining_usd": format_units(remaining_units(spent, budget)),
-        "status": str(status_of(spent, budget)),
+        "status": str(status_units(spent, budget)),
     }
 
 
@@ -261,10 +252,10 @@ class Feed:
               session_spent: int | None) -> None:
         """A recorded call: its `usage` event, then a `budget` event if its campaign's status
         changed. `campaign_spent` already includes the call's cost."""
-        status = status_of(campaign_spent, budget)
+        status = status_units(campaign_spent, budget)
         before = self._statuses.get(entry.campaign_id)
         if before is None:
-            before = status_of(campaign_spent - entry.cost_units, budget)
+            before = status_units(campaign_spent - entry.cost_units, budget)
         self.publish(entry.campaign_id, "usage", usage_payload(entry, campaign_spent, session_spent, status))
         self._track(entry.campaign_id, status)
         if status != before:
@@ -276,7 +267,7 @@ class Feed:
         shows the new limit even when the status stays the same)."""
         if not self.live:
             return
-        self._track(campaign_id, status_of(spent, budget))
+        self._track(campaign_id, status_units(spent, budget))
         self.publish(campaign_id, "budget", budget_payload(campaign_id, spent, budget))
 
     def _track(self, campaign_id: str, status: BudgetStatus) -> None:

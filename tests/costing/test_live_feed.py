@@ -9,8 +9,8 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from costing.budget import make_budget
-from costing.feed import Feed, SeenIds, TooManySubscribers, running_totals, status_of
+from costing.budget import make_budget, status_units
+from costing.feed import Feed, SeenIds, TooManySubscribers, running_totals
 from costing.records import RemoteUsage, UsageEntry
 from costing.usage import Usage
 
@@ -43,7 +43,7 @@ async def test_usage_then_budget_events_only_when_the_status_changes():
     assert [data(f)["status"] for f in frames if b"event: budget" in f] == ["warning", "exceeded"]
     assert data(frames[-1]) == {"campaign_id": "c1", "warning_usd": "1.00", "limit_usd": "2.00",
                                 "spent_usd": "2.25", "remaining_usd": "0.00", "status": "exceeded"}
-    assert status_of(DOLLAR - 1, BUDGET) == "ok" and status_of(DOLLAR, BUDGET) == "warning"
+    assert status_units(DOLLAR - 1, BUDGET) == "ok" and status_units(DOLLAR, BUDGET) == "warning"
 
 
 async def test_ids_resume_within_the_window_else_resync():
