@@ -82,7 +82,7 @@ def test_proxy_is_built_here_and_published_on_8080_of_the_loopback_interface():
 
 def test_every_published_port_binds_127_0_0_1_unless_the_user_opens_it():
     openers = {"proxy": "PROXY_PUBLISH_ADDRESS", "prometheus": "PROMETHEUS_PUBLISH_ADDRESS",
-               "grafana": "GRAFANA_PUBLISH_ADDRESS"}
+               "grafana": "GRAFANA_PUBLISH_ADDRESS", "jaeger": "JAEGER_PUBLISH_ADDRESS"}
     for name, svc in compose()["services"].items():
         for address, _host_port, _container_port in published(svc):
             assert address == "127.0.0.1", f"{name} publishes a port on {address or 'every interface'}"
