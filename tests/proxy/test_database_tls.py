@@ -14,7 +14,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from conftest import CLI, IN_CI, PgCluster, Proxy, free_port, make_settings, start_throwaway_cluster
+from conftest import CLI, IN_CI, PgCluster, Proxy, free_port, make_settings, throwaway_cluster
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 from prometheus_client import CollectorRegistry
 
@@ -39,14 +39,8 @@ def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PgCl
         if IN_CI:
             pytest.fail("openssl is required in CI")
         pytest.skip("openssl not installed")
-    try:
-        cluster = start_throwaway_cluster()
-    except Exception as exc:
-        if IN_CI:
-            pytest.fail(f"PostgreSQL is required in CI: {exc}")
-        pytest.skip(f"PostgreSQL unavailable: {exc}")
-    assert cluster.data_dir is not None
-    try:
+    with throwaway_cluster() as cluster:
+        assert cluster.data_dir is not None
         cluster.stop()
         crt, key = _certificate(cluster.data_dir, "server")
         if os.geteuid() == 0:
@@ -59,12 +53,6 @@ def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PgCl
         ca = tmp_path_factory.mktemp("tls") / "root.crt"
         shutil.copy(crt, ca)
         yield cluster, ca
-    finally:
-        try:
-            cluster.stop()
-        except subprocess.SubprocessError:
-            pass
-        shutil.rmtree(cluster.data_dir, ignore_errors=True)
 
 
 @pytest.fixture
