@@ -50,13 +50,6 @@ TOKENS_PER_MESSAGE = 4
 TOKENS_PER_REPLY = 3
 
 
-def operation_for(method: str, path: str) -> Operation | None:
-    """The metered operation of a request, or None when the request is only forwarded."""
-    if method != "POST":
-        return None
-    return OPERATION_PATHS.get(path.rstrip("/"))
-
-
 @dataclass(slots=True)
 class Usage:
     """Token counts as OpenAI reports them: input includes cached, output includes reasoning.

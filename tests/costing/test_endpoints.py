@@ -7,6 +7,7 @@ import pytest
 from openai_endpoints import METERED, OPENAI_BILLABLE, OPENAI_FREE
 
 from costing.endpoints import Kind, classify, normalize
+from costing.usage import Operation
 
 
 @pytest.mark.parametrize("path", OPENAI_BILLABLE)
@@ -50,3 +51,28 @@ def test_repeated_slashes_are_merged_before_routing() -> None:
     assert normalize("/v1//chat///completions") == "/v1/chat/completions"
     assert classify("POST", normalize("/v1//chat/completions")).kind is Kind.METERED
     assert classify("POST", normalize("//v1/images//generations")).kind is Kind.BILLABLE
+
+
+@pytest.mark.parametrize(("path", "operation"), [
+    ("/v1/chat/completions", Operation.CHAT),
+    ("/v1/completions", Operation.COMPLETIONS),
+    ("/v1/embeddings", Operation.EMBEDDINGS),
+    ("/v1/responses", Operation.RESPONSES),
+    ("/v1/chat/completions/", Operation.CHAT),
+    ("/v1/responses/", Operation.RESPONSES),
+])
+def test_posting_to_a_metered_path_is_a_metered_operation(path, operation):
+    assert classify("POST", path).metered is operation
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+def test_other_methods_on_metered_paths_are_not_metered(method):
+    assert classify(method, "/v1/chat/completions").metered is None
+    assert classify(method, "/v1/responses").metered is None
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/files", "/v1/chat/completions/chatcmpl-1",
+                                  "/v1/responses/resp_1", "/v1/responses/resp_1/cancel",
+                                  "/v1/images/generations", "/chat/completions", "/v2/chat/completions", "/"])
+def test_other_paths_are_not_metered(path):
+    assert classify("POST", path).metered is None

@@ -30,7 +30,6 @@ from costing.usage import (
     event_text,
     from_body,
     from_event,
-    operation_for,
     parse_usage,
     request_facts,
     tokens_for_chars,
@@ -521,34 +520,6 @@ def test_a_deeply_nested_body_that_orjson_accepts_does_not_raise():
     body = orjson.loads(b'{"model":"m","messages":' + b"[" * depth + b"]" * depth + b"}")
     facts = request_facts(Operation.CHAT, body)
     assert facts.model == "m"
-
-
-# -- operation_for -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("path", "operation"), [
-    ("/v1/chat/completions", Operation.CHAT),
-    ("/v1/completions", Operation.COMPLETIONS),
-    ("/v1/embeddings", Operation.EMBEDDINGS),
-    ("/v1/responses", Operation.RESPONSES),
-    ("/v1/chat/completions/", Operation.CHAT),
-    ("/v1/responses/", Operation.RESPONSES),
-])
-def test_posting_to_a_metered_path_is_a_metered_operation(path, operation):
-    assert operation_for("POST", path) is operation
-
-
-@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
-def test_other_methods_on_metered_paths_are_only_forwarded(method):
-    assert operation_for(method, "/v1/chat/completions") is None
-    assert operation_for(method, "/v1/responses") is None
-
-
-@pytest.mark.parametrize("path", ["/v1/models", "/v1/files", "/v1/chat/completions/chatcmpl-1",
-                                  "/v1/responses/resp_1", "/v1/responses/resp_1/cancel",
-                                  "/v1/images/generations", "/chat/completions", "/v2/chat/completions", "/"])
-def test_other_paths_are_only_forwarded(path):
-    assert operation_for("POST", path) is None
 
 
 def test_operations_are_named_by_their_openai_path():
