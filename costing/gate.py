@@ -195,6 +195,14 @@ class BudgetGate:
         view.pending += cost
         self.in_flight_requests -= 1
 
+    def charge_now(self, campaign_id: str, cost: int) -> bool:
+        """`charge` when the campaign's view is in memory (no await); False when it is not."""
+        view = self.views.get(campaign_id)
+        if view is None:
+            return False
+        view.pending += cost
+        return True
+
     async def charge(self, campaign_id: str, cost: int) -> None:
         """Count cost that no admission reserved (a background response's final state, read
         later) as this process's pending spend; never refuses."""

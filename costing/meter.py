@@ -51,6 +51,14 @@ class Ticket:
     settled: bool = False
 
 
+@dataclass(slots=True)
+class FinalState:
+    """A background response's final state, metered: submitted, or `pending` its campaign view."""
+
+    entry: UsageEntry
+    pending: bool
+
+
 class Meter:
     def __init__(self, prices: PriceTable, gate: BudgetGate, ledger: Ledger,
                  sessions: SessionCosts, *, default_max_output_tokens: int) -> None:
@@ -178,14 +186,17 @@ class Meter:
             self._submit(entry)
         return entry
 
-    async def record_final_state(self, campaign_id: str, session_id: str, reported: Reported,
-                                 *, status: int, streamed: bool, started: float,
-                                 authorization: str | None) -> UsageEntry | None:
+    def final_state(self, campaign_id: str, session_id: str, reported: Reported, *, status: int,
+                    streamed: bool, started: float, authorization: str | None) -> FinalState | None:
         """Meter a background response whose final state was read (a retrieval, its stream or
         its cancellation), once: its record id derives from the response, so any number of
         reads, here or on other replicas, make one ledger row. Recorded under the campaign and
         session that created it when this process saw that, else under the reader's tags.
-        Never refused: the work is done and billed."""
+        Never refused: the work is done and billed.
+
+        Synchronous, so a stream's record is spooled before its last event goes out: the entry
+        is submitted at once when the campaign's budget view is in memory (the creator's, as a
+        rule); else `FinalState.pending` and `settle_final_state` must be awaited to load it."""
         if reported.background_at is None or reported.usage is None or not 200 <= status < 300:
             return None
         if reported.response_id:
@@ -198,11 +209,33 @@ class Meter:
                             key_hash(authorization))
         if not self.background.first(entry):
             return None
-        await self.gate.charge(campaign_id, entry.cost_units)
-        self.sessions.touch(campaign_id, session_id)
-        self.sessions.add(campaign_id, session_id, entry.cost_units)
+        if not self.gate.charge_now(campaign_id, entry.cost_units):
+            return FinalState(entry, pending=True)
+        self._submit_final_state(entry)
+        return FinalState(entry, pending=False)
+
+    async def settle_final_state(self, state: FinalState) -> None:
+        """Submit a final state whose campaign view had to be loaded first."""
+        if state.pending:
+            state.pending = False
+            await self.gate.charge(state.entry.campaign_id, state.entry.cost_units)
+            self._submit_final_state(state.entry)
+
+    async def record_final_state(self, campaign_id: str, session_id: str, reported: Reported,
+                                 *, status: int, streamed: bool, started: float,
+                                 authorization: str | None) -> UsageEntry | None:
+        """`final_state` and its settling in one (a JSON answer: nothing goes out before)."""
+        state = self.final_state(campaign_id, session_id, reported, status=status,
+                                 streamed=streamed, started=started, authorization=authorization)
+        if state is None:
+            return None
+        await self.settle_final_state(state)
+        return state.entry
+
+    def _submit_final_state(self, entry: UsageEntry) -> None:
+        self.sessions.touch(entry.campaign_id, entry.session_id)
+        self.sessions.add(entry.campaign_id, entry.session_id, entry.cost_units)
         self._submit(entry)
-        return entry
 
     def _entry(self, campaign_id: str, session_id: str, operation: str, request_model: str | None,
                reported: Reported | None, usage: Usage, price: Price, priced_by_default: bool,

@@ -23,7 +23,7 @@ from yarl import URL
 from costing import budget as rules
 from costing.endpoints import Endpoint, Kind, classify, normalize
 from costing.errors import BudgetExceeded
-from costing.meter import CLIENT_CLOSED_REQUEST, Meter, Ticket
+from costing.meter import CLIENT_CLOSED_REQUEST, FinalState, Meter, Ticket
 from costing.money import format_units, from_units
 from costing.records import UsageEntry
 from costing.settings import Settings
@@ -135,7 +135,6 @@ def _dispatch(request: web.Request) -> Awaitable[web.StreamResponse]:
                          code="request_too_large")
     kind = endpoint.kind
     if kind is Kind.METERED:
-        assert endpoint.metered is not None
         return _metered(request, app, headers, endpoint, campaign_id, session_id, timing)
     if kind is Kind.FREE:
         return _pass_through(request, app, headers, length, timing)
@@ -301,30 +300,40 @@ async def _retrieval(request: web.Request, app: web.Application, headers: Header
                      campaign_id: str, session_id: str, timing: Timing) -> web.StreamResponse:
     """`GET /v1/responses/{id}` (or its stream) and its cancellation: forwarded as they are; a
     background response's final state in the answer is metered once (never refused: the work
-    is done)."""
+    is done), a stream's before its last events go out, as for metered calls."""
     raw = await _request_body(request, app[SETTINGS].max_request_body_bytes) if request.body_exists \
         else None
     started = time.perf_counter()
     upstream = await _send(request, app[UPSTREAM], headers, raw, timing)
-    reported: Reported | None = None
-    tap: SSETap | None = None
+    meter = app[METER]
+    state: FinalState | None = None
+    read = False  # the answer was looked at for a final state
+
+    def record(reported: Reported | None, streamed: bool) -> None:
+        nonlocal state, read
+        read = True
+        if reported is not None:
+            state = meter.final_state(campaign_id, session_id, reported, status=upstream.status,
+                                      streamed=streamed, started=started,
+                                      authorization=request.headers.get("Authorization"))
+
     try:
         async with upstream:
             if _is_event_stream(upstream.headers):
                 tap = SSETap(strip_usage=False)
-                return await _stream_back(request, upstream, response_headers(upstream.headers),
-                                          tap, timing)
+                try:
+                    return await _stream_back(request, upstream, response_headers(upstream.headers),
+                                              tap, timing, lambda: record(tap.result(), True))
+                finally:
+                    if not read:  # the stream broke off before its end: what it told so far
+                        record(tap.result(), True)
             body = await _answer_body(upstream, timing)
-            reported = _reported(body)
+            record(_reported(body), False)
             return web.Response(status=upstream.status, reason=upstream.reason, body=body,
                                 headers=response_headers(upstream.headers))
     finally:
-        if tap is not None:
-            reported = tap.result()
-        if reported is not None and reported.background_at is not None:
-            await uninterrupted(app[METER].record_final_state(
-                campaign_id, session_id, reported, status=upstream.status, streamed=tap is not None,
-                started=started, authorization=request.headers.get("Authorization")))
+        if state is not None:
+            await uninterrupted(meter.settle_final_state(state))
 
 
 async def _stream_back(request: web.Request, upstream: aiohttp.ClientResponse, reply_headers: Headers,

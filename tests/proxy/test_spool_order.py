@@ -1,5 +1,6 @@
 """A metered call's record is in the spool before its client has the last byte of the answer:
 the JSON body, the usage chunk, `data: [DONE]`, a Responses stream's `response.completed`.
+So is a background response's final state read as a stream (`response.completed`).
 Committed records leave the spool; a stopped proxy leaves an empty spool directory behind.
 """
 
@@ -104,3 +105,20 @@ async def test_an_empty_spool_setting_turns_the_spool_off(start_proxy):
     answer = await proxy.client().chat.completions.create(**CHAT)
     await proxy.flush()
     assert [r.response_id for r in await ledger_rows(proxy.engine)] == [answer.id]
+
+
+async def test_a_background_final_state_read_as_a_stream_is_spooled_before_it_goes_out(start_proxy, fake):
+    proxy = await start_proxy(ledger_flush_interval_seconds=30)
+    fake.behaviour.background_polls = 0
+    fake.behaviour.chunk_delay = 0.01  # headers first, the event later: the relay path
+    created = await proxy.client(campaign="order").responses.create(
+        model="gpt-4o-mini", input="hi", background=True)
+    assert spooled_ids(proxy) == []  # nothing is metered at creation
+    completed: list[str | None] | None = None
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{proxy.url}/v1/responses/{created.id}", params={"stream": "true"},
+            headers=HEADERS) as response:
+        async for line in response.content:
+            if line.startswith(b"event: response.completed"):
+                completed = spooled_ids(proxy)
+    assert completed == [created.id]
