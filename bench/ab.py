@@ -8,9 +8,15 @@ so neighbouring slices see the same machine. Per slice it prints the throughput 
 target's process (all threads) spent per request; at the end the medians and the median of the
 paired ratios B/A.
 
+Even neighbouring slices differ by ±20 % on a busy host. `--concurrent` loads A and B at the
+same moment instead (one wrk each): both see the same machine, the scheduler shares the CPU
+between them, and their CPU per request (and, by that sharing, their throughput) compare
+under identical conditions. That is the figure to read for effects of a few percent.
+
 Run from the project root (nginx and wrk installed, as for run.py):
   .venv/bin/python bench/ab.py --b-env OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318
   .venv/bin/python bench/ab.py --a-dir ../before --stream        # code before/after a change
+  .venv/bin/python bench/ab.py --concurrent --a-env LEDGER_SPOOL_DIR=   # spool off (A) vs on (B)
 Each target gets a fresh SQLite ledger (or BENCH_DATABASE_URL) and its own spool directory.
 """
 
@@ -61,9 +67,19 @@ def wait_port(port: int, timeout: float = 120.0) -> None:
 
 
 def wrk(script: Path, port: int, seconds: int, connections: int) -> tuple[float, int, int]:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script),
-                          f"http://127.0.0.1:{port}/v1/chat/completions"],
-                         capture_output=True, text=True, check=True).stdout
+    return wrk_result(wrk_start(script, port, seconds, connections))
+
+
+def wrk_start(script: Path, port: int, seconds: int, connections: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script),
+                             f"http://127.0.0.1:{port}/v1/chat/completions"],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def wrk_result(proc: subprocess.Popen[str]) -> tuple[float, int, int]:
+    out, _ = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"wrk failed ({proc.returncode}): {out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -90,9 +106,14 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--stream", action="store_true", help="streamed chat completions")
     ap.add_argument("--no-floor", action="store_true", help="leave the pass-through floor out")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="load A and B at the same time (same moment, same machine: the CPU per "
+                         "request is compared under identical conditions; the floor is left out)")
     ap.add_argument("--subscribers", type=int, default=0,
                     help="live-feed subscribers (curl reading /costs/events) kept on B throughout")
     args = ap.parse_args()
+    if args.concurrent:
+        args.no_floor = True
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ab-"))
     upstream = f"http://127.0.0.1:{UPSTREAM}" + ("/stream" if args.stream else "")
@@ -128,12 +149,15 @@ def main() -> None:
                                           for t in targets))
         for i in range(args.slices):
             order = targets if i % 2 == 0 else targets[::-1]  # no target always runs first
-            for t in order:
-                before = cpu_seconds(t.proc.pid)
-                rps, total, errors = wrk(script, t.port, args.seconds, args.connections)
-                t.rps.append(rps)
-                t.cpu_us.append((cpu_seconds(t.proc.pid) - before) * 1e6 / max(total, 1))
-                t.non2xx += errors
+            groups = [order] if args.concurrent else [[t] for t in order]
+            for group in groups:
+                before = [cpu_seconds(t.proc.pid) for t in group]
+                runs = [wrk_start(script, t.port, args.seconds, args.connections) for t in group]
+                for t, run, cpu in zip(group, runs, before, strict=True):
+                    rps, total, errors = wrk_result(run)
+                    t.rps.append(rps)
+                    t.cpu_us.append((cpu_seconds(t.proc.pid) - cpu) * 1e6 / max(total, 1))
+                    t.non2xx += errors
             print(f"{i + 1:>5} " + " ".join(f"{t.rps[-1]:12.0f} {t.cpu_us[-1]:11.1f}" for t in targets),
                   flush=True)
         print("median " + " ".join(f"{statistics.median(t.rps):12.0f} {statistics.median(t.cpu_us):11.1f}"
