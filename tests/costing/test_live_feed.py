@@ -8,10 +8,12 @@ from decimal import Decimal
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from costing.budget import make_budget, status_units
-from costing.feed import Feed, SeenIds, TooManySubscribers, running_totals
-from costing.records import RemoteUsage, UsageEntry
+from costing.feed import Feed, SeenIds, TooManySubscribers, at_text, running_totals
+from costing.records import RemoteUsage, UsageEntry, from_epoch_us
 from costing.usage import Usage
 
 BUDGET = make_budget(Decimal("1.00"), Decimal("2.00"))
@@ -115,3 +117,9 @@ def test_seen_ids_forget_what_falls_below_the_floor_and_count_what_is_written():
     assert seen.written == 7 and len(seen) == 7
     seen.forget_before(5 << 80)
     assert (1 << 80) not in seen and (5 << 80) in seen and len(seen) == 4 and seen.written == 4
+
+
+@given(st.integers(min_value=0, max_value=253_402_300_799_999_999))  # up to 9999-12-31
+def test_an_event_time_is_rendered_as_costs_renders_it(created_us):
+    expected = from_epoch_us(created_us).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert at_text(created_us) == expected
