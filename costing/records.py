@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -14,9 +15,12 @@ from costing.budget import Budget
 from costing.money import ZERO, from_units
 from costing.usage import Usage
 
-# A generator of our own, seeded once from the OS: code that seeds the global `random` (test
-# tools, libraries) must never make record ids repeat.
+# A generator of our own, seeded from the OS: code that seeds the global `random` (test tools,
+# libraries) must never make record ids repeat. Seeded again in a forked child (`serve --workers`
+# forks its workers): two workers with one generator state drew the same random bits, and two
+# calls made in the same millisecond got one record id (one row lost as "known").
 _ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)
 _VERSION_7 = 0x7 << 76
 _VARIANT = 0b10 << 62
 _RAND_B = (1 << 62) - 1

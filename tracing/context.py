@@ -3,17 +3,20 @@ upstream, and make ids. Pure.
 
 Ids stay as the lowercase hex text they travel in: a caller's ids are sliced from its header
 and ours go into the upstream header, so the request path never converts them; the exporter
-turns them into bytes in the background. New ids come from a generator of our own, seeded once
-from the OS, so code that seeds the global `random` cannot make ids repeat.
+turns them into bytes in the background. New ids come from a generator of our own, seeded
+from the OS (again in a forked worker), so code that seeds the global `random` cannot make ids
+repeat.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from typing import NamedTuple
 
 _ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)  # forked workers must not draw the same ids
 # version-traceid-parentid-flags; a version after 00 may carry more fields after a dash.
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 ZERO_TRACE_ID = "0" * 32

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 import uuid
 
+from forking import drawn_in_a_forked_child
+
 from costing.records import new_id
 
 
@@ -26,3 +28,12 @@ def test_ids_made_in_a_later_millisecond_sort_after_earlier_ones() -> None:
 def test_ids_made_in_the_same_millisecond_do_not_repeat() -> None:
     ids = [new_id() for _ in range(100_000)]
     assert len(set(ids)) == len(ids)
+
+
+def test_forked_workers_draw_their_own_record_ids():
+    """Two workers forked from one supervisor must not share the generator's state: then their
+    n-th calls in the same millisecond get one id, and the ledger keeps one row of the two."""
+    child = drawn_in_a_forked_child(new_id)
+    assert isinstance(child, int)
+    random_bits = (0xFFF << 64) | ((1 << 62) - 1)  # rand_a and rand_b of RFC 9562's layout
+    assert child & random_bits != new_id() & random_bits

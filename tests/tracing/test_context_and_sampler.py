@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import make_settings
+from forking import drawn_in_a_forked_child
 from pydantic import ValidationError
 
 from costing.settings import describe_error
@@ -112,3 +113,8 @@ def test_pairs_and_server():
     assert parse_pairs("a=1, b = x%3Dy ,=z,novalue") == [("a", "1"), ("b", "x=y")]
     assert server_of("https://api.openai.com") == ("api.openai.com", 443)
     assert server_of("http://127.0.0.1:8000/prefix") == ("127.0.0.1", 8000)
+
+
+def test_forked_workers_draw_their_own_trace_and_span_ids():
+    child = drawn_in_a_forked_child(new_ids)
+    assert child != new_ids()
