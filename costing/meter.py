@@ -221,17 +221,6 @@ class Meter:
             await self.gate.charge(state.entry.campaign_id, state.entry.cost_units)
             self._submit_final_state(state.entry)
 
-    async def record_final_state(self, campaign_id: str, session_id: str, reported: Reported,
-                                 *, status: int, streamed: bool, started: float,
-                                 authorization: str | None) -> UsageEntry | None:
-        """`final_state` and its settling in one (a JSON answer: nothing goes out before)."""
-        state = self.final_state(campaign_id, session_id, reported, status=status,
-                                 streamed=streamed, started=started, authorization=authorization)
-        if state is None:
-            return None
-        await self.settle_final_state(state)
-        return state.entry
-
     def _submit_final_state(self, entry: UsageEntry) -> None:
         self.sessions.touch(entry.campaign_id, entry.session_id)
         self.sessions.add(entry.campaign_id, entry.session_id, entry.cost_units)
