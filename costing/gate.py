@@ -206,12 +206,12 @@ class BudgetGate:
     async def charge(self, campaign_id: str, cost: int) -> None:
         """Count cost that no admission reserved (a background response's final state, read
         later) as this process's pending spend; never refuses."""
-        view = self.views.get(campaign_id)
-        if view is None:
-            try:
-                view = await self._load(campaign_id)
-            except LedgerUnavailable:  # fail-closed and the database away: count it all the same
-                view = self.views.setdefault(campaign_id, CampaignView(self.default_budget, 0))
+        if self.charge_now(campaign_id, cost):
+            return
+        try:
+            view = await self._load(campaign_id)
+        except LedgerUnavailable:  # fail-closed and the database away: count it all the same
+            view = self.views.setdefault(campaign_id, CampaignView(self.default_budget, 0))
         view.pending += cost
 
     def view(self, campaign_id: str) -> CampaignView | None:
