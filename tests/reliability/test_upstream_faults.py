@@ -117,9 +117,17 @@ async def test_a_client_that_hangs_up_before_the_answer_is_recorded_at_its_estim
     fake.behaviour.hold = asyncio.Event()
     try:
         async with aiohttp.ClientSession() as http:
-            with pytest.raises(TimeoutError):
-                await http.post(f"{proxy.url}/v1/chat/completions", json=CHAT, headers=TAGS,
-                                timeout=aiohttp.ClientTimeout(total=0.3))
+            call = asyncio.create_task(http.post(f"{proxy.url}/v1/chat/completions", json=CHAT,
+                                                 headers=TAGS))
+            # The client gives up once the call is on its way upstream (a fixed client timeout
+            # could end before a busy proxy had even admitted it: then there is no call to record).
+            deadline = time.monotonic() + 10
+            while not fake.hits("/chat/completions"):
+                assert time.monotonic() < deadline, "the call never reached the upstream"
+                await asyncio.sleep(0.01)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
         await proxy.flush(within=15)
     finally:
         fake.behaviour.hold.set()
