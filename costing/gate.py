@@ -195,6 +195,17 @@ class BudgetGate:
         view.pending += cost
         self.in_flight_requests -= 1
 
+    def hold(self, admission: Admission) -> None:
+        """The request is over but its reservation stays (a background response, queued: it is
+        billed when it finishes); `release` ends the hold."""
+        self.in_flight_requests -= 1
+
+    def release(self, admission: Admission) -> None:
+        """A held reservation is no longer needed (its final state was metered, or it expired)."""
+        view = self.views.get(admission.campaign_id)
+        if view is not None:
+            view.inflight -= admission.reservation
+
     def charge_now(self, campaign_id: str, cost: int) -> bool:
         """`charge` when the campaign's view is in memory (no await); False when it is not."""
         view = self.views.get(campaign_id)

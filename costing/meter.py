@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from costing.background import BackgroundResponses
+from costing.background import HOLD_SECONDS, BackgroundResponses
 from costing.budget import Budget, worst_case_units
 from costing.errors import BudgetExceeded, LedgerUnavailable
 from costing.gate import Admission, BudgetGate, SessionCosts
@@ -61,13 +61,14 @@ class FinalState:
 
 class Meter:
     def __init__(self, prices: PriceTable, gate: BudgetGate, ledger: Ledger,
-                 sessions: SessionCosts, *, default_max_output_tokens: int) -> None:
+                 sessions: SessionCosts, *, default_max_output_tokens: int,
+                 background_hold_seconds: float = HOLD_SECONDS) -> None:
         self.prices = prices
         self.gate = gate
         self.ledger = ledger
         self.sessions = sessions
         self.default_max_output_tokens = default_max_output_tokens
-        self.background = BackgroundResponses()
+        self.background = BackgroundResponses(gate.release, hold_seconds=background_hold_seconds)
         # Called with each entry once the ledger has it (the live feed): must not block.
         self.listeners: list[Callable[[UsageEntry], None]] = []
         self._unknown_models: set[str] = set()
@@ -104,6 +105,8 @@ class Meter:
         if spool is not None and not spool.healthy and not spool.usable():
             raise LedgerUnavailable("usage cannot be recorded right now (the local spool in "
                                     f"LEDGER_SPOOL_DIR cannot be written: {spool.last_error})")
+        if self.background.holds:
+            self.background.expire()
         if self.gate.fail_closed and not self.ledger.healthy:
             # BUDGET_FAIL_CLOSED: serve nothing while usage cannot be written, even when a budget
             # lease held from before the outage would still cover the request.
@@ -145,13 +148,17 @@ class Meter:
         if ticket.settled:
             return entry
         if ticket.facts.background and 200 <= status < 300:
-            # Queued in the background: the final state, read later, is what gets metered.
+            # Queued in the background: the final state, read later, is what gets metered;
+            # until then the response keeps its reservation (see costing.background).
             if estimated:
-                if reported is not None and reported.response_id:
-                    self.background.remember(reported.response_id, ticket.campaign_id,
-                                             ticket.session_id)
                 entry.cost_units = 0
-                self._settle(ticket, 0)
+                if reported is not None and reported.response_id:
+                    ticket.settled = True
+                    self.gate.hold(ticket.admission)
+                    self.background.remember(reported.response_id, ticket.campaign_id,
+                                             ticket.session_id, ticket.admission)
+                else:  # nothing to know its final state by: nothing to hold for
+                    self._settle(ticket, 0)
                 return entry
             if not self.background.first(entry):
                 self._settle(ticket, 0)  # this process metered that final state already

@@ -167,6 +167,7 @@ class Settings(BaseSettings):
     budget_fail_closed: bool = False
     budget_lease_seconds: float = Field(30.0, gt=0)
     budget_lease_fraction: Decimal = Field(Decimal("0.05"), gt=0, le=1)
+    background_hold_seconds: float = Field(1800.0, gt=0)
 
     campaign_header: str = Field("X-Campaign-Id", pattern=TAG_HEADER_PATTERN)
     session_header: str = Field("X-Session-Id", pattern=TAG_HEADER_PATTERN)

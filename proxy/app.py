@@ -158,7 +158,8 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     app[LEDGER] = ledger
     app[GATE] = gate
     app[METER] = Meter(prices, gate, ledger, SessionCosts(store),
-                       default_max_output_tokens=settings.budget_default_max_output_tokens)
+                       default_max_output_tokens=settings.budget_default_max_output_tokens,
+                       background_hold_seconds=settings.background_hold_seconds)
     ledger.start()
     stop = asyncio.Event()
     tasks = [asyncio.create_task(gate.run(BUDGET_REFRESH_SECONDS, stop), name="budget-refresh"),

@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 from openai_endpoints import OPENAI_BILLABLE, OPENAI_FREE
@@ -141,6 +142,50 @@ async def test_a_background_response_is_metered_once_from_its_final_state(proxy,
     assert row.response_id == created.id and row.cost_usd > 0
     assert states == ["in_progress", "in_progress", "completed"]
     await assert_aggregates_match_ledger(proxy.engine)
+
+
+async def _create_background(client: Any) -> Any:
+    return await client.responses.create(model="gpt-4o-mini", input="Plan the heist.",
+                                         background=True, max_output_tokens=8000)
+
+
+async def test_queued_background_responses_hold_their_reservation_until_read(start_proxy, fake):
+    """A queued background response is work in flight: it keeps its reservation (8,000 output
+    tokens: $0.0048) until its final state is read, so a $0.01 campaign queues two, not twenty;
+    once they are read (at their real cost) the budget they held is free again."""
+    proxy = await start_proxy()
+    fake.behaviour.prompt_tokens, fake.behaviour.completion_tokens = 1000, 1000
+    fake.behaviour.background_polls = 0
+    async with aiohttp.ClientSession() as http:
+        await _set_budget(http, proxy, "bgq", "0.01")
+    client = proxy.client(campaign="bgq")
+    queued = [await _create_background(client) for _ in range(2)]
+    with pytest.raises(openai.RateLimitError):
+        await _create_background(client)  # a third would not fit: none of the two has finished
+    for response in queued:
+        assert (await client.responses.retrieve(response.id)).status == "completed"
+    third = await _create_background(client)  # their holds ended: $0.0015 spent of $0.01
+    assert third.status == "queued"
+    await proxy.flush()
+    rows = await ledger_rows(proxy.engine)
+    assert sorted(r.response_id for r in rows) == sorted(r.id for r in queued)
+    assert all(r.cost_usd == Decimal("0.00075") for r in rows)
+    await assert_aggregates_match_ledger(proxy.engine)
+
+
+async def test_a_background_hold_ends_after_background_hold_seconds(start_proxy, fake):
+    """A response never read through this process (another replica polls it, or nobody does)
+    must not hold the budget forever."""
+    proxy = await start_proxy(background_hold_seconds=0.5)
+    async with aiohttp.ClientSession() as http:
+        await _set_budget(http, proxy, "bgq", "0.01")
+    client = proxy.client(campaign="bgq")
+    for _ in range(2):
+        await _create_background(client)
+    with pytest.raises(openai.RateLimitError):
+        await _create_background(client)
+    await asyncio.sleep(0.6)
+    assert (await _create_background(client)).status == "queued"
 
 
 async def test_a_background_response_read_by_another_replica_is_still_one_row(start_proxy, fake):

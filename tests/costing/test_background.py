@@ -1,0 +1,58 @@
+"""Background responses hold their creation's reservation until their final state is read, or
+until the hold expires; nothing is released twice."""
+
+from __future__ import annotations
+
+from costing.background import BackgroundResponses
+from costing.gate import Admission
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _tracked(**kwargs: object) -> tuple[BackgroundResponses, list[Admission], Clock]:
+    released: list[Admission] = []
+    clock = Clock()
+    return BackgroundResponses(released.append, clock=clock, **kwargs), released, clock  # type: ignore[arg-type]
+
+
+def test_reading_the_final_state_releases_the_hold_once_and_names_the_creator():
+    background, released, _ = _tracked()
+    admission = Admission("c1", 48_000_000)
+    background.remember("resp_1", "c1", "s1", admission)
+    assert released == []
+    assert background.owner("resp_1", "reader", "r") == ("c1", "s1")
+    assert background.owner("resp_1", "reader", "r") == ("reader", "r")  # popped: read elsewhere
+    assert released == [admission]
+
+
+def test_holds_expire_oldest_first_after_hold_seconds():
+    background, released, clock = _tracked(hold_seconds=10.0)
+    first, second = Admission("c1", 1), Admission("c1", 2)
+    background.remember("resp_1", "c1", "s1", first)
+    clock.now = 5.0
+    background.remember("resp_2", "c1", "s1", second)
+    clock.now = 10.0
+    background.expire()
+    assert released == [first]
+    clock.now = 15.0
+    background.expire()
+    assert released == [first, second] and not background.holds
+    assert background.owner("resp_1", "x", "y") == ("c1", "s1")  # the creator is still known
+    assert released == [first, second]
+
+
+def test_the_bound_releases_the_oldest_hold_and_an_id_seen_twice_holds_once():
+    background, released, _ = _tracked(max_kept=2)
+    a, b, c, again = (Admission("c1", n) for n in (1, 2, 3, 4))
+    background.remember("resp_a", "c1", "s1", a)
+    background.remember("resp_a", "c1", "s1", again)
+    assert released == [a]
+    background.remember("resp_b", "c1", "s1", b)
+    background.remember("resp_c", "c1", "s1", c)
+    assert released == [a, again] and list(background.holds) == ["resp_b", "resp_c"]
