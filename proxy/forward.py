@@ -375,7 +375,7 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, respons
     """Copy the upstream body to the client as it arrives; False if either side broke off.
 
     `record` (metered streams) is called once, before the events that end the answer go out:
-    as soon as the tap has seen the usage event, or else when the upstream body has ended. So
+    as soon as the tap has seen the final usage event, or else when the upstream body has ended. So
     the call's record is spooled before the client has its last byte (a kill after that loses
     nothing); a stream that breaks off is recorded by the caller.
 
@@ -407,8 +407,8 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, respons
                     record()
                 await response.write_eof(out + rest if rest else out)
                 return True
-            if record is not None and tap is not None and tap.reported is not None:
-                record()  # the usage event is in `out`: recorded before it goes out
+            if record is not None and tap is not None and tap.usage_final:
+                record()  # the final usage event is in `out`: recorded before it goes out
                 record = None
             if out:
                 waited = time.perf_counter()

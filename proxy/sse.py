@@ -138,7 +138,7 @@ def text_chars(block: bytes) -> int:
 class SSETap:
     # Slots: one tap is made for every streamed request.
     __slots__ = ("_blocks", "_chars", "_counted", "_partial", "_skipped", "ends", "model", "reported",
-                 "response_id", "strip_usage", "usage_seen")
+                 "response_id", "strip_usage", "usage_final", "usage_seen")
 
     def __init__(self, *, strip_usage: bool, ends: list[bytes] | None = None) -> None:
         self.strip_usage = strip_usage
@@ -146,6 +146,10 @@ class SSETap:
         # a Responses terminal event, for the span's gen_ai.response.finish_reasons.
         self.ends = ends
         self.usage_seen = False
+        # The usage seen is the call's total: it came in an event that ends the answer (OpenAI's
+        # usage-only chunk, a Responses terminal event), not in a chunk that still carries
+        # choices (some compatible servers put the usage so far on every chunk; the last wins).
+        self.usage_final = False
         self.model: str | None = None
         self.response_id: str | None = None
         self.reported: Reported | None = None
@@ -259,6 +263,7 @@ class SSETap:
             if self.ends is not None:
                 self.ends.append(event[:2048])
             self.usage_seen = True
+            self.usage_final = not (isinstance(decoded, dict) and decoded.get("choices"))
             reported.model = reported.model or self.model
             reported.response_id = reported.response_id or self.response_id
             self.reported = reported

@@ -61,6 +61,9 @@ class Behaviour:
     audio_input_tokens: int = 0  # part of prompt_tokens / input_tokens
     audio_output_tokens: int = 0  # part of completion_tokens / output_tokens
     web_search_calls: int = 0  # Responses: this many `web_search_call` output items
+    # Added for usage on every chunk: a stream with include_usage carries the usage so far on every
+    # chunk (vLLM's `continuous_usage_stats`), then the whole in the usage-only chunk.
+    running_usage: bool = False
 
 
 @dataclass
@@ -288,8 +291,14 @@ class FakeUpstream:
                 {"content": text} if text is not None else {})
             return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-        events = [chunk([piece(None, role=True)])] if chat else []
-        events += [chunk([piece(word)]) for word in self._words()]
+        def so_far(tokens: int) -> dict[str, Any] | None:
+            if not b.running_usage:
+                return None
+            return {"prompt_tokens": b.prompt_tokens, "completion_tokens": tokens,
+                    "total_tokens": b.prompt_tokens + tokens}
+
+        events = [chunk([piece(None, role=True)], so_far(0))] if chat else []
+        events += [chunk([piece(word)], so_far(n)) for n, word in enumerate(self._words(), 1)]
         events.append(chunk([piece(None if chat else "", "stop")]))
         if include_usage and not b.omit_usage:
             events.append(chunk([], self._chat_usage(), final=True))

@@ -212,6 +212,25 @@ async def test_a_cancelled_background_response_is_billed_for_its_work(proxy, fak
     assert (row.input_tokens, row.output_tokens, row.estimated) == (12, 1, False)
 
 
+@pytest.mark.parametrize("whole", [False, True])
+async def test_usage_on_every_chunk_is_billed_at_the_last_usage(proxy, fake, whole):
+    """A compatible upstream that sends the usage so far on every chunk (vLLM's
+    `continuous_usage_stats`): the call is billed at the final usage whether the events arrive one
+    by one or all at once, never at the first usage seen."""
+    fake.behaviour.running_usage = True
+    fake.behaviour.stream_whole = whole
+    fake.behaviour.chunk_delay = 0.01
+    fake.behaviour.completion_tokens = 500
+    stream = await proxy.client().chat.completions.create(
+        model="gpt-4o-mini", messages=CHAT["messages"], stream=True,
+        stream_options={"include_usage": True})
+    usage = [chunk.usage async for chunk in stream if chunk.usage is not None]
+    assert usage[-1].completion_tokens == 500 and usage[0].completion_tokens == 0
+    await proxy.flush()
+    [row] = await ledger_rows(proxy.engine)
+    assert (row.output_tokens, row.estimated) == (500, False)
+
+
 async def test_unknown_models_are_counted_and_logged_once(proxy, fake, caplog):
     caplog.set_level(logging.WARNING, logger="costing.meter")
     client = proxy.client()

@@ -153,3 +153,18 @@ def test_a_long_stream_without_usage_is_estimated_within_a_few_per_cent():
 def test_the_text_read_from_the_bytes_is_the_text_decoded(words):
     block = b"".join(chat_event({"content": w}) for w in words)
     assert text_chars(block) == decoded_text_chars(block) == sum(len(w) for w in words)
+
+
+@given(CUTS)
+def test_usage_on_every_chunk_counts_only_once_the_usage_only_chunk_has_come(cuts):
+    """Some compatible servers put the usage so far on every chunk (vLLM's continuous usage
+    stats): the last usage wins, and only the usage-only chunk says it is the call's total."""
+    so_far = [{**USAGE, "completion_tokens": n} for n in range(len(WORDS))]
+    events = b"".join(chat_event({"content": w}, usage=u) for w, u in zip(WORDS, so_far, strict=True))
+    tap = SSETap(strip_usage=False)
+    run(tap, split(events, cuts))
+    assert tap.usage_seen and not tap.usage_final
+    assert tap.result().usage == Usage(input_tokens=120, cached_input_tokens=64,
+                                       output_tokens=len(WORDS) - 1)
+    tap.feed(chat_event({}, usage=USAGE, choices=False))
+    assert tap.usage_final and tap.result().usage.output_tokens == 24  # type: ignore[union-attr]
