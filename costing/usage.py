@@ -226,7 +226,7 @@ class RequestFacts:
     include_usage: bool
     prompt_tokens: int
     max_output_tokens: int | None  # the cap times `candidates`; None: the request sets no cap
-    candidates: int = 1  # choices billed: `n`, and `best_of` for legacy completions
+    candidates: int = 1  # choices billed: `n` (`best_of` for legacy completions), per prompt
     service_tier: str | None = None  # as requested
     search_preview: bool = False  # Responses: offers the `web_search_preview` tool
     background: bool = False  # Responses `background: true`: metered when its final state is read
@@ -237,7 +237,9 @@ IMAGE_TYPES = ("image_url", "input_image", "image")
 
 
 def _text_chars(value: Any) -> tuple[int, int]:
-    """Characters of text and number of images in a prompt structure (messages, input...).
+    """Characters of text and number of images (parts typed as images) in a prompt structure
+    (messages, input...). Every string counts its characters, whatever it starts with: a text
+    that looks like a data URL is still billed as text.
 
     Iterative, so a body nested as deep as the JSON decoder allows cannot exhaust the stack;
     exact type checks, as decoded JSON has no subclasses and this walks every request's prompt.
@@ -249,10 +251,7 @@ def _text_chars(value: Any) -> tuple[int, int]:
         item = pop()
         kind = type(item)
         if kind is str:
-            if item.startswith("data:"):
-                images += 1
-            else:
-                chars += len(item)
+            chars += len(item)  # a data URL too: only a part typed as an image is one
         elif kind is dict:
             if item.get("type") in IMAGE_TYPES:
                 images += 1
@@ -261,6 +260,14 @@ def _text_chars(value: Any) -> tuple[int, int]:
         elif kind is list:
             extend(item)
     return chars, images
+
+
+def _prompts(prompt: Any) -> int:
+    """How many prompts a legacy completion answers: a list of strings or of token-id arrays is
+    a batch; a string or one token-id array is one prompt."""
+    if type(prompt) is not list or not prompt or type(prompt[0]) is int:
+        return 1
+    return min(len(prompt), 10_000)
 
 
 def _token_ids(value: Any) -> int | None:
@@ -284,11 +291,13 @@ class _Shape:
     messages: bool  # chat: a few tokens per message on top of their text
     output: bool  # embeddings produce no output tokens
     search_tools: bool = False  # Responses: its tools may include web_search_preview
+    batches: bool = False  # legacy completions: `prompt` may be a list of prompts, each answered
 
 
 _SHAPES = {
     Operation.CHAT: _Shape(("messages", "tools"), token_ids=False, messages=True, output=True),
-    Operation.COMPLETIONS: _Shape(("prompt", "suffix"), token_ids=True, messages=False, output=True),
+    Operation.COMPLETIONS: _Shape(("prompt", "suffix"), token_ids=True, messages=False, output=True,
+                                  batches=True),
     Operation.EMBEDDINGS: _Shape(("input",), token_ids=True, messages=False, output=False),
     Operation.RESPONSES: _Shape(("input", "instructions", "tools"), token_ids=True, messages=False,
                                 output=True, search_tools=True),
@@ -334,12 +343,15 @@ def request_facts(operation: Operation, body: Any) -> RequestFacts:
             if type(value) is int and value >= 0:
                 max_output = value
                 break
-    # Every candidate is billed: `n` choices, and for legacy completions `best_of` (>= n).
+    # Every candidate is billed: `n` choices, and for legacy completions `best_of` (>= n), for
+    # each prompt of a batch (legacy completions take a list of prompts).
     candidates = 1
     if "n" in body or "best_of" in body:
         candidates = min(max(_count(body.get("n")), _count(body.get("best_of")), 1), 128)
-        if max_output:
-            max_output = min(max_output * candidates, MAX_TOKENS)
+    if shape.batches:
+        candidates *= _prompts(body.get("prompt"))
+    if max_output and candidates > 1:
+        max_output = min(max_output * candidates, MAX_TOKENS)
     tools = body.get("tools") if shape.search_tools else None
     return RequestFacts(model, stream, include_usage, min(_prompt_tokens(shape, body), MAX_TOKENS),
                         max_output, candidates, _tier(body.get("service_tier")),

@@ -499,14 +499,34 @@ def test_an_input_image_in_a_responses_request_counts_as_tokens_per_image():
         2 * TOKENS_PER_IMAGE)
 
 
-def test_a_data_url_is_an_image_not_text():
-    def body(url):
-        return {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, url]}]}
+def test_text_that_starts_like_a_data_url_is_counted_as_text_and_image_parts_as_images():
+    """Only a part typed as an image is one image: a 400,000-character message that happens to
+    start with `data:` is billed as text, and reserved as text."""
+    def body(part):
+        return {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, part]}]}
 
-    small = _prompt(Operation.CHAT, body("data:image/png;base64," + "A" * 10))
-    huge = _prompt(Operation.CHAT, body("data:image/png;base64," + "A" * 400_000))
-    without = _prompt(Operation.CHAT, body(""))
-    assert small == huge == without + TOKENS_PER_IMAGE
+    text = "data: " + "A" * 400_000
+    as_text = _prompt(Operation.CHAT, body({"type": "text", "text": text}))
+    plain = _prompt(Operation.CHAT, body({"type": "text", "text": "B" * len(text)}))
+    assert as_text == plain > 100_000
+    assert _prompt(Operation.CHAT, {"messages": [{"role": "user", "content": text}]}) > 100_000
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}
+    alone = [{"type": "text", "text": "x"}]
+    without = _prompt(Operation.CHAT, {"messages": [{"role": "user", "content": alone}]})
+    assert _prompt(Operation.CHAT, body(image)) == without + TOKENS_PER_IMAGE
+
+
+def test_a_batch_of_prompts_multiplies_the_output_cap_of_a_legacy_completion():
+    """Legacy completions answer every prompt of a list (times `n`/`best_of`): 100 prompts
+    reserve 100 answers, as `n=100` does."""
+    def facts(prompt, **extra):
+        return request_facts(Operation.COMPLETIONS, {"prompt": prompt, "max_tokens": 400, **extra})
+
+    assert facts(["hi"] * 100).max_output_tokens == facts("hi", n=100).max_output_tokens == 40_000
+    assert facts([[1, 2], [3]], best_of=3).max_output_tokens == 2 * 3 * 400
+    assert facts([1, 2, 3]).max_output_tokens == facts("hi").max_output_tokens == 400  # one prompt
+    assert request_facts(Operation.COMPLETIONS, {"prompt": ["a", "b"]}).candidates == 2
+    assert request_facts(Operation.CHAT, {"messages": ["a", "b"], "max_tokens": 5}).max_output_tokens == 5
 
 
 @pytest.mark.parametrize("operation", list(Operation))

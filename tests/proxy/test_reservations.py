@@ -122,3 +122,23 @@ async def test_forty_concurrent_uncapped_reasoning_calls_stay_within_a_one_dolla
     assert admitted >= 1 and len(rows) == admitted
     assert spent <= limit + error_bound
     await assert_aggregates_match_ledger(proxy.engine)
+
+
+async def test_a_batch_of_prompts_and_a_text_that_looks_like_a_data_url_reserve_what_they_may_cost(
+        start_proxy, fake):
+    """Against a $0.01 limit: 100 prompts of 400 tokens each may cost $0.08 (as `n=100` may) and
+    are refused, one prompt fits; a 400,000-character message is reserved as text (~$0.25 on
+    gpt-4o) even when it starts with `data:`."""
+    proxy = await start_proxy(cost_warning_threshold_usd=Decimal("0.01"),
+                              cost_limit_threshold_usd=Decimal("0.01"))
+    client = proxy.client(campaign="batch", max_retries=0)
+    model = "gpt-3.5-turbo-instruct"
+    with pytest.raises(openai.RateLimitError):
+        await client.completions.create(model=model, prompt=["Name a goblin."] * 100, max_tokens=400)
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(
+            model="gpt-4o", max_tokens=10,
+            messages=[{"role": "user", "content": "data: " + "goblin " * 57_000}])
+    assert fake.hits("/completions") == 0
+    await client.completions.create(model=model, prompt=["Name a goblin."], max_tokens=400)
+    assert fake.hits("/completions") == 1
