@@ -210,8 +210,11 @@ class Meter:
             campaign_id, session_id = self.background.owner(reported.response_id,
                                                             campaign_id, session_id)
         quote = self.prices.quote(reported.model, reported.service_tier)
+        price = quote.price
+        if reported.search_preview and price.preview is not None:
+            price = price.preview
         entry = self._entry(campaign_id, session_id, Operation.RESPONSES.value, None, reported,
-                            reported.usage, quote.price, quote.priced_by_default,
+                            reported.usage, price, quote.priced_by_default,
                             reported.service_tier, False, streamed, status, started,
                             key_hash(authorization))
         if not self.background.first(entry):

@@ -85,6 +85,9 @@ class Reported:
     response_id: str | None
     service_tier: str | None = None  # the tier that served the call, as the response says
     background_at: int | None = None
+    # A Responses object's echoed `tools` offer `web_search_preview` (its searches have their own
+    # price): what a background response's final state is priced by, with no request at hand.
+    search_preview: bool = False
 
 
 def _background_at(response: dict[str, Any]) -> int | None:
@@ -157,9 +160,10 @@ def from_body(body: Any) -> Reported:
     if "output" in body:  # a Responses object: its web searches, and whether it ran in the background
         if usage is not None:
             usage.web_search_calls = web_search_calls(body["output"])
+        tools = body.get("tools")
         return Reported(usage, _str(body.get("model"), MAX_MODEL_LENGTH),
                         _str(body.get("id"), MAX_ID_LENGTH), _tier(body.get("service_tier")),
-                        _background_at(body))
+                        _background_at(body), type(tools) is list and _offers_search_preview(tools))
     return Reported(usage, _str(body.get("model"), MAX_MODEL_LENGTH),
                     _str(body.get("id"), MAX_ID_LENGTH), _tier(body.get("service_tier")))
 

@@ -345,7 +345,7 @@ class FakeUpstream:
             "total_tokens": b.prompt_tokens + out}
         response = {"id": rid, "object": "response", "created_at": int(time.time()), "status": status,
                     "model": model, "output": output, "parallel_tool_calls": True, "tool_choice": "auto",
-                    "tools": [], "temperature": 1.0, "top_p": 1.0, "error": None,
+                    "tools": (body or {}).get("tools", []), "temperature": 1.0, "top_p": 1.0, "error": None,
                     "incomplete_details": None, "instructions": None, "metadata": {}, "usage": usage}
         tier = self._tier(body or {})
         if tier:
@@ -367,7 +367,7 @@ class FakeUpstream:
         status = "cancelled" if cancel else (
             "completed" if polls >= self.behaviour.background_polls else "in_progress")
         state = {**self._response(rid, model, "completed" if status == "completed" else status,
-                                  self.behaviour.reply if status == "completed" else None),
+                                  self.behaviour.reply if status == "completed" else None, body),
                  "background": True, "status": status, "created_at": created_at}
         if status == "cancelled":  # billed for the work done before the cancellation
             state["usage"] = {"input_tokens": self.behaviour.prompt_tokens, "output_tokens": 1,

@@ -21,7 +21,7 @@ K = Decimal(1000)
 @dataclass
 class Case:
     name: str
-    api: str  # chat or responses
+    api: str  # chat, responses, or background (a Responses call created in the background)
     stream: bool
     model: str
     expected: Decimal  # by hand, from OpenAI's published prices
@@ -64,6 +64,10 @@ CASES = [
     Case("search-preview-tool", "responses", False, "gpt-4.1", (1000 * 2 + 500 * 8) / M + 25 / K,
          {"prompt_tokens": 1000, "completion_tokens": 500, "web_search_calls": 1},
          {"tools": [{"type": "web_search_preview"}]}, searches=1),
+    # ... also in the background: the final state, read later, is priced by the tools it echoes.
+    Case("search-preview-background", "background", False, "gpt-4.1", (1000 * 2 + 500 * 8) / M + 25 / K,
+         {"prompt_tokens": 1000, "completion_tokens": 500, "web_search_calls": 1, "background_polls": 0},
+         {"tools": [{"type": "web_search_preview"}]}, searches=1),
     Case("search-tool", "responses", True, "gpt-4.1", (1000 * 2 + 500 * 8) / M + 10 / K,
          {"prompt_tokens": 1000, "completion_tokens": 500, "web_search_calls": 1},
          {"tools": [{"type": "web_search"}]}, searches=1),
@@ -95,6 +99,11 @@ async def _call(proxy: Any, case: Case) -> str | None:
         raw = await client.chat.completions.with_raw_response.create(**kwargs)
         return raw.headers.get("X-Request-Cost-USD")
     kwargs = {"model": case.model, "input": "hi", "max_output_tokens": 100, **case.request}
+    if case.api == "background":
+        created = await client.responses.create(background=True, **kwargs)
+        while (await client.responses.retrieve(created.id)).status != "completed":
+            pass
+        return None
     if case.stream:
         async for _ in await client.responses.create(stream=True, **kwargs):
             pass
