@@ -35,6 +35,11 @@ CASES = [
     # gpt-5 priority: $2.50 in / $20.00 out per 1M (pricing page, Priority processing).
     Case("priority", "chat", False, "gpt-5", (100_000 * Decimal("2.50") + 100_000 * 20) / M,
          {"prompt_tokens": 100_000, "completion_tokens": 100_000}, {"service_tier": "priority"}, "priority"),
+    # gpt-5.1-codex priority: $2.50 in / $20.00 out per 1M (Priority processing page); the price
+    # library lacks the model, the shipped overrides carry its tiers.
+    Case("codex-priority", "responses", False, "gpt-5.1-codex",
+         (100_000 * Decimal("2.50") + 100_000 * 20) / M,
+         {"prompt_tokens": 100_000, "completion_tokens": 100_000}, {"service_tier": "priority"}, "priority"),
     # gpt-5 flex: $0.625 in / $5.00 out per 1M (pricing page, Flex processing).
     Case("flex", "responses", True, "gpt-5", (100_000 * Decimal("0.625") + 100_000 * 5) / M,
          {"prompt_tokens": 100_000, "completion_tokens": 100_000}, {"service_tier": "flex"}, "flex"),
