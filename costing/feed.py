@@ -315,10 +315,11 @@ class SeenIds:
         """Ledger drop listener: this one never will be."""
         self.unwritten.discard(entry.id)
 
-    def forget_before(self, floor_id: int) -> None:
-        """Keep only ids from `floor_id` on (ids are time-ordered: their first 48 bits are ms)."""
-        self._ids = {i for i in self._ids if i >= floor_id}
-        self.unwritten = {i for i in self.unwritten if i >= floor_id}
+    def keep_within(self, floor_id: int, ceiling_id: int) -> None:
+        """Keep only ids of the watcher's window (ids are time-ordered: their first 48 bits are
+        ms); a background final state's id, derived from its response, falls outside it."""
+        self._ids = {i for i in self._ids if floor_id <= i < ceiling_id}
+        self.unwritten = {i for i in self.unwritten if floor_id <= i < ceiling_id}
 
     @property
     def written(self) -> int:
@@ -409,7 +410,9 @@ class LedgerWatcher:
     that is all. Otherwise it reads the ids in the range, skips those already published, and
     reads the rest in full with their campaign's and session's stored totals. A row committed
     more than `lag_seconds` after it was made (a writer that could not reach the database for
-    that long) is missed by the feed, never by /costs.
+    that long) is missed by the feed, never by /costs; so is a background response's final state
+    metered by another process (its id derives from the response, not the time: the range is
+    bounded above, so such ids, which look like any moment, are never taken for recent calls).
     """
 
     def __init__(self, store: Store, feed: Feed, *, lag_seconds: float, max_rows: int = 10_000,
@@ -425,13 +428,15 @@ class LedgerWatcher:
         feed = self.feed
         if not feed.live:
             return 0
-        floor = max(feed.live_since_ms, int(self.wall() * 1000) - self.lag_ms) << 80
-        feed.seen.forget_before(floor)
-        # Nearly always, nobody else wrote: the rows from the floor on are the ones already
+        now_ms = int(self.wall() * 1000)
+        floor = max(feed.live_since_ms, now_ms - self.lag_ms) << 80
+        ceiling = (now_ms + self.lag_ms) << 80  # as much slack for clocks of other hosts
+        feed.seen.keep_within(floor, ceiling)
+        # Nearly always, nobody else wrote: the rows in the window are the ones already
         # published, and one count says so without reading them.
-        if await self.store.count_records_from(floor) <= feed.seen.written:
+        if await self.store.count_records_between(floor, ceiling) <= feed.seen.written:
             return 0
-        ids = await self.store.record_ids_after(floor, self.max_rows)
+        ids = await self.store.record_ids_between(floor, ceiling, self.max_rows)
         new = [i for i in ids if i not in feed.seen]
         if not new:
             return 0

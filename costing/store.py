@@ -387,19 +387,21 @@ class Store:
                 .where(tuple_(SESSIONS.c.campaign_id, SESSIONS.c.session_id).in_(wanted)))
             return {(r.campaign_id, r.session_id) for r in rows}
 
-    async def count_records_from(self, floor_id: int) -> int:
-        """How many ledger rows have an id of `floor_id` or above: a range of the primary key
-        (record ids are version 7 UUIDs, time-ordered), counted from the index alone."""
+    async def count_records_between(self, floor_id: int, ceiling_id: int) -> int:
+        """How many ledger rows have an id from `floor_id` up to (not including) `ceiling_id`: a
+        range of the primary key (record ids are version 7 UUIDs, time-ordered), counted from
+        the index alone."""
         async with self.engine.connect() as conn:
             return int(await conn.scalar(
-                select(func.count()).select_from(RECORDS)
-                .where(RECORDS.c.id >= uuid.UUID(int=floor_id))) or 0)
+                select(func.count()).select_from(RECORDS).where(
+                    RECORDS.c.id >= uuid.UUID(int=floor_id), RECORDS.c.id < uuid.UUID(int=ceiling_id))) or 0)
 
-    async def record_ids_after(self, floor_id: int, limit: int) -> list[int]:
-        """Ids of ledger rows from `floor_id` on, oldest first (see `count_records_from`)."""
+    async def record_ids_between(self, floor_id: int, ceiling_id: int, limit: int) -> list[int]:
+        """Ids of ledger rows in that range, oldest first (see `count_records_between`)."""
         async with self.engine.connect() as conn:
             rows = await conn.execute(
-                select(RECORDS.c.id).where(RECORDS.c.id >= uuid.UUID(int=floor_id))
+                select(RECORDS.c.id).where(RECORDS.c.id >= uuid.UUID(int=floor_id),
+                                           RECORDS.c.id < uuid.UUID(int=ceiling_id))
                 .order_by(RECORDS.c.id).limit(limit))
             return [row[0].int for row in rows]
 

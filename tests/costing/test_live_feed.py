@@ -103,7 +103,7 @@ def test_running_totals_take_later_rows_off_the_stored_totals():
         (1, 10, 10), (2, 70, 60), (3, 100, 40)]
 
 
-def test_seen_ids_forget_what_falls_below_the_floor_and_count_what_is_written():
+def test_seen_ids_forget_what_falls_outside_the_window_and_count_what_is_written():
     seen = SeenIds()
     for i in (9, 1, 5, 2):  # published out of order: other processes' rows come later
         seen.add(i << 80)
@@ -115,8 +115,9 @@ def test_seen_ids_forget_what_falls_below_the_floor_and_count_what_is_written():
     assert seen.written == 6
     seen.on_dropped(own[2])  # refused by the database: never written
     assert seen.written == 7 and len(seen) == 7
-    seen.forget_before(5 << 80)
-    assert (1 << 80) not in seen and (5 << 80) in seen and len(seen) == 4 and seen.written == 4
+    seen.keep_within(5 << 80, 9 << 80)
+    assert (1 << 80) not in seen and (5 << 80) in seen and (9 << 80) not in seen
+    assert len(seen) == 3 and seen.written == 3
 
 
 @given(st.integers(min_value=0, max_value=253_402_300_799_999_999))  # up to 9999-12-31

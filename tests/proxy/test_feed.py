@@ -321,3 +321,23 @@ async def test_the_access_rule_is_the_one_of_costs_with_the_token_also_as_a_quer
         async with http.get(f"{proxy.url}/") as response:
             assert response.status == 200 and "text/html" in response.headers["Content-Type"]
             assert 'id="token-form"' in await response.text()
+
+
+async def test_an_earlier_background_row_is_not_replayed_as_a_new_call_of_another_replica(
+        start_proxy, fake):
+    """A background response's final state has an id derived from the response (not made from
+    the time), so it must not look like a call of the last seconds to another replica's feed."""
+    fake.behaviour.background_polls = 0
+    watching = await start_proxy(live_poll_interval_seconds=0.05)
+    other = await start_proxy()
+    client = other.client(campaign="bg", session="old")
+    created = await client.responses.create(model="gpt-4o-mini", input="hi", background=True)
+    await client.responses.retrieve(created.id)
+    await other.flush()
+    async with aiohttp.ClientSession() as http, http.get(f"{watching.url}/costs/events") as response:
+        reader = EventReader(response)
+        await _chat(other, campaign="bg", session="new")
+        [event] = await reader.events(1, within=15)
+        await asyncio.sleep(0.5)  # ten more polls
+    assert event.data["session_id"] == "new"
+    assert reader._buffer.count(b"event: usage") == 0
