@@ -193,6 +193,12 @@ class Meter:
             self._submit(entry)
         return entry
 
+    def release(self, ticket: Ticket) -> None:
+        """An admitted call that never reached the upstream whole (the proxy refused its body part
+        way): nothing was billed, so no ledger row; its reservation is freed."""
+        if not ticket.settled:
+            self._settle(ticket, 0)
+
     def final_state(self, campaign_id: str, session_id: str, reported: Reported, *, status: int,
                     streamed: bool, started: float, authorization: str | None) -> FinalState | None:
         """Meter a background response whose final state was read (a retrieval, its stream or

@@ -281,7 +281,10 @@ async def _billable(request: web.Request, app: web.Application, headers: Headers
         outcome.fail(exc)
         raise
     finally:
-        meter.record_unpriced(ticket, status=outcome.status)
+        if outcome.failure == "request_too_large":
+            meter.release(ticket)
+        else:
+            meter.record_unpriced(ticket, status=outcome.status)
 
 
 async def _admit(app: web.Application, campaign_id: str, session_id: str, operation: str,

@@ -420,8 +420,9 @@ async def test_a_body_over_max_request_body_bytes_is_a_413_and_not_forwarded(sta
             assert response.status == 200
 
 
-@sqlite_only
-async def test_a_chunked_body_over_the_limit_on_a_pass_through_path_is_a_413(start_proxy, fake):
+async def test_a_chunked_body_over_the_limit_on_a_billable_path_is_a_413_and_no_row(start_proxy, fake):
+    """The upload is refused part-way (after the budget admitted it): nothing reached the upstream
+    whole, nothing is billed, so no ledger row; the budget's reservation is released."""
     proxy = await start_proxy(max_request_body_bytes=4096)
     framed = b"".join(b"400\r\n" + b"a" * 1024 + b"\r\n" for _ in range(8)) + b"0\r\n\r\n"
     status, _, body = await raw_http(proxy.port, b"POST /v1/files HTTP/1.1\r\nHost: x\r\n"
@@ -429,6 +430,9 @@ async def test_a_chunked_body_over_the_limit_on_a_pass_through_path_is_a_413(sta
     assert fake.requests == []
     assert status == 413
     assert_error_shape(orjson.loads(body), "request_too_large")
+    await proxy.flush()
+    assert await ledger_rows(proxy.engine) == []
+    await still_serves(proxy, fake)
 
 
 @sqlite_only
