@@ -42,6 +42,10 @@ HOP_BY_HOP = frozenset({
 })
 # The client session decodes upstream bodies, so their encoding and length no longer apply.
 RESPONSE_DROPPED = HOP_BY_HOP | {"content-encoding"}
+# For the same reason the upstream is offered only what the session decodes (aiohttp's own
+# Accept-Encoding), never the client's: an encoding it cannot decode (zstd) would turn an
+# answered, billed call into a 502.
+REQUEST_DROPPED = HOP_BY_HOP | {"accept-encoding"}
 STREAMED_USAGE_OPERATIONS = (Operation.CHAT, Operation.COMPLETIONS)
 NO_USER_AGENT = ("User-Agent",)
 
@@ -62,14 +66,15 @@ Headers = list[tuple[str, str]]
 
 
 def upstream_headers(request: web.Request, settings: Settings) -> Headers:
-    """The client's headers minus hop-by-hop ones (and those its Connection header names) and tags."""
+    """The client's headers minus hop-by-hop ones (and those its Connection header names), its
+    Accept-Encoding and tags."""
     dropped = {settings.campaign_header.lower(), settings.session_header.lower()}
     if settings.proxy_api_keys is not None:  # the client's key is the proxy's, never upstream's
         dropped.add("authorization")
     for value in request.headers.getall("Connection", ()):
         dropped.update(token.strip().lower() for token in value.split(","))
     headers = [(name, value) for name, value in request.headers.items()
-               if (lower := name.lower()) not in HOP_BY_HOP and lower not in dropped]
+               if (lower := name.lower()) not in REQUEST_DROPPED and lower not in dropped]
     if settings.openai_api_key is not None and (
             "authorization" in dropped or "Authorization" not in request.headers):
         headers.append(("Authorization", f"Bearer {settings.openai_api_key.get_secret_value()}"))

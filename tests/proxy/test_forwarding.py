@@ -231,6 +231,28 @@ async def test_gzip_encoded_upstream_bodies_are_metered_and_decoded_for_the_clie
     assert row.input_tokens == 77 and row.cost_usd > 0
 
 
+async def test_the_upstream_is_offered_only_encodings_the_proxy_can_decode(proxy, fake):
+    """The proxy decodes upstream bodies itself and has no zstd decoder: a client that accepts
+    zstd must not make an upstream (or its CDN) answer in zstd, or a successful, billed call
+    becomes a 502 recorded at $0. The upstream is offered what the proxy decodes."""
+    fake.behaviour.negotiated_encoding = "zstd"
+    fake.behaviour.prompt_tokens = 77
+    offered = "gzip, deflate, br, zstd"
+    async with aiohttp.ClientSession(auto_decompress=False) as http:  # the premise: it would
+        async with http.post(f"{fake.url}/v1/chat/completions", json={"model": "gpt-4o-mini"},
+                             headers={"Accept-Encoding": offered}) as direct:
+            assert direct.headers["Content-Encoding"] == "zstd"
+    completion = await proxy.client().chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"Accept-Encoding": offered})
+    assert completion.choices[0].message.content == fake.behaviour.reply
+    assert completion.usage.prompt_tokens == 77
+    assert "zstd" not in fake.requests[-1].headers["Accept-Encoding"]
+    await proxy.flush()
+    [row] = await ledger_rows(proxy.engine)
+    assert (row.status_code, row.input_tokens) == (200, 77) and row.cost_usd > 0
+
+
 @pytest.mark.parametrize("status", [400, 401, 429, 500, 503])
 async def test_upstream_errors_pass_through_verbatim(proxy, fake, status):
     fake.behaviour.status = status
