@@ -183,9 +183,12 @@ async def _send(request: web.Request, upstream: Upstream, headers: Headers, body
     try:
         response = await client.request(request.method, _target(request, upstream), headers=headers,
                                         data=body, allow_redirects=False, skip_auto_headers=skip)
-    except TimeoutError as exc:
+    except aiohttp.ConnectionTimeoutError as exc:  # (a TimeoutError too) never reached the upstream
         raise ProxyError(504, "The upstream API did not answer in time", type="server_error",
                          code="upstream_timeout") from exc
+    except TimeoutError as exc:  # sent, and no answer within UPSTREAM_READ_TIMEOUT_SECONDS
+        raise GaveUp(504, "The upstream API did not answer in time", type="server_error",
+                     code="upstream_timeout") from exc
     except aiohttp.ClientError as exc:
         if isinstance(exc.__cause__, ProxyError):  # raised while streaming the request body
             raise exc.__cause__ from None
@@ -194,6 +197,12 @@ async def _send(request: web.Request, upstream: Upstream, headers: Headers, body
     finally:
         timing.waiting += time.perf_counter() - sent
     return response
+
+
+class GaveUp(ProxyError):
+    """The proxy stopped waiting for an answer the upstream was giving (its read timeout, or a
+    body broken off): the upstream did the work and OpenAI bills it, so the call is recorded at
+    its estimate, as for a client that leaves, unless the upstream had answered with an error."""
 
 
 def _too_large(limit: int) -> ProxyError:
@@ -232,6 +241,7 @@ class Outcome:
     status: int = 502
     answered: bool = False
     failure: str | None = None  # why it failed, when not by the upstream's status (traces)
+    billed: bool = False  # the proxy gave up on an answer the upstream was giving (GaveUp)
 
     def answer(self, status: int) -> None:
         self.status, self.answered = status, True
@@ -240,6 +250,7 @@ class Outcome:
         """Called as an exception leaves the handler: a departing client (cancellation) before
         the answer is recorded as nginx logs it (499), not as an upstream failure."""
         if isinstance(exc, ProxyError):
+            self.billed = isinstance(exc, GaveUp) and (not self.answered or 200 <= self.status < 300)
             self.status, self.failure = exc.status, exc.code
         elif isinstance(exc, asyncio.CancelledError):
             self.failure = "client_disconnected"
@@ -366,11 +377,11 @@ async def _answer_body(upstream: aiohttp.ClientResponse, timing: Timing) -> byte
     try:
         return await _whole_body(upstream)
     except TimeoutError as exc:
-        raise ProxyError(504, "The upstream API stopped answering in time",
-                         type="server_error", code="upstream_timeout") from exc
+        raise GaveUp(504, "The upstream API stopped answering in time",
+                     type="server_error", code="upstream_timeout") from exc
     except aiohttp.ClientError as exc:
-        raise ProxyError(502, "The upstream API broke off its answer",
-                         type="server_error", code="upstream_incomplete") from exc
+        raise GaveUp(502, "The upstream API broke off its answer",
+                     type="server_error", code="upstream_incomplete") from exc
     finally:
         timing.waiting += time.perf_counter() - waited
 
@@ -508,7 +519,7 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
         if not ticket.settled:
             entry = meter.record(ticket, reported, status=outcome.status, streamed=tap is not None,
                                  streamed_chars=tap.streamed_chars() if tap and not tap.usage_seen
-                                 else 0)
+                                 else 0, billed=outcome.billed)
         _observe(app[METRICS], ticket, reported, outcome.status, timing)
         if span is not None:
             span.tracer.end(span, outcome.status, error_type(outcome.status, outcome.failure), entry,

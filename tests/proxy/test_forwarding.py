@@ -274,6 +274,9 @@ async def test_unreachable_upstream_is_a_502_in_openai_shape(start_proxy):
     assert caught.value.status_code == 502
     assert caught.value.body["code"] == "upstream_unreachable"
     assert set(caught.value.response.json()["error"]) == {"message", "type", "param", "code"}
+    await proxy.flush()  # the call never reached the upstream: not billed, not estimated
+    [row] = await ledger_rows(proxy.engine)
+    assert (row.status_code, row.cost_usd, row.estimated) == (502, 0, False)
 
 
 async def test_upstream_timeout_is_a_504(start_proxy, fake):
