@@ -28,7 +28,7 @@ from costing.money import format_units, from_units
 from costing.records import UsageEntry
 from costing.settings import Settings
 from costing.tasks import uninterrupted
-from costing.usage import Operation, Reported, RequestFacts, from_body, request_facts
+from costing.usage import Operation, Reported, RequestFacts, answer_chars, from_body, request_facts
 from proxy.errors import ProxyError, answer
 from proxy.metrics import Metrics
 from proxy.sse import SSETap
@@ -500,7 +500,10 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
             reported = from_body(decoded) if decoded is not None else None
             if span is not None:
                 span.tracer.answered(span, decoded)
-            entry = meter.record(ticket, reported, status=outcome.status, streamed=False)
+            # Without usage, the output is estimated from the answer's text, as a stream's is.
+            entry = meter.record(ticket, reported, status=outcome.status, streamed=False,
+                                 streamed_chars=0 if reported is not None and reported.usage
+                                 is not None else answer_chars(decoded))
             reply_headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
             reply_headers.append((REQUEST_COST, format_units(entry.cost_units)))
             session_total = meter.session_total_now(campaign_id, session_id)

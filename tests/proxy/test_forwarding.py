@@ -329,6 +329,47 @@ async def test_other_paths_methods_and_queries_pass_through(proxy, fake):
     assert models.data
 
 
+async def _answer_text(proxy, operation: str, stream: bool) -> str:
+    """One call of `operation` through the SDK; the text the client got."""
+    client = proxy.client()
+    hi = [{"role": "user", "content": "hi"}]
+    if operation == "chat":
+        if not stream:
+            return (await client.chat.completions.create(model="gpt-4o-mini", messages=hi)
+                    ).choices[0].message.content
+        return "".join([c.choices[0].delta.content or "" async for c in await client.chat.completions
+                        .create(model="gpt-4o-mini", messages=hi, stream=True) if c.choices])
+    if operation == "completions":
+        if not stream:
+            return (await client.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi")
+                    ).choices[0].text
+        return "".join([c.choices[0].text async for c in await client.completions.create(
+            model="gpt-3.5-turbo-instruct", prompt="hi", stream=True) if c.choices])
+    if not stream:
+        return (await client.responses.create(model="gpt-4o-mini", input="hi")).output_text
+    return "".join([e.delta async for e in await client.responses.create(
+        model="gpt-4o-mini", input="hi", stream=True) if e.type == "response.output_text.delta"])
+
+
+@pytest.mark.parametrize("operation", ["chat", "completions", "responses"])
+async def test_an_answer_without_usage_is_estimated_from_its_text_json_or_streamed(proxy, fake,
+                                                                                   operation):
+    """An OpenAI-compatible upstream may report no usage. The output is then estimated from the
+    answer's text (characters / 4), whether it came whole as JSON or as a stream: the same answer
+    costs the same either way, never just its prompt."""
+    fake.behaviour.omit_usage = True
+    fake.behaviour.reply = "The goblin king grins and the dice roll across the table."
+    for stream in (False, True):
+        assert await _answer_text(proxy, operation, stream) == fake.behaviour.reply
+    await proxy.flush()
+    whole, streamed = await ledger_rows(proxy.engine)
+    assert (whole.streamed, streamed.streamed) == (False, True)
+    assert whole.estimated and streamed.estimated
+    assert whole.output_tokens == streamed.output_tokens == -(-len(fake.behaviour.reply) // 4)
+    assert whole.input_tokens == streamed.input_tokens and whole.cost_usd == streamed.cost_usd
+    await assert_aggregates_match_ledger(proxy.engine)
+
+
 @pytest.mark.parametrize("half_line", [False, True])
 async def test_upstream_cut_off_mid_stream_cuts_the_client_and_is_recorded_estimated(proxy, fake, half_line):
     fake.behaviour.reply = "one two three four five six seven eight"
