@@ -121,17 +121,19 @@ class Meter:
                       key_hash(authorization))
 
     def record(self, ticket: Ticket, reported: Reported | None, *, status: int, streamed: bool,
-               streamed_chars: int = 0) -> UsageEntry:
+               streamed_chars: int = 0, billed: bool = False) -> UsageEntry:
         """Price what the upstream reported (or estimate it) and hand the entry to the ledger.
 
-        Without usage, a call the upstream answered (2xx) or the client left (499) is estimated:
-        prompt plus the output streamed so far, as OpenAI bills work it did. Idempotent per
-        ticket: a second call returns without recording twice.
+        Without usage, a call the upstream answered (2xx), the client left (499) or the proxy
+        gave up on while the upstream worked (`billed`: its 502/504 after a read timeout or a
+        broken 2xx body) is estimated: prompt plus the output streamed so far, as OpenAI bills
+        work it did. Other errors, OpenAI's own or a call that never reached it, cost nothing.
+        Idempotent per ticket: a second call returns without recording twice.
         """
         usage: Usage | None = reported.usage if reported else None
         estimated = False
         if usage is None:
-            if 200 <= status < 300 or status == CLIENT_CLOSED_REQUEST:
+            if 200 <= status < 300 or status == CLIENT_CLOSED_REQUEST or billed:
                 usage = estimate_usage(ticket.facts.prompt_tokens, streamed_chars)
                 estimated = True
             else:

@@ -202,15 +202,68 @@ def event_text(event: Any) -> str:
             parts.append(choice["text"])
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            for key in ("content", "refusal", "reasoning_content"):
-                if isinstance(delta.get(key), str):
-                    parts.append(delta[key])
-            calls = delta.get("tool_calls")
-            for call in calls if isinstance(calls, list) else ():
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                    parts.append(function["arguments"])
+            _message_text(delta, parts)
     return "".join(parts)
+
+
+def _message_text(message: dict[str, Any], parts: list[str]) -> None:
+    """Append the generated text of a chat message or of a stream delta, the same fields for
+    both: content, refusal, reasoning (compatible upstreams) and tool-call arguments."""
+    for key in ("content", "refusal", "reasoning_content"):
+        if isinstance(message.get(key), str):
+            parts.append(message[key])
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            parts.append(function["arguments"])
+
+
+# Responses output items: where each kind keeps the text its stream sends as `*.delta` events
+# (message text and refusals, reasoning text and summaries in part lists; tool-call arguments).
+_OUTPUT_PART_LISTS = ("content", "summary")
+_OUTPUT_PART_TEXT = ("text", "refusal")
+_OUTPUT_ITEM_TEXT = ("arguments", "input")
+
+
+def answer_chars(body: Any) -> int:
+    """Characters of generated text in a whole (non-streamed) answer: its output estimated as a
+    stream's is when the upstream reports no usage (an OpenAI-compatible upstream may omit it),
+    so an answer costs the same estimate whether it came as JSON or as events."""
+    if not isinstance(body, dict):
+        return 0
+    parts: list[str] = []
+    output = body.get("output")
+    if isinstance(output, list):  # a Responses object
+        for item in output:
+            if isinstance(item, dict):
+                _output_item_text(item, parts)
+        if not parts and isinstance(body.get("output_text"), str):  # the SDKs' convenience field
+            parts.append(body["output_text"])
+        return sum(map(len, parts))
+    choices = body.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        if isinstance(choice.get("text"), str):  # legacy completions
+            parts.append(choice["text"])
+        message = choice.get("message")
+        if isinstance(message, dict):
+            _message_text(message, parts)
+    return sum(map(len, parts))
+
+
+def _output_item_text(item: dict[str, Any], parts: list[str]) -> None:
+    for key in _OUTPUT_ITEM_TEXT:
+        if isinstance(item.get(key), str):
+            parts.append(item[key])
+    for key in _OUTPUT_PART_LISTS:
+        content = item.get(key)
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict):
+                for field in _OUTPUT_PART_TEXT:
+                    if isinstance(part.get(field), str):
+                        parts.append(part[field])
 
 
 def _count(value: Any) -> int:

@@ -28,7 +28,7 @@ from costing.money import format_units, from_units
 from costing.records import UsageEntry
 from costing.settings import Settings
 from costing.tasks import uninterrupted
-from costing.usage import Operation, Reported, RequestFacts, from_body, request_facts
+from costing.usage import Operation, Reported, RequestFacts, answer_chars, from_body, request_facts
 from proxy.errors import ProxyError, answer
 from proxy.metrics import Metrics
 from proxy.sse import SSETap
@@ -42,6 +42,10 @@ HOP_BY_HOP = frozenset({
 })
 # The client session decodes upstream bodies, so their encoding and length no longer apply.
 RESPONSE_DROPPED = HOP_BY_HOP | {"content-encoding"}
+# For the same reason the upstream is offered only what the session decodes (aiohttp's own
+# Accept-Encoding), never the client's: an encoding it cannot decode (zstd) would turn an
+# answered, billed call into a 502.
+REQUEST_DROPPED = HOP_BY_HOP | {"accept-encoding"}
 STREAMED_USAGE_OPERATIONS = (Operation.CHAT, Operation.COMPLETIONS)
 NO_USER_AGENT = ("User-Agent",)
 
@@ -62,14 +66,15 @@ Headers = list[tuple[str, str]]
 
 
 def upstream_headers(request: web.Request, settings: Settings) -> Headers:
-    """The client's headers minus hop-by-hop ones (and those its Connection header names) and tags."""
+    """The client's headers minus hop-by-hop ones (and those its Connection header names), its
+    Accept-Encoding and tags."""
     dropped = {settings.campaign_header.lower(), settings.session_header.lower()}
     if settings.proxy_api_keys is not None:  # the client's key is the proxy's, never upstream's
         dropped.add("authorization")
     for value in request.headers.getall("Connection", ()):
         dropped.update(token.strip().lower() for token in value.split(","))
     headers = [(name, value) for name, value in request.headers.items()
-               if (lower := name.lower()) not in HOP_BY_HOP and lower not in dropped]
+               if (lower := name.lower()) not in REQUEST_DROPPED and lower not in dropped]
     if settings.openai_api_key is not None and (
             "authorization" in dropped or "Authorization" not in request.headers):
         headers.append(("Authorization", f"Bearer {settings.openai_api_key.get_secret_value()}"))
@@ -178,9 +183,12 @@ async def _send(request: web.Request, upstream: Upstream, headers: Headers, body
     try:
         response = await client.request(request.method, _target(request, upstream), headers=headers,
                                         data=body, allow_redirects=False, skip_auto_headers=skip)
-    except TimeoutError as exc:
+    except aiohttp.ConnectionTimeoutError as exc:  # (a TimeoutError too) never reached the upstream
         raise ProxyError(504, "The upstream API did not answer in time", type="server_error",
                          code="upstream_timeout") from exc
+    except TimeoutError as exc:  # sent, and no answer within UPSTREAM_READ_TIMEOUT_SECONDS
+        raise GaveUp(504, "The upstream API did not answer in time", type="server_error",
+                     code="upstream_timeout") from exc
     except aiohttp.ClientError as exc:
         if isinstance(exc.__cause__, ProxyError):  # raised while streaming the request body
             raise exc.__cause__ from None
@@ -189,6 +197,12 @@ async def _send(request: web.Request, upstream: Upstream, headers: Headers, body
     finally:
         timing.waiting += time.perf_counter() - sent
     return response
+
+
+class GaveUp(ProxyError):
+    """The proxy stopped waiting for an answer the upstream was giving (its read timeout, or a
+    body broken off): the upstream did the work and OpenAI bills it, so the call is recorded at
+    its estimate, as for a client that leaves, unless the upstream had answered with an error."""
 
 
 def _too_large(limit: int) -> ProxyError:
@@ -227,6 +241,7 @@ class Outcome:
     status: int = 502
     answered: bool = False
     failure: str | None = None  # why it failed, when not by the upstream's status (traces)
+    billed: bool = False  # the proxy gave up on an answer the upstream was giving (GaveUp)
 
     def answer(self, status: int) -> None:
         self.status, self.answered = status, True
@@ -235,6 +250,7 @@ class Outcome:
         """Called as an exception leaves the handler: a departing client (cancellation) before
         the answer is recorded as nginx logs it (499), not as an upstream failure."""
         if isinstance(exc, ProxyError):
+            self.billed = isinstance(exc, GaveUp) and (not self.answered or 200 <= self.status < 300)
             self.status, self.failure = exc.status, exc.code
         elif isinstance(exc, asyncio.CancelledError):
             self.failure = "client_disconnected"
@@ -364,11 +380,11 @@ async def _answer_body(upstream: aiohttp.ClientResponse, timing: Timing) -> byte
     try:
         return await _whole_body(upstream)
     except TimeoutError as exc:
-        raise ProxyError(504, "The upstream API stopped answering in time",
-                         type="server_error", code="upstream_timeout") from exc
+        raise GaveUp(504, "The upstream API stopped answering in time",
+                     type="server_error", code="upstream_timeout") from exc
     except aiohttp.ClientError as exc:
-        raise ProxyError(502, "The upstream API broke off its answer",
-                         type="server_error", code="upstream_incomplete") from exc
+        raise GaveUp(502, "The upstream API broke off its answer",
+                     type="server_error", code="upstream_incomplete") from exc
     finally:
         timing.waiting += time.perf_counter() - waited
 
@@ -487,7 +503,10 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
             reported = from_body(decoded) if decoded is not None else None
             if span is not None:
                 span.tracer.answered(span, decoded)
-            entry = meter.record(ticket, reported, status=outcome.status, streamed=False)
+            # Without usage, the output is estimated from the answer's text, as a stream's is.
+            entry = meter.record(ticket, reported, status=outcome.status, streamed=False,
+                                 streamed_chars=0 if reported is not None and reported.usage
+                                 is not None else answer_chars(decoded))
             reply_headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
             reply_headers.append((REQUEST_COST, format_units(entry.cost_units)))
             session_total = meter.session_total_now(campaign_id, session_id)
@@ -506,7 +525,7 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
         if not ticket.settled:
             entry = meter.record(ticket, reported, status=outcome.status, streamed=tap is not None,
                                  streamed_chars=tap.streamed_chars() if tap and not tap.usage_seen
-                                 else 0)
+                                 else 0, billed=outcome.billed)
         _observe(app[METRICS], ticket, reported, outcome.status, timing)
         if span is not None:
             span.tracer.end(span, outcome.status, error_type(outcome.status, outcome.failure), entry,

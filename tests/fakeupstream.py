@@ -39,6 +39,9 @@ class Behaviour:
     status: int = 200
     error_body: dict[str, Any] | None = None
     encoding: str | None = None  # gzip, deflate or br for JSON bodies
+    # JSON bodies in this encoding (zstd too) only when the request's Accept-Encoding offers it,
+    # as an API or the CDN in front of it negotiates; else uncompressed.
+    negotiated_encoding: str | None = None
     disconnect_after_chunks: int | None = None
     omit_usage: bool = False
     half_line_then_close: bool = False
@@ -161,7 +164,19 @@ class FakeUpstream:
                 return web.json_response({"error": {"message": f"Invalid type for '{wrong}'.",
                                                     "type": "invalid_request_error", "param": wrong,
                                                     "code": "invalid_type"}}, status=400)
-        return await handler(request, recorded.json)
+        return self._negotiated(request, await handler(request, recorded.json))
+
+    def _negotiated(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+        """`negotiated_encoding` applied to a whole JSON body, if the request accepts it."""
+        encoding = self.behaviour.negotiated_encoding
+        offered = {token.partition(";")[0].strip().lower()
+                   for token in request.headers.get("Accept-Encoding", "").split(",")}
+        if (encoding is None or encoding not in offered or type(response) is not web.Response
+                or not isinstance(response.body, bytes) or response.headers.get("Content-Encoding")):
+            return response
+        response.body = ENCODERS[encoding](response.body)
+        response.headers["Content-Encoding"] = encoding
+        return response
 
     def _model(self, body: dict[str, Any]) -> str:
         if self.behaviour.model:
@@ -200,7 +215,7 @@ class FakeUpstream:
         headers = {"Content-Type": "application/json", "x-request-id": f"req_{uuid.uuid4().hex[:12]}"}
         encoding = self.behaviour.encoding
         if encoding:
-            data = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress}[encoding](data)
+            data = ENCODERS[encoding](data)
             headers["Content-Encoding"] = encoding
         if self.behaviour.body_stall or self.behaviour.truncate_body:
             return _SlowResponse(body=data, headers=headers, stall=self.behaviour.body_stall,
@@ -432,6 +447,22 @@ def _wrongly_typed(body: dict[str, Any]) -> str | None:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             return name
     return None
+
+
+def zstd_frame(data: bytes) -> bytes:
+    """`data` as one zstd frame of raw (stored) blocks: valid zstd (RFC 8878) without a zstd
+    library, which aiohttp here lacks too, so it cannot decode it."""
+    # Frame header: magic, then single segment with a 4-byte content size (no window descriptor).
+    frame = bytearray(struct.pack("<IBI", 0xFD2FB528, 0xA0, len(data)))
+    size = 128 * 1024  # the largest block
+    blocks = [data[at:at + size] for at in range(0, len(data), size)] or [b""]
+    for index, block in enumerate(blocks):
+        last = index == len(blocks) - 1
+        frame += ((len(block) << 3) | last).to_bytes(3, "little") + block  # block type 0: raw
+    return bytes(frame)
+
+
+ENCODERS = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress, "zstd": zstd_frame}
 
 
 class _SlowResponse(web.StreamResponse):

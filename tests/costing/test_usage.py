@@ -26,6 +26,7 @@ from costing.usage import (
     Reported,
     RequestFacts,
     Usage,
+    answer_chars,
     estimate_usage,
     event_text,
     from_body,
@@ -331,6 +332,65 @@ def test_event_text_never_raises_on_a_non_list_choices_or_tool_calls(event):
     assert event_text(event) == ""
 
 
+# -- answer_chars: the text of a whole answer, for an estimate without usage ----------------------
+
+
+def test_a_chat_answer_counts_its_message_content():
+    body = {"object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hello there", "refusal": None},
+         "finish_reason": "stop"}]}
+    assert answer_chars(body) == len("Hello there")
+
+
+def test_a_chat_answer_counts_tool_call_arguments_refusals_reasoning_and_every_choice():
+    body = {"choices": [
+        {"message": {"content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "roll", "arguments": '{"dice":"2d6"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "roll", "arguments": "{}"}}]}},
+        {"message": {"content": "ok", "refusal": "I can't", "reasoning_content": " think"}}]}
+    assert answer_chars(body) == len('{"dice":"2d6"}') + len("{}") + len("ok") + len("I can't think")
+
+
+def test_a_legacy_completion_answer_counts_its_choices_text():
+    body = {"object": "text_completion", "choices": [{"text": "Once upon"}, {"text": " a time"}]}
+    assert answer_chars(body) == len("Once upon a time")
+
+
+def test_a_responses_answer_counts_message_text_refusals_reasoning_and_tool_arguments():
+    body = {"object": "response", "output": [
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Plan."}]},
+        {"type": "web_search_call", "action": {"type": "search", "query": "not generated text"}},
+        {"type": "function_call", "name": "roll", "arguments": '{"a":1}'},
+        {"type": "message", "role": "assistant", "content": [
+            {"type": "output_text", "text": "Greetings", "annotations": []},
+            {"type": "refusal", "refusal": "No."}]}],
+        "output_text": "Greetings"}  # the SDKs' convenience copy: not counted twice
+    assert answer_chars(body) == len("Plan.") + len('{"a":1}') + len("Greetings") + len("No.")
+
+
+def test_a_responses_answer_with_only_output_text_counts_that():
+    assert answer_chars({"output": [], "output_text": "Just this"}) == len("Just this")
+
+
+def test_a_json_answer_and_the_same_answer_streamed_count_the_same_text():
+    """The estimate of an answer without usage does not depend on how it was delivered."""
+    words = ["The", " goblin", " king", " grins."]
+    chunks = [_chat_chunk(word) for word in words]
+    body = {"choices": [{"message": {"role": "assistant", "content": "".join(words)}}]}
+    assert answer_chars(body) == sum(len(event_text(chunk)) for chunk in chunks) == 22
+
+
+@pytest.mark.parametrize("body", [
+    None, "text", [], {}, {"choices": None}, {"choices": 5}, {"choices": ["x", None]},
+    {"choices": [{"message": None}, {"message": {"content": 3, "tool_calls": "x"}}]},
+    {"output": [None, "x", {"type": "message", "content": "not a list"}]},
+    {"output": [{"content": [None, {"text": 5}]}], "output_text": None},
+    {"data": [{"embedding": [0.1]}], "object": "list"},
+])
+def test_answers_without_generated_text_count_zero(body):
+    assert answer_chars(body) == 0
+
+
 # -- request_facts -------------------------------------------------------------------------------
 
 
@@ -570,7 +630,8 @@ _KEYS = st.sampled_from([
     "output_tokens_details", "cached_tokens", "reasoning_tokens", "type", "response", "model", "id",
     "choices", "delta", "messages", "content", "input", "prompt", "suffix", "instructions", "tools",
     "max_tokens", "max_completion_tokens", "max_output_tokens", "n", "stream", "stream_options",
-    "include_usage", "image_url",
+    "include_usage", "image_url", "message", "output", "output_text", "text", "summary",
+    "arguments", "tool_calls", "function", "refusal",
 ]) | st.text(max_size=8)
 _TYPES = st.sampled_from(["response.created", "response.completed", "response.incomplete", "response.failed",
                           "response.output_text.delta", "image_url", "input_image", "text"])
@@ -599,6 +660,13 @@ def test_from_body_and_from_event_never_raise(value):
                                                                        "response": value})):
         assert reported.model is None or isinstance(reported.model, str)
         assert reported.response_id is None or isinstance(reported.response_id, str)
+
+
+@settings(deadline=None)
+@given(JSON_VALUES)
+def test_answer_chars_never_raises(value):
+    assert answer_chars(value) >= 0
+    assert answer_chars({"output": value}) >= 0 and answer_chars({"choices": value}) >= 0
 
 
 @settings(deadline=None)

@@ -231,6 +231,28 @@ async def test_gzip_encoded_upstream_bodies_are_metered_and_decoded_for_the_clie
     assert row.input_tokens == 77 and row.cost_usd > 0
 
 
+async def test_the_upstream_is_offered_only_encodings_the_proxy_can_decode(proxy, fake):
+    """The proxy decodes upstream bodies itself and has no zstd decoder: a client that accepts
+    zstd must not make an upstream (or its CDN) answer in zstd, or a successful, billed call
+    becomes a 502 recorded at $0. The upstream is offered what the proxy decodes."""
+    fake.behaviour.negotiated_encoding = "zstd"
+    fake.behaviour.prompt_tokens = 77
+    offered = "gzip, deflate, br, zstd"
+    async with aiohttp.ClientSession(auto_decompress=False) as http:  # the premise: it would
+        async with http.post(f"{fake.url}/v1/chat/completions", json={"model": "gpt-4o-mini"},
+                             headers={"Accept-Encoding": offered}) as direct:
+            assert direct.headers["Content-Encoding"] == "zstd"
+    completion = await proxy.client().chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"Accept-Encoding": offered})
+    assert completion.choices[0].message.content == fake.behaviour.reply
+    assert completion.usage.prompt_tokens == 77
+    assert "zstd" not in fake.requests[-1].headers["Accept-Encoding"]
+    await proxy.flush()
+    [row] = await ledger_rows(proxy.engine)
+    assert (row.status_code, row.input_tokens) == (200, 77) and row.cost_usd > 0
+
+
 @pytest.mark.parametrize("status", [400, 401, 429, 500, 503])
 async def test_upstream_errors_pass_through_verbatim(proxy, fake, status):
     fake.behaviour.status = status
@@ -252,6 +274,9 @@ async def test_unreachable_upstream_is_a_502_in_openai_shape(start_proxy):
     assert caught.value.status_code == 502
     assert caught.value.body["code"] == "upstream_unreachable"
     assert set(caught.value.response.json()["error"]) == {"message", "type", "param", "code"}
+    await proxy.flush()  # the call never reached the upstream: not billed, not estimated
+    [row] = await ledger_rows(proxy.engine)
+    assert (row.status_code, row.cost_usd, row.estimated) == (502, 0, False)
 
 
 async def test_upstream_timeout_is_a_504(start_proxy, fake):
@@ -302,6 +327,47 @@ async def test_other_paths_methods_and_queries_pass_through(proxy, fake):
     assert echoed["headers"].get("X-Custom") == "kept"
     models = await proxy.client().models.list()
     assert models.data
+
+
+async def _answer_text(proxy, operation: str, stream: bool) -> str:
+    """One call of `operation` through the SDK; the text the client got."""
+    client = proxy.client()
+    hi = [{"role": "user", "content": "hi"}]
+    if operation == "chat":
+        if not stream:
+            return (await client.chat.completions.create(model="gpt-4o-mini", messages=hi)
+                    ).choices[0].message.content
+        return "".join([c.choices[0].delta.content or "" async for c in await client.chat.completions
+                        .create(model="gpt-4o-mini", messages=hi, stream=True) if c.choices])
+    if operation == "completions":
+        if not stream:
+            return (await client.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi")
+                    ).choices[0].text
+        return "".join([c.choices[0].text async for c in await client.completions.create(
+            model="gpt-3.5-turbo-instruct", prompt="hi", stream=True) if c.choices])
+    if not stream:
+        return (await client.responses.create(model="gpt-4o-mini", input="hi")).output_text
+    return "".join([e.delta async for e in await client.responses.create(
+        model="gpt-4o-mini", input="hi", stream=True) if e.type == "response.output_text.delta"])
+
+
+@pytest.mark.parametrize("operation", ["chat", "completions", "responses"])
+async def test_an_answer_without_usage_is_estimated_from_its_text_json_or_streamed(proxy, fake,
+                                                                                   operation):
+    """An OpenAI-compatible upstream may report no usage. The output is then estimated from the
+    answer's text (characters / 4), whether it came whole as JSON or as a stream: the same answer
+    costs the same either way, never just its prompt."""
+    fake.behaviour.omit_usage = True
+    fake.behaviour.reply = "The goblin king grins and the dice roll across the table."
+    for stream in (False, True):
+        assert await _answer_text(proxy, operation, stream) == fake.behaviour.reply
+    await proxy.flush()
+    whole, streamed = await ledger_rows(proxy.engine)
+    assert (whole.streamed, streamed.streamed) == (False, True)
+    assert whole.estimated and streamed.estimated
+    assert whole.output_tokens == streamed.output_tokens == -(-len(fake.behaviour.reply) // 4)
+    assert whole.input_tokens == streamed.input_tokens and whole.cost_usd == streamed.cost_usd
+    await assert_aggregates_match_ledger(proxy.engine)
 
 
 @pytest.mark.parametrize("half_line", [False, True])

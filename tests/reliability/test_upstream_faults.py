@@ -153,7 +153,10 @@ async def test_each_sdk_retry_after_a_timeout_is_its_own_estimated_row(proxy, fa
     await assert_aggregates_match_ledger(proxy.engine)
 
 
-async def test_a_json_answer_cut_off_halfway_is_a_clean_502(proxy, fake):
+async def test_a_json_answer_cut_off_halfway_is_a_clean_502_recorded_at_its_estimate(proxy, fake):
+    """The upstream answered 200, so it did the work and OpenAI bills it; the proxy could not read
+    the answer (a 502 for the client). Recorded as a client that left is: at the request's
+    estimate, flagged `estimated`, with the status the client got."""
     fake.behaviour.truncate_body = True
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT, headers=TAGS) as response:
@@ -162,7 +165,30 @@ async def test_a_json_answer_cut_off_halfway_is_a_clean_502(proxy, fake):
     await still_serves(proxy, fake)
     await proxy.flush()
     first, _ = await ledger_rows(proxy.engine)
-    assert (first.status_code, first.cost_usd, first.estimated) == (502, 0, False)
+    assert (first.status_code, first.estimated) == (502, True)
+    assert first.input_tokens > 0 and first.output_tokens == 0 and first.cost_usd > 0
+    await assert_aggregates_match_ledger(proxy.engine)
+
+
+async def test_an_answer_slower_than_the_read_timeout_is_a_504_per_attempt_at_its_estimate(
+        start_proxy, fake):
+    """The proxy stops waiting after UPSTREAM_READ_TIMEOUT_SECONDS, as a client that leaves would:
+    the upstream has the call and bills it, and the SDK retries the 504. Each attempt is a row at
+    its estimate with the status the client got, never $0."""
+    proxy = await start_proxy(upstream_read_timeout_seconds=0.3)
+    fake.behaviour.delay = 2.0
+    with pytest.raises(openai.APIStatusError) as caught:
+        await proxy.client(max_retries=2).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi " * 50}])
+    assert caught.value.status_code == 504
+    assert_error_shape(caught.value.response.json(), "upstream_timeout")
+    assert fake.hits("/chat/completions") == 3
+    await proxy.flush(within=15)
+    rows = await ledger_rows(proxy.engine)
+    assert len(rows) == 3
+    assert all(r.status_code == 504 and r.estimated and r.input_tokens > 0 and r.cost_usd > 0
+               for r in rows)
+    assert len({r.cost_usd for r in rows}) == 1  # the same prompt, the same estimate
     await assert_aggregates_match_ledger(proxy.engine)
 
 
@@ -179,8 +205,8 @@ async def test_an_upstream_stalling_after_its_headers_times_out_cleanly(start_pr
     assert time.monotonic() - started < 1.8
     await still_serves(proxy, fake)
     await proxy.flush()
-    first, _ = await ledger_rows(proxy.engine)
-    assert first.status_code in (502, 504) and first.cost_usd == 0
+    first, _ = await ledger_rows(proxy.engine)  # the upstream answered 200: billed, estimated
+    assert first.status_code in (502, 504) and first.estimated and first.cost_usd > 0
 
 
 async def test_a_5xx_storm_passes_through_records_every_call_and_leaves_nothing_in_flight(proxy, fake):
@@ -233,8 +259,8 @@ async def test_connect_timeout_is_a_clean_504(start_proxy, fake):
                 assert_error_shape(await response.json(), "upstream_timeout")
         assert time.monotonic() - started < 2.5
         await proxy.flush()
-        [row] = await ledger_rows(proxy.engine)
-        assert row.status_code == 504 and row.cost_usd == 0
+        [row] = await ledger_rows(proxy.engine)  # the call never reached the upstream: not billed
+        assert (row.status_code, row.cost_usd, row.estimated) == (504, 0, False)
 
 
 @contextlib.contextmanager
