@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 import uuid
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from costing.errors import DatabaseUnavailable
@@ -124,9 +125,40 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def unresolved_host(exc: BaseException) -> socket.gaierror | None:
+    """The name-lookup failure behind `exc`, if that is what it is (the driver raises it raw)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return None
+        if isinstance(seen, socket.gaierror):
+            return seen
+        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
+    return None
+
+
+def database_host(target: DatabaseTarget) -> str:
+    """The server host named by DATABASE_URL (its `host=` parameter first, as libpq reads it)."""
+    url = make_url(target.url)
+    host = url.query.get("host") or url.host or "localhost"
+    return host if isinstance(host, str) else ",".join(host)
+
+
+def unresolved_line(target: DatabaseTarget, seconds: float, lookup: socket.gaierror) -> str:
+    """The start-up line for a database host that never resolved: names DATABASE_URL and the
+    host, not PROXY_HOST (the lookup error itself does not say whose host it was)."""
+    return (f"DATABASE_URL: cannot resolve the database host {database_host(target)!r} after "
+            f"{seconds:g} s (DATABASE_CONNECT_TIMEOUT_SECONDS): {lookup.strerror or lookup}")
+
+
 async def wait_until_reachable(target: DatabaseTarget, seconds: float) -> None:
     """Return once the database answers; wait up to `seconds` for one that is starting (said in
-    the log), raise DatabaseUnavailable with one line otherwise."""
+    the log), raise DatabaseUnavailable with one line for a host that never resolved.
+
+    A host that does not resolve is waited for like a refused connection: under docker compose
+    the database service's name often resolves only once its container is up, so failing at
+    once would make the proxy's start depend on the order containers happen to start in. A
+    mistyped host costs the wait, said in the log the moment it begins."""
     path = target.sqlite_path
     if path is not None:
         if not path.parent.is_dir():
@@ -147,7 +179,10 @@ async def wait_until_reachable(target: DatabaseTarget, seconds: float) -> None:
                 return
             except Exception as exc:
                 left = deadline - time.monotonic()
-                if not is_transient(exc) or left <= 0:
+                lookup = unresolved_host(exc)
+                if lookup is not None and left <= 0:
+                    raise DatabaseUnavailable(unresolved_line(target, seconds, lookup)) from exc
+                if not (is_transient(exc) or lookup is not None) or left <= 0:
                     raise
                 if not said:
                     log.warning("database not reachable yet (%s); waiting up to %.0f s "

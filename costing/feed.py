@@ -5,7 +5,9 @@ No HTTP here: the edge (proxy/feed.py) subscribes, writes what a subscriber take
 it when told. Publishing runs on the request path (Meter.listeners), so it never awaits: with
 nobody listening it returns at once; otherwise it formats one frame and appends a reference to
 it to each subscriber's queue. A subscriber whose queue is full is dropped from the fan-out at
-once and told `resync`: a slow reader never slows the proxy or the other subscribers.
+once and told `resync`: a slow reader never slows the proxy or the other subscribers. A resumed
+subscriber gets every missed event the ring holds, on top of its queue's bound (they are the
+ring's own bytes, so the backlog costs references, not copies).
 
 Event ids are `<epoch>-<seq>`: the epoch is random per feed (and renewed when the feed goes
 dormant), so an id from another process, replica or an earlier dormant period asks for a
@@ -94,14 +96,21 @@ class Event:
 
 
 class Subscriber:
-    """One /costs/events connection: a bounded queue of frames and a wake-up for its writer."""
+    """One /costs/events connection: a bounded queue of frames and a wake-up for its writer.
 
-    __slots__ = ("campaign_id", "closed", "limit", "on_drop", "queue", "resync", "wake")
+    `backlog` is what a resume starts with (the missed events, or a resync): it is queued on
+    top of `limit`, which bounds only what arrives after it, so a resume that missed more than
+    `limit` events is neither cut short nor dropped by the next event before its writer first
+    takes it. Once taken, the plain bound applies.
+    """
 
-    def __init__(self, campaign_id: str | None, limit: int) -> None:
+    __slots__ = ("backlog", "campaign_id", "closed", "limit", "on_drop", "queue", "resync", "wake")
+
+    def __init__(self, campaign_id: str | None, limit: int, backlog: Iterable[bytes] = ()) -> None:
         self.campaign_id = campaign_id
         self.limit = limit
-        self.queue: deque[bytes] = deque()
+        self.queue: deque[bytes] = deque(backlog)
+        self.backlog = len(self.queue)  # queued beyond `limit` until the writer takes them
         self.wake = asyncio.Event()
         self.closed = False  # no more frames will come; the writer sends what is left and ends
         self.resync = False  # dropped for falling behind: its last frame is `resync`
@@ -110,7 +119,7 @@ class Subscriber:
 
     def offer(self, data: bytes) -> bool:
         """Queue a frame; False when the queue is full (the subscriber fell behind)."""
-        if len(self.queue) >= self.limit:
+        if len(self.queue) >= self.limit + self.backlog:
             return False
         self.queue.append(data)
         self.wake.set()
@@ -125,6 +134,7 @@ class Subscriber:
             await self.wake.wait()
         frames = list(self.queue)
         self.queue.clear()
+        self.backlog = 0
         return frames
 
     def close(self, last: bytes | None = None) -> None:
@@ -164,18 +174,11 @@ class Feed:
     # -- subscribers ---------------------------------------------------------------------------
 
     def subscribe(self, campaign_id: str | None, last_event_id: str | None) -> Subscriber:
-        """A new subscriber, with the events it missed since `last_event_id` already queued (or
+        """A new subscriber, with every event it missed since `last_event_id` already queued (or
         a `resync` first when they are no longer all held); raises TooManySubscribers."""
         if len(self.subscribers) >= self.max_subscribers:
             raise TooManySubscribers(f"the feed serves at most {self.max_subscribers} subscribers")
-        sub = Subscriber(campaign_id, self.queue_events)
-        if last_event_id:
-            missed = self.since(last_event_id, campaign_id)
-            if missed is None:
-                sub.queue.append(self._resync_frame("Last-Event-ID is outside the feed's window"))
-            else:
-                for data in missed[-self.queue_events:]:
-                    sub.queue.append(data)
+        sub = Subscriber(campaign_id, self.queue_events, self._backlog(campaign_id, last_event_id))
         self.subscribers.append(sub)
         if self._linger is not None:
             self._linger.cancel()
@@ -184,6 +187,16 @@ class Feed:
             self.live = True
             self.live_since_ms = int(time.time() * 1000)
         return sub
+
+    def _backlog(self, campaign_id: str | None, last_event_id: str | None) -> list[bytes]:
+        """What a (re)connecting subscriber starts with: all it missed, in order, however many
+        (the ring bounds them), or `resync` when some are no longer held; nothing when new."""
+        if not last_event_id:
+            return []
+        missed = self.since(last_event_id, campaign_id)
+        if missed is None:
+            return [self._resync_frame("Last-Event-ID is outside the feed's window")]
+        return missed
 
     def unsubscribe(self, sub: Subscriber) -> None:
         if sub in self.subscribers:

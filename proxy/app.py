@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from costing import schema
 from costing.budget import make_budget
@@ -74,11 +75,10 @@ async def _spool(app: web.Application) -> AsyncIterator[None]:
     with one line before anything else happens. Closed last, after the final flush: emptied and
     removed when every record was committed, else left for the next start to replay."""
     settings = app[SETTINGS]
-    if settings.ledger_spool_dir is None:
+    spool = open_spool(settings)
+    if spool is None:
         yield
         return
-    spool = Spool(settings.ledger_spool_dir, settings.spool_fsync_seconds)
-    spool.open()
     app[SPOOL] = spool
     stop = asyncio.Event()
     syncing = asyncio.create_task(spool.sync_loop(stop), name="spool-fsync")
@@ -90,8 +90,19 @@ async def _spool(app: web.Application) -> AsyncIterator[None]:
         spool.close()
 
 
-async def _database(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
+def open_spool(settings: Settings) -> Spool | None:
+    """This process's spool, opened (None without LEDGER_SPOOL_DIR); SpoolUnavailable, one
+    line, when the directory cannot be used."""
+    if settings.ledger_spool_dir is None:
+        return None
+    spool = Spool(settings.ledger_spool_dir, settings.spool_fsync_seconds)
+    spool.open()
+    return spool
+
+
+async def open_database(settings: Settings) -> AsyncEngine:
+    """The engine once the database answers (waited for up to DATABASE_CONNECT_TIMEOUT_SECONDS)
+    with its schema at head: migrated with AUTO_MIGRATE, else checked (SchemaNotCurrent)."""
     await wait_until_reachable(settings.database, settings.database_connect_timeout_seconds)
     if settings.auto_migrate:
         await schema.upgrade(settings)
@@ -103,6 +114,23 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
                 raise SchemaNotCurrent(
                     f"the database schema is at {revision or 'nothing'}, the code needs {head}: "
                     "run `llm-cost-proxy migrate` (or set AUTO_MIGRATE=true)")
+    except BaseException:
+        await engine.dispose()
+        raise
+    return engine
+
+
+def load_prices(settings: Settings) -> PriceTable:
+    """The price table: the library's data, overridden by PRICES_FILE (PriceTableError)."""
+    return PriceTable.load(default_per_1k_prompt=settings.openai_price_per_1k_prompt_tokens,
+                           default_per_1k_completion=settings.openai_price_per_1k_completion_tokens,
+                           prices_file=settings.prices_file)
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    engine = await open_database(settings)
+    try:
         app[ENGINE] = engine
         app[STORE] = Store(engine, make_budget(settings.cost_warning_threshold_usd,
                                                settings.cost_limit_threshold_usd))
@@ -147,9 +175,7 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     gate = BudgetGate(store, holder, store.default_budget, lease_seconds=settings.budget_lease_seconds,
                       lease_fraction=settings.budget_lease_fraction,
                       fail_closed=settings.budget_fail_closed, write_lock=ledger.writing)
-    prices = PriceTable.load(default_per_1k_prompt=settings.openai_price_per_1k_prompt_tokens,
-                             default_per_1k_completion=settings.openai_price_per_1k_completion_tokens,
-                             prices_file=settings.prices_file)
+    prices = load_prices(settings)
     ledger.listeners += [gate.on_flushed, metrics.on_flushed]
     ledger.error_listeners.append(metrics.on_flush_error)
     ledger.drop_listeners.append(lambda _entry: metrics.dropped.inc())

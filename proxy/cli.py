@@ -167,7 +167,7 @@ def _run(settings: Settings, worker: WorkerSlot | None) -> None:
     tune_gc()
     web.run_app(app, host=settings.proxy_host, port=settings.proxy_port, reuse_port=worker is not None,
                 **server_options(settings),
-                print=None if worker is not None else lambda _: log.info(
+                print=worker.ready if worker is not None else lambda _: log.info(
                     "serving on http://%s:%s, forwarding to %s", settings.proxy_host,
                     settings.proxy_port, settings.upstream_base))
 
@@ -176,6 +176,28 @@ def _run_worker(settings: Settings, worker: WorkerSlot) -> None:
     _install_uvloop()
     try:
         _run(settings, worker)
+    except Exception as exc:
+        fail(exc, settings)
+
+
+def prepare_workers(settings: Settings) -> None:
+    """What one process checks before it serves, done once before `--workers` fork (in a child
+    of the supervisor): the spool directory usable, PRICES_FILE valid, the database reachable
+    (waited for as one process waits) with its schema at head. A failure is `fail`'s one line
+    and exit status, as for one process, instead of one line per worker."""
+    from proxy.app import load_prices, open_database, open_spool
+
+    async def database() -> None:
+        engine = await open_database(settings)
+        await engine.dispose()
+
+    try:
+        spool = open_spool(settings)
+        if spool is not None:
+            spool.close()  # nothing was written: its directory goes too
+        _install_uvloop()  # the loop one process runs: the driver's words are the same
+        asyncio.run(database())
+        load_prices(settings)
     except Exception as exc:
         fail(exc, settings)
 
@@ -189,7 +211,7 @@ def serve_workers(settings: Settings) -> None:
         print(f"llm-cost-proxy: cannot listen on {settings.proxy_host}:{settings.proxy_port}: "
               f"{exc.strerror} (PROXY_HOST / PROXY_PORT)", file=sys.stderr)
         raise SystemExit(2) from None
-    status = Supervisor(settings, settings.workers, _run_worker).run()
+    status = Supervisor(settings, settings.workers, _run_worker, prepare_workers).run()
     if status:
         raise SystemExit(status)
 

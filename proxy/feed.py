@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from importlib import resources
 
 from aiohttp import web
@@ -91,7 +91,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         await response.write(b"retry: 2000\n\n")
         while frames := await sub.take():
-            await response.write(b"".join(frames))
+            for chunk in send_chunks(frames):
+                await response.write(chunk)
             await asyncio.sleep(WRITE_INTERVAL_SECONDS)
         await response.write_eof()
     except (ConnectionResetError, OSError):
@@ -101,6 +102,19 @@ async def events(request: web.Request) -> web.StreamResponse:
         for timer in timers:
             timer.cancel()
     return response
+
+
+def send_chunks(frames: list[bytes], size: int = SEND_BUFFER_BYTES) -> Iterator[bytes]:
+    """The frames joined into writes of about `size` bytes: one send for a busy moment's
+    events, while a resume's backlog (up to the whole ring) is never copied into one buffer."""
+    start = length = 0
+    for end, data in enumerate(frames):
+        length += len(data)
+        if length >= size:
+            yield b"".join(frames[start:end + 1])
+            start, length = end + 1, 0
+    if start < len(frames):
+        yield b"".join(frames[start:])
 
 
 def _page_file(name: str) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,14 @@ class WorkerSlot:
 
     index: int
     run_dir: Path
+    ready_fd: int = -1  # the supervisor's pipe: a worker says on it that it serves
+
+    def ready(self, _message: object = None) -> None:
+        """Tell the supervisor this worker listens (run_app's `print`, called once it does), so
+        "serving on" is logged when the workers serve, not when they were forked."""
+        if self.ready_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self.ready_fd, self.index.to_bytes(2, "big"))
 
     @property
     def socket(self) -> Path:

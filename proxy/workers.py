@@ -5,16 +5,17 @@ binds the port with SO_REUSEPORT, so the kernel spreads connections evenly over 
 What they share goes through the database: one ledger, one budget (leases are per process
 already, as for replicas) and, on a private socket each, their metrics (see proxy/peers.py).
 
-The supervisor migrates the database once, forks the workers, restarts one that dies (after a
-pause that doubles while restarts keep failing), and on SIGTERM or SIGINT passes SIGTERM on to
-every worker and waits while each drains its requests and flushes its ledger. Workers run in a
-process group of their own (a terminal's Ctrl-C reaches the supervisor only, which forwards it
-once) and get SIGTERM should the supervisor itself die.
+The supervisor prepares once what every worker needs (in a child: the spool directory, the
+prices, the database waited for and migrated, each failure one line with the status a single
+process would exit with), forks the workers, logs "serving on" once they all listen, restarts
+one that dies (after a pause that doubles while restarts keep failing), and on SIGTERM or
+SIGINT passes SIGTERM on to every worker and waits while each drains its requests and flushes
+its ledger. Workers run in a process group of their own (a terminal's Ctrl-C reaches the
+supervisor only, which forwards it once) and get SIGTERM should the supervisor itself die.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import logging
@@ -30,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
-from costing import schema
 from costing.settings import Settings
 from proxy.peers import WorkerSlot
 
@@ -63,27 +64,21 @@ def check_port(settings: Settings) -> None:
         probe.bind((settings.proxy_host, settings.proxy_port))
 
 
-def migrate_in_child(settings: Settings) -> bool:
-    """Run the migrations in a child process; whether they succeeded.
-
-    Alembic, once imported, stays in a process's memory (~10 MB): the supervisor, and the workers
-    forked from it, never import it.
-    """
-    pid = os.fork()
-    if pid == 0:
+def _child_exit(run: Callable[[], None]) -> NoReturn:
+    """In a forked child: run, then leave with its status (SystemExit's code; 1 for anything
+    else, with its traceback) without running the parent's exit handlers."""
+    code = 1
+    try:
+        run()
         code = 0
-        try:
-            asyncio.run(schema.upgrade(settings))
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if status:
-        log.error("the database migration failed (see above): not starting the workers")
-    return status == 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _die_with_parent() -> None:
@@ -101,28 +96,37 @@ class Supervisor:
     """Starts, watches and stops the workers; `run` returns the exit status of `serve`."""
 
     def __init__(self, settings: Settings, count: int,
-                 run_worker: Callable[[Settings, WorkerSlot], None]) -> None:
+                 run_worker: Callable[[Settings, WorkerSlot], None],
+                 prepare: Callable[[Settings], None]) -> None:
         self.settings = settings
         self.count = count
         self.run_worker = run_worker
+        self.prepare = prepare  # exits with one line and serve's status when it fails
         self.slots = [_Slot(i) for i in range(count)]
         self.stopping = False
         self.status = 0
+        self.preparing: int | None = None  # the preparing child's pid, while it runs
+        self.serving = False  # every worker has listened once ("serving on" was logged)
+        self.ready: set[int] = set()
+        self.ready_write = -1  # the pipe workers say they listen on (made by `run`)
         self.run_dir = Path(tempfile.mkdtemp(prefix="llm-cost-proxy-"))
 
     def run(self) -> int:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        ready_read, self.ready_write = os.pipe()
+        os.set_blocking(ready_read, False)
         try:
-            if self.settings.auto_migrate and not migrate_in_child(self.settings):
-                return CONFIG_ERROR
+            status = self._prepare()
+            if self.stopping:  # a signal while preparing: start nothing
+                return self.status
+            if status:  # its line is out already
+                return status
             for slot in self.slots:
-                if not self.stopping:  # a signal during the migration: start nothing
+                if not self.stopping:
                     self._start(slot)
-            log.info("serving on http://%s:%s with %d workers, forwarding to %s",
-                     self.settings.proxy_host, self.settings.proxy_port, self.count,
-                     self.settings.upstream_base_url)
             while not self.stopping:
                 self._reap()
+                self._note_ready(ready_read)
                 now = time.monotonic()
                 for slot in self.slots:
                     if slot.pid is None and not self.stopping and now >= slot.restart_at:
@@ -132,39 +136,72 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            os.close(ready_read)
+            os.close(self.ready_write)
             shutil.rmtree(self.run_dir, ignore_errors=True)
         return self.status
+
+    def _prepare(self) -> int:
+        """Run `prepare` in a child process, as one process prepares before it serves; its exit
+        status (0: the workers may start; 1 or 2 as `serve` exits, its line already printed).
+
+        A child because Alembic, once imported, stays in a process's memory (~10 MB): the
+        supervisor, and the workers forked from it, never import it.
+        """
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT):  # a stop ends the wait for the database
+                signal.signal(sig, signal.SIG_DFL)
+            _child_exit(lambda: self.prepare(self.settings))
+        self.preparing = pid
+        try:
+            _, status = os.waitpid(pid, 0)
+        finally:
+            self.preparing = None
+        code = _status_code(status)
+        return code if code >= 0 else 1  # killed by a signal: as a process that did not start
+
+    def _note_ready(self, ready_read: int) -> None:
+        """Read which workers listen; log "serving on" once all of them have."""
+        try:
+            data = os.read(ready_read, 4096)
+        except BlockingIOError:
+            return
+        self.ready.update(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data) - 1, 2))
+        if not self.serving and len(self.ready) >= self.count:
+            self.serving = True
+            log.info("serving on http://%s:%s with %d workers, forwarding to %s",
+                     self.settings.proxy_host, self.settings.proxy_port, self.count,
+                     self.settings.upstream_base_url)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if not self.stopping:
             log.info("%s: stopping %d workers", signal.Signals(signum).name, self.count)
             self.stopping = True
+            if self.preparing is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.preparing, signal.SIGTERM)
 
     def _start(self, slot: _Slot) -> None:
         # The worker's settings: the supervisor has migrated already.
         settings = self.settings.model_copy(update={"auto_migrate": False})
-        worker = WorkerSlot(slot.index, self.run_dir)
+        worker = WorkerSlot(slot.index, self.run_dir, self.ready_write)
         for handler in logging.getLogger().handlers:
             handler.flush()
         pid = os.fork()
         if pid == 0:  # the worker
-            code = 1
-            try:
-                os.setpgid(0, 0)
-                _die_with_parent()
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    signal.signal(sig, signal.SIG_DFL)
-                self.run_worker(settings, worker)
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+            _child_exit(lambda: self._become_worker(settings, worker))
         slot.pid, slot.started = pid, time.monotonic()
+
+    def _become_worker(self, settings: Settings, worker: WorkerSlot) -> None:
+        """In the forked child: its own process group, gone with the supervisor, then serve."""
+        os.setpgid(0, 0)
+        _die_with_parent()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        self.run_worker(settings, worker)
 
     def _reap(self) -> None:
         """Collect workers that exited; schedule their restart (or stop all on a config error)."""

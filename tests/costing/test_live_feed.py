@@ -67,6 +67,30 @@ async def test_ids_resume_within_the_window_else_resync():
     assert b"event: resync" in (await resumed.take())[0]
 
 
+async def test_a_resume_gets_every_missed_event_the_ring_holds_however_many_the_queue_takes():
+    feed = Feed(buffer_events=100, queue_events=3, max_subscribers=5)
+    first = feed.subscribe(None, None)
+    feed.usage(entry(1, session="seen"), 1, BUDGET, 1)
+    (seen,) = await first.take()
+    feed.unsubscribe(first)
+    for i in range(20):  # missed: far more than a queue holds, all still in the ring
+        feed.usage(entry(1, session=f"m{i}"), 1, BUDGET, 1)
+    last_id = seen.split(b"\n", 1)[0].removeprefix(b"id: ").decode()
+    resumed = feed.subscribe(None, last_id)
+    # Live events before its writer first takes: the backlog does not count against the bound.
+    feed.usage(entry(1, session="live0"), 1, BUDGET, 1)
+    feed.usage(entry(1, session="live1"), 1, BUDGET, 1)
+    assert feed.subscribers == [resumed] and feed.dropped == 0
+    frames = await resumed.take()
+    assert [data(f)["session_id"] for f in frames] == [f"m{i}" for i in range(20)] + ["live0", "live1"]
+    assert [int(f.split(b"\n", 1)[0].rsplit(b"-", 1)[1]) for f in frames] == list(range(2, 24))
+    # Once taken, the queue's bound holds again for what comes next.
+    for i in range(4):
+        feed.usage(entry(1, session=f"late{i}"), 1, BUDGET, 1)
+    assert resumed.closed and feed.dropped == 1
+    assert b"event: resync" in (await resumed.take())[0]
+
+
 async def test_a_full_queue_drops_the_subscriber_with_resync_and_spares_the_others():
     feed = Feed(buffer_events=100, queue_events=3, max_subscribers=5)
     slow, fast = feed.subscribe(None, None), feed.subscribe(None, None)

@@ -20,7 +20,7 @@ from sse_client import EventReader
 from costing.money import format_usd
 from costing.usage import Operation, Reported, RequestFacts, Usage
 from proxy.errors import ProxyError
-from proxy.feed import check_events_access, page_handler
+from proxy.feed import check_events_access, page_handler, send_chunks
 from proxy.state import FEED, METER
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -167,6 +167,34 @@ async def test_resume_with_last_event_id_and_resync_outside_the_window(start_pro
         for stale in ("deadbeef-1", "garbage"):  # another process's (or epoch's) id, or none at all
             async with http.get(f"{proxy.url}/costs/events", headers={"Last-Event-ID": stale}) as r:
                 assert (await EventReader(r).events(1))[0].event == "resync"
+
+
+async def test_a_resume_that_missed_more_than_a_queue_gets_all_of_them_then_live_ones(start_proxy, fake):
+    proxy = await start_proxy(live_queue_events=3, live_buffer_events=100)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{proxy.url}/costs/events") as response:
+            reader = EventReader(response)
+            await _chat(proxy)
+            (first,) = await reader.events(1)
+        for i in range(12):  # four queues' worth, all still held by the ring
+            await _chat(proxy, session=f"m{i}")
+        async with http.get(f"{proxy.url}/costs/events", headers={"Last-Event-ID": first.id}) as response:
+            reader = EventReader(response)
+            missed = await reader.events(12, kinds=("usage", "resync"))
+            await _chat(proxy, session="after")
+            (after,) = await reader.events(1, kinds=("usage", "resync"))
+    assert [e.data["session_id"] for e in missed] == [f"m{i}" for i in range(12)]
+    epoch, n = first.id.rsplit("-", 1)
+    assert [e.id for e in missed] == [f"{epoch}-{int(n) + 1 + i}" for i in range(12)]
+    assert after.event == "usage" and after.data["session_id"] == "after"
+
+
+def test_a_backlog_is_sent_in_bounded_writes_in_order():
+    frames = [bytes([65 + i % 26]) * 1000 for i in range(200)]
+    chunks = list(send_chunks(frames, size=10_000))
+    assert b"".join(chunks) == b"".join(frames)
+    assert len(chunks) == 20 and all(len(c) <= 10_000 for c in chunks)
+    assert list(send_chunks([b"a", b"b"])) == [b"ab"] and list(send_chunks([])) == []
 
 
 async def test_a_comment_line_keeps_the_stream_alive(start_proxy, fake):

@@ -56,6 +56,22 @@ def test_migrate_with_the_database_down_is_one_line(tmp_path):
     assert_one_line_failure(done, "DATABASE_URL", "unreachable")
 
 
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_an_unresolvable_database_host_is_waited_for_then_one_line_naming_database_url(tmp_path, command):
+    """A compose service name resolves only once its container is up, so the lookup is retried
+    like a refused connection; then the line blames DATABASE_URL's host, never PROXY_HOST."""
+    started = time.monotonic()
+    done = run(tmp_path, command, DATABASE_URL="postgresql://postgres@db-host.invalid:5432/costs",
+               DATABASE_CONNECT_TIMEOUT_SECONDS="2", PROXY_HOST="127.0.0.1")
+    elapsed = time.monotonic() - started
+    last = assert_one_line_failure(done, "DATABASE_URL", "cannot resolve", "'db-host.invalid'",
+                                   "DATABASE_CONNECT_TIMEOUT_SECONDS")
+    assert "PROXY_HOST" not in done.stderr
+    assert done.returncode == 1
+    assert "waiting up to 2 s" in done.stderr
+    assert 2 <= elapsed < 30, last
+
+
 @pytest.mark.postgres
 def test_an_unknown_database_is_one_line(tmp_path, pg_cluster):
     done = run(tmp_path, DATABASE_URL=pg_cluster.dsn("no_such_database_here"))
@@ -88,8 +104,8 @@ def test_a_bad_log_level_is_one_line(tmp_path):
     assert_one_line_failure(done, "LOG_LEVEL", "DEBUG")
 
 
-def test_an_unresolvable_proxy_host_is_one_line(tmp_path):
-    done = run(tmp_path, DATABASE_URL=sqlite_url(tmp_path), PROXY_HOST="no-such-host.invalid")
+def test_an_unresolvable_proxy_host_is_one_line(tmp_path, database_url):
+    done = run(tmp_path, DATABASE_URL=database_url, PROXY_HOST="no-such-host.invalid")
     assert_one_line_failure(done, "PROXY_HOST", "no-such-host.invalid")
 
 

@@ -18,6 +18,7 @@ import pytest
 from conftest import CLI, free_port, make_settings
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 from test_budget_gate import CAPPED_CALL, MESSAGES, alternate_calls, answer_what_is_reserved
+from test_startup_errors import run
 
 from costing.db import create_engine
 
@@ -198,11 +199,78 @@ async def test_ctrl_c_stops_the_workers_like_sigterm(start_workers):
             os.kill(pid, 0)
 
 
-async def test_a_worker_that_cannot_start_stops_everything_with_status_2(tmp_path):
+async def test_a_schema_behind_with_auto_migrate_off_stops_the_workers_start_with_one_line_and_status_2(
+        tmp_path):
     process = await asyncio.create_subprocess_exec(
         str(CLI), "serve", "--workers", "2", stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "LOG_LEVEL": "WARNING", "AUTO_MIGRATE": "false",
              "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", "PROXY_PORT": str(free_port())})
     _, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 2
-    assert "the database schema is at nothing" in err.decode()
+    assert err.decode().count("the database schema is at nothing") == 1, err.decode()
+
+
+def _failed_start(tmp_path: Path, workers: int, **env: str) -> tuple[int, list[str]]:
+    """`serve` (with `--workers N` when N > 1) that fails to start: its status and stderr lines."""
+    args = ("serve", "--workers", str(workers)) if workers > 1 else ("serve",)
+    done = run(tmp_path, *args, LOG_LEVEL="INFO", DATABASE_CONNECT_TIMEOUT_SECONDS="2", **env)
+    return done.returncode, done.stderr.strip().splitlines()
+
+
+def _unusable_spool(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "a-file").write_text("", encoding="utf-8")
+    return {"LEDGER_SPOOL_DIR": str(tmp_path / "a-file")}
+
+
+def assert_same_failed_start(tmp_path: Path, env: dict[str, str]) -> list[str]:
+    """With workers, a start that fails is the single process's: the same one line, once, the
+    same status, no traceback, and nothing claims to serve. Returns the workers' lines."""
+    single_status, single = _failed_start(tmp_path, 1, **env)
+    status, lines = _failed_start(tmp_path, 2, **env)
+    assert status == single_status and status in (1, 2), lines
+    assert lines[-1] == single[-1] and lines[-1].startswith("llm-cost-proxy: "), lines
+    assert [line for line in lines if "llm-cost-proxy: " in line] == [lines[-1]], lines  # once
+    assert len(lines) <= 3 and "Traceback" not in "\n".join(lines), lines
+    assert not any("serving on" in line for line in lines), lines
+    return lines
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "db-host.invalid"])
+def test_with_workers_a_database_out_of_reach_is_waited_for_then_one_line_status_1(tmp_path, host):
+    port = free_port() if host == "127.0.0.1" else 5432  # refused, or a name that never resolves
+    lines = assert_same_failed_start(tmp_path, {"DATABASE_URL": f"postgresql://postgres@{host}:{port}/costs"})
+    assert any("waiting up to 2 s" in line for line in lines), lines
+    assert "DATABASE_URL" in lines[-1]
+    assert ("refused" if host == "127.0.0.1" else host) in lines[-1]
+
+
+@pytest.mark.parametrize("problem", ["spool directory", "prices file"])
+def test_with_workers_a_bad_setting_is_found_before_they_start_one_line_status_2(tmp_path, database_url,
+                                                                                 problem):
+    (tmp_path / "a-file").write_text("", encoding="utf-8")
+    env = ({"LEDGER_SPOOL_DIR": str(tmp_path / "a-file")} if problem == "spool directory"
+           else {"PRICES_FILE": str(tmp_path / "nope.json")})
+    lines = assert_same_failed_start(tmp_path, {"DATABASE_URL": database_url, **env})
+    assert ("LEDGER_SPOOL_DIR" if problem == "spool directory" else "PRICES_FILE") in lines[-1]
+
+
+async def test_serving_on_is_logged_once_every_worker_listens(tmp_path, database_url, fake):
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        str(CLI), "serve", "--workers", "2", stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LOG_LEVEL": "INFO", "DATABASE_URL": database_url, "UPSTREAM_BASE_URL": fake.url,
+             "LEDGER_SPOOL_DIR": str(tmp_path / "spool"), "PROXY_PORT": str(port)})
+    workers = Workers(process, f"http://127.0.0.1:{port}")
+    try:
+        assert process.stderr is not None
+        async with asyncio.timeout(30):
+            while b"serving on" not in (line := await process.stderr.readline()):
+                assert line, "the supervisor ended without serving"
+        # Said once they listen: the port answers at once (no retry), and both workers answer.
+        async with aiohttp.ClientSession() as http, http.get(f"{workers.url}/healthz") as response:
+            assert response.status == 200
+        assert len(await workers.answering_pids(seconds=5)) == 2
+        assert len(workers.worker_pids()) == 2  # the preparing child is gone
+        assert len(list((tmp_path / "spool").iterdir())) == 2  # one spool directory per worker
+    finally:
+        assert await workers.stop() == 0
