@@ -7,7 +7,7 @@ from decimal import Decimal
 from enum import StrEnum
 
 from costing.errors import InvalidBudget
-from costing.money import from_units, quantize, to_units
+from costing.money import format_usd, from_units, quantize, to_units
 from costing.pricing import Quote, cost_units
 from costing.usage import MAX_TOKENS, RequestFacts, Usage
 
@@ -39,7 +39,8 @@ def make_budget(warning_usd: Decimal, limit_usd: Decimal) -> Budget:
         raise InvalidBudget("limit_usd must be zero or more", "limit_usd")
     if warning_usd > limit_usd:
         raise InvalidBudget(
-            f"warning_usd ({warning_usd}) must not exceed limit_usd ({limit_usd})", "warning_usd"
+            f"warning_usd ({format_usd(warning_usd)}) must not exceed limit_usd ({format_usd(limit_usd)})",
+            "warning_usd"
         )
     return Budget(quantize(warning_usd), quantize(limit_usd))
 

@@ -90,6 +90,8 @@ def test_make_budget_accepts_zero_and_warning_equal_to_limit():
     (D(1), D("-1"), "limit_usd", "limit_usd must be zero or more"),
     (D("5.01"), D("5.00"), "warning_usd", "warning_usd (5.01) must not exceed limit_usd (5.00)"),
     (D(5) + QUANTUM, D(5), "warning_usd", "must not exceed"),
+    (D("2.0000000000"), D("1.0000000000"), "warning_usd",
+     "warning_usd (2.00) must not exceed limit_usd (1.00)"),
 ])
 def test_make_budget_refuses_invalid_amounts_naming_the_parameter(warning, limit, param, text):
     with pytest.raises(InvalidBudget) as caught:
