@@ -66,8 +66,9 @@ def startup_error_line(exc: BaseException, settings: Settings) -> str:
 
     if isinstance(exc, (DatabaseUnavailable, SchemaNotCurrent, SpoolUnavailable)):
         return first_line(exc)
-    if isinstance(exc, PriceTableError):
-        return f"PRICES_FILE: {first_line(exc)}"
+    if isinstance(exc, PriceTableError):  # most already say PRICES_FILE: not twice
+        line = first_line(exc)
+        return line if line.startswith("PRICES_FILE") else f"PRICES_FILE: {line}"
     where = f"{settings.proxy_host}:{settings.proxy_port}"
     if isinstance(exc, socket.gaierror):
         return f"PROXY_HOST: cannot resolve {settings.proxy_host!r} ({exc.strerror})"

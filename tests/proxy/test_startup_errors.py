@@ -112,6 +112,7 @@ def test_an_unresolvable_proxy_host_is_one_line(tmp_path, database_url):
 def test_a_missing_prices_file_is_one_line(tmp_path):
     done = run(tmp_path, DATABASE_URL=sqlite_url(tmp_path), PRICES_FILE=str(tmp_path / "nope.json"))
     assert_one_line_failure(done, "PRICES_FILE", "nope.json")
+    assert done.stderr.count("PRICES_FILE") == 1
 
 
 def test_a_broken_prices_file_is_one_line(tmp_path):
