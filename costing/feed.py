@@ -30,7 +30,7 @@ import orjson
 from costing.budget import Budget, BudgetStatus, remaining_units, status_units
 from costing.meter import Meter
 from costing.money import format_units
-from costing.records import RemoteUsage, UsageEntry, from_epoch_us
+from costing.records import UsageEntry, from_epoch_us
 from costing.store import Store
 from costing.tasks import pause
 
@@ -392,26 +392,6 @@ class MeterListener:
                 self.feed.usage(entry, spent, budget, session)
 
 
-def running_totals(rows: Iterable[RemoteUsage]) -> list[RemoteUsage]:
-    """Rows in id order, with each one's campaign and session totals as they stood right after
-    it: the stored totals were read after all of them, so later rows' costs are taken off."""
-    ordered = sorted(rows, key=lambda r: r.entry.id)
-    later_campaign: dict[str, int] = {}
-    later_session: dict[tuple[str, str], int] = {}
-    result = []
-    for row in reversed(ordered):
-        e = row.entry
-        key = (e.campaign_id, e.session_id)
-        c_later = later_campaign.get(e.campaign_id, 0)
-        s_later = later_session.get(key, 0)
-        result.append(RemoteUsage(e, row.campaign_spent - c_later, row.session_spent - s_later,
-                                  row.budget))
-        later_campaign[e.campaign_id] = c_later + e.cost_units
-        later_session[key] = s_later + e.cost_units
-    result.reverse()
-    return result
-
-
 class LedgerWatcher:
     """Brings other processes' calls (replicas on one PostgreSQL, `serve --workers N` on one
     database) into this feed by reading the ledger by time, while anyone listens.
@@ -453,9 +433,9 @@ class LedgerWatcher:
         new = [i for i in ids if i not in feed.seen]
         if not new:
             return 0
-        rows = await self.store.usage_with_totals(new)
+        rows = await self.store.usage_with_totals(new, ceiling)
         published = 0
-        for row in running_totals(rows):
+        for row in rows:
             if row.entry.id in feed.seen or not feed.live:
                 continue
             feed.seen.add(row.entry.id)

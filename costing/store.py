@@ -405,18 +405,36 @@ class Store:
                 .order_by(RECORDS.c.id).limit(limit))
             return [row[0].int for row in rows]
 
-    async def usage_with_totals(self, ids: Sequence[int]) -> list[RemoteUsage]:
-        """Ledger rows by id, each with its campaign's and session's stored totals and budget
-        (for the live feed's events of other processes)."""
+    async def usage_with_totals(self, ids: Sequence[int], ceiling_id: int) -> list[RemoteUsage]:
+        """Ledger rows by id, oldest first, each with its campaign's and session's totals as they
+        stood right after it (in id order: the ledger's running sums) and its budget, for the
+        live feed's events of other processes.
+
+        One statement, so the stored totals and the rows after each one are read at one moment:
+        the costs of the rows after it, up to `ceiling_id` (the watcher's window; a background
+        final state's derived id is never counted as later), are taken off the stored totals.
+        """
         if not ids:
             return []
         r, c, s = RECORDS, CAMPAIGNS, SESSIONS
+        later = (1, None)  # ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING
+        window = (
+            select(r, func.coalesce(func.sum(r.c.cost_usd).over(
+                       partition_by=r.c.campaign_id, order_by=r.c.id, rows=later), literal(ZERO, Money()))
+                   .label("campaign_later"),
+                   func.coalesce(func.sum(r.c.cost_usd).over(
+                       partition_by=(r.c.campaign_id, r.c.session_id), order_by=r.c.id, rows=later),
+                       literal(ZERO, Money())).label("session_later"))
+            .where(r.c.id >= uuid.UUID(int=min(ids)), r.c.id < uuid.UUID(int=ceiling_id))
+            .subquery())
+        w = window.c
         query = (
-            select(r, c.c.cost_usd.label("campaign_cost"), c.c.warning_usd, c.c.limit_usd,
-                   s.c.cost_usd.label("session_cost"))
-            .select_from(r.outerjoin(c, c.c.campaign_id == r.c.campaign_id).outerjoin(
-                s, and_(s.c.campaign_id == r.c.campaign_id, s.c.session_id == r.c.session_id)))
-            .where(r.c.id.in_([uuid.UUID(int=i) for i in ids])))
+            select(window, (c.c.cost_usd - w.campaign_later).label("campaign_cost"), c.c.warning_usd,
+                   c.c.limit_usd, (s.c.cost_usd - w.session_later).label("session_cost"))
+            .select_from(window.outerjoin(c, c.c.campaign_id == w.campaign_id).outerjoin(
+                s, and_(s.c.campaign_id == w.campaign_id, s.c.session_id == w.session_id)))
+            .where(w.id.in_([uuid.UUID(int=i) for i in ids]))
+            .order_by(w.id))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         result = []

@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from costing.budget import make_budget, status_units
-from costing.feed import Feed, SeenIds, TooManySubscribers, at_text, running_totals
-from costing.records import RemoteUsage, UsageEntry, from_epoch_us
+from costing.feed import Feed, SeenIds, TooManySubscribers, at_text
+from costing.records import UsageEntry, from_epoch_us
 from costing.usage import Usage
 
 BUDGET = make_budget(Decimal("1.00"), Decimal("2.00"))
@@ -116,15 +116,6 @@ async def test_nobody_listening_costs_nothing_and_a_new_epoch_follows():
     assert feed.live  # lingers, so a reconnect resumes
     await asyncio.sleep(0.05)
     assert not feed.live and feed.epoch != epoch and not feed.ring
-
-
-def test_running_totals_take_later_rows_off_the_stored_totals():
-    rows = [RemoteUsage(entry(cost, session=session, record_id=rid), 100, stored_session, BUDGET)
-            for rid, cost, session, stored_session in
-            ((3, 30, "a", 40), (1, 10, "a", 40), (2, 60, "b", 60))]
-    result = running_totals(rows)
-    assert [(r.entry.id, r.campaign_spent, r.session_spent) for r in result] == [
-        (1, 10, 10), (2, 70, 60), (3, 100, 40)]
 
 
 def test_seen_ids_forget_what_falls_outside_the_window_and_count_what_is_written():

@@ -369,3 +369,32 @@ async def test_an_earlier_background_row_is_not_replayed_as_a_new_call_of_anothe
         await asyncio.sleep(0.5)  # ten more polls
     assert event.data["session_id"] == "new"
     assert reader._buffer.count(b"event: usage") == 0
+
+
+async def test_another_replicas_calls_carry_the_totals_right_after_them(start_proxy, fake):
+    """Replicas A and B on one database take turns in one session (a load balancer); a subscriber
+    on A: each of B's events (built from the ledger) carries the campaign's and session's totals
+    right after that call, the ledger's running sums in record order, none of A's later calls."""
+    a = await start_proxy(live_poll_interval_seconds=1.0)
+    b = await start_proxy()
+    async with aiohttp.ClientSession() as http, http.get(f"{a.url}/costs/events") as response:
+        reader = EventReader(response)
+        for _ in range(4):
+            await _chat(b, campaign="rep")
+            await _chat(a, campaign="rep")
+            await asyncio.sleep(0.2)
+        events = await reader.events(8, within=15)
+    await a.flush()
+    await b.flush()
+    rows = sorted(await ledger_rows(a.engine), key=lambda r: r.id.int)
+    assert len(rows) == 8
+    right_after: dict[str, tuple[str, str]] = {}  # B's calls (every other row, from the first)
+    total = Decimal(0)
+    for index, row in enumerate(rows):
+        total += row.cost_usd
+        if index % 2 == 0:
+            at = row.created_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            right_after[at] = (format_usd(total), format_usd(total))
+    seen = {e.data["at"]: (e.data["campaign_cost_usd"], e.data["session_cost_usd"])
+            for e in events if e.data["at"] in right_after}
+    assert seen == right_after
