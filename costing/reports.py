@@ -8,8 +8,9 @@ never shows the total from before it. Other processes' unwritten calls show once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -70,9 +71,10 @@ def _latest(a: datetime | None, b: datetime) -> datetime:
 
 def overlay_campaign(stored: CampaignTotals | None, campaign_id: str,
                      entries: Sequence[UsageEntry], default_budget: Budget,
-                     new_sessions: int) -> CampaignTotals | None:
+                     new_sessions: int = 0, revived: Sequence[SessionTotals] = ()) -> CampaignTotals | None:
     """A campaign's stored totals plus its pending `entries`; `new_sessions` of them are in
-    sessions the database does not hold yet."""
+    sessions the database does not hold yet, and `revived` are the stored deleted sessions they
+    bring back (a call in a deleted session revives it)."""
     if not entries:
         return stored
     first, last = _span(entries)
@@ -82,7 +84,10 @@ def overlay_campaign(stored: CampaignTotals | None, campaign_id: str,
     return replace(stored, totals=plus(stored.totals, entries),
                    first_seen=_earliest(stored.first_seen, first),
                    last_seen=_latest(stored.last_seen, last),
-                   session_count=stored.session_count + new_sessions)
+                   session_count=stored.session_count + new_sessions,
+                   deleted_session_count=stored.deleted_session_count - len(revived),
+                   deleted_sessions_cost_usd=stored.deleted_sessions_cost_usd
+                   - sum((s.totals.cost_usd for s in revived), Decimal(0)))
 
 
 def overlay_session(stored: SessionTotals | None, campaign_id: str, session_id: str,
@@ -92,16 +97,17 @@ def overlay_session(stored: SessionTotals | None, campaign_id: str, session_id: 
     first, last = _span(entries)
     if stored is None:
         return SessionTotals(campaign_id, session_id, Totals.of(entries), first, last, None)
-    return replace(stored, totals=plus(stored.totals, entries),
+    return replace(stored, totals=plus(stored.totals, entries),  # a call revives a deleted session
                    first_seen=_earliest(stored.first_seen, first),
-                   last_seen=_latest(stored.last_seen, last))
+                   last_seen=_latest(stored.last_seen, last), deleted_at=None)
 
 
 def overlay_sessions(stored: Sequence[SessionTotals], campaign_id: str,
-                     entries: Sequence[UsageEntry], *, order_by: str,
-                     limit: int) -> list[SessionTotals]:
-    """A campaign's listed sessions plus its pending entries (sessions only pending join the
-    list), in the list's order, at most `limit`."""
+                     entries: Sequence[UsageEntry], *, order_by: str, limit: int,
+                     unlisted: Mapping[str, SessionTotals] | None = None) -> list[SessionTotals]:
+    """A campaign's listed sessions plus its pending entries, in the list's order, at most
+    `limit`. A session with pending calls that the list does not hold joins it with its stored
+    totals (`unlisted`: beyond the page, or deleted and now revived) plus those calls."""
     by_session: dict[str, list[UsageEntry]] = defaultdict(list)
     for e in entries:
         if e.campaign_id == campaign_id:
@@ -110,7 +116,8 @@ def overlay_sessions(stored: Sequence[SessionTotals], campaign_id: str,
         return list(stored)
     result: dict[str, SessionTotals] = {s.session_id: s for s in stored}
     for session_id, group in by_session.items():
-        merged = overlay_session(result.get(session_id), campaign_id, session_id, group)
+        base = result.get(session_id) or (unlisted or {}).get(session_id)
+        merged = overlay_session(base, campaign_id, session_id, group)
         if merged is not None:
             result[session_id] = merged
     key = {"cost": lambda s: s.totals.cost_usd, "last_seen": lambda s: s.last_seen,
@@ -140,57 +147,73 @@ class CostReports:
         self.store = store
         self.ledger = ledger
 
-    async def _with_pending(self, read: Awaitable[T]) -> tuple[T, list[UsageEntry]]:
-        """A database read and the entries not written yet, as one consistent view: no batch
-        commits in between (it would count as both, or as neither)."""
+    @contextlib.asynccontextmanager
+    async def _consistent(self) -> AsyncIterator[Callable[[], list[UsageEntry]]]:
+        """Reads made inside and the entries not written yet (what it yields returns them) are
+        one consistent view: no batch commits meanwhile (it would count as both, or neither)."""
         if self.ledger is None:
-            return await read, []
+            yield list
+            return
         async with self.ledger.writing:
-            stored = await read
-            return stored, self.ledger.pending()
+            yield self.ledger.pending
 
-    async def _new_sessions(self, entries: Sequence[UsageEntry]) -> dict[str, int]:
-        """Per campaign, how many sessions of `entries` the database does not hold yet."""
+    async def _with_pending(self, read: Awaitable[T]) -> tuple[T, list[UsageEntry]]:
+        """A database read and the entries not written yet, as one consistent view."""
+        async with self._consistent() as pending:
+            return await read, pending()
+
+    async def _session_changes(self, entries: Sequence[UsageEntry]
+                               ) -> dict[str, tuple[int, list[SessionTotals]]]:
+        """Per campaign, what `entries` do to its sessions once written: how many are new to
+        the database, and which stored deleted ones they revive."""
         pairs = {(e.campaign_id, e.session_id) for e in entries}
-        if not pairs:
-            return {}
-        known = await self.store.known_sessions(pairs)
-        counts: dict[str, int] = defaultdict(int)
-        for campaign_id, _session_id in pairs - known:
-            counts[campaign_id] += 1
-        return counts
+        stored = await self.store.stored_sessions(pairs)
+        changes: dict[str, tuple[int, list[SessionTotals]]] = defaultdict(lambda: (0, []))
+        for pair in pairs:
+            found = stored.get(pair)
+            new, revived = changes[pair[0]]
+            if found is None:
+                changes[pair[0]] = (new + 1, revived)
+            elif found.deleted_at is not None:
+                revived.append(found)
+                changes[pair[0]] = (new, revived)
+        return changes
 
     async def campaigns(self, *, limit: int, after: str | None) -> tuple[list[CampaignTotals], str | None]:
         """One page of campaigns and the id to continue after (None on the last page)."""
-        page, pending = await self._with_pending(self.store.campaigns(limit=limit + 1, after=after))
-        more = len(page) > limit
-        page = page[:limit]
-        if pending:
+        async with self._consistent() as read_pending:
+            page = await self.store.campaigns(limit=limit + 1, after=after)
+            pending = read_pending()
+            more = len(page) > limit
+            page = page[:limit]
+            if not pending:
+                return page, (page[-1].campaign_id if more and page else None)
             last = page[-1].campaign_id if more and page else None
             listed = {c.campaign_id for c in page}
             # Campaigns only pending yet belong to this page when they sort within it.
             extra = {e.campaign_id for e in pending if e.campaign_id not in listed
                      and (after is None or e.campaign_id > after)
                      and (last is None or e.campaign_id < last)}
-            new_sessions = await self._new_sessions(
+            changes = await self._session_changes(
                 [e for e in pending if e.campaign_id in listed or e.campaign_id in extra])
-            by_id: dict[str, CampaignTotals] = {c.campaign_id: c for c in page}
-            for campaign_id in listed | extra:
-                merged = overlay_campaign(by_id.get(campaign_id), campaign_id,
-                                          _of_campaign(pending, campaign_id), self.store.default_budget,
-                                          new_sessions.get(campaign_id, 0))
-                if merged is not None:
-                    by_id[campaign_id] = merged
-            page = [by_id[c] for c in sorted(by_id)][:limit]
-            more = more or len(by_id) > limit
+        by_id: dict[str, CampaignTotals] = {c.campaign_id: c for c in page}
+        for campaign_id in listed | extra:
+            merged = overlay_campaign(by_id.get(campaign_id), campaign_id,
+                                      _of_campaign(pending, campaign_id), self.store.default_budget,
+                                      *changes.get(campaign_id, (0, [])))
+            if merged is not None:
+                by_id[campaign_id] = merged
+        page = [by_id[c] for c in sorted(by_id)][:limit]
+        more = more or len(by_id) > limit
         return page, (page[-1].campaign_id if more and page else None)
 
     async def campaign(self, campaign_id: str) -> CampaignTotals:
-        found, pending = await self._with_pending(self.store.campaign(campaign_id))
-        mine = _of_campaign(pending, campaign_id)
+        async with self._consistent() as pending:
+            found = await self.store.campaign(campaign_id)
+            mine = _of_campaign(pending(), campaign_id)
+            changes = (await self._session_changes(mine)).get(campaign_id, (0, [])) if mine else (0, [])
         if mine:
-            new_sessions = (await self._new_sessions(mine)).get(campaign_id, 0)
-            found = overlay_campaign(found, campaign_id, mine, self.store.default_budget, new_sessions)
+            found = overlay_campaign(found, campaign_id, mine, self.store.default_budget, *changes)
         if found is None:
             raise NotFound(f"Unknown campaign '{campaign_id}': no usage or budget recorded for it")
         return found
@@ -198,16 +221,17 @@ class CostReports:
     async def sessions(self, campaign_id: str, *, include_deleted: bool, order_by: str,
                        limit: int) -> list[SessionTotals]:
         await self.campaign(campaign_id)
-        stored, pending = await self._with_pending(self.store.sessions(
-            campaign_id, include_deleted=include_deleted, order_by=order_by, limit=limit))
-        mine = _of_campaign(pending, campaign_id)
-        if not include_deleted and mine:
-            # A pending call of a deleted session must not list that session as live.
-            deleted = {s.session_id for s in await self.store.sessions(
-                campaign_id, include_deleted=True, order_by=order_by, limit=limit)
-                if s.deleted_at is not None}
-            mine = [e for e in mine if e.session_id not in deleted]
-        return overlay_sessions(stored, campaign_id, mine, order_by=order_by, limit=limit)
+        async with self._consistent() as pending:
+            stored = await self.store.sessions(campaign_id, include_deleted=include_deleted,
+                                               order_by=order_by, limit=limit)
+            mine = _of_campaign(pending(), campaign_id)
+            listed = {s.session_id for s in stored}
+            # Sessions with pending calls that the page does not hold (further down the list, or
+            # deleted: those calls revive them): their stored totals, to add the calls to.
+            unlisted = {session_id: found for (_, session_id), found in (await self.store.stored_sessions(
+                {(campaign_id, e.session_id) for e in mine if e.session_id not in listed})).items()}
+        return overlay_sessions(stored, campaign_id, mine, order_by=order_by, limit=limit,
+                                unlisted=unlisted)
 
     async def session(self, campaign_id: str, session_id: str) -> SessionTotals:
         found, pending = await self._with_pending(self.store.session(campaign_id, session_id))

@@ -376,16 +376,17 @@ class Store:
                                     DAILY.c.day <= end).order_by(DAILY.c.day))
             return [DayTotals(r.day, _totals(r)) for r in rows]
 
-    async def known_sessions(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Which (campaign, session) pairs the database holds."""
+    async def stored_sessions(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], SessionTotals]:
+        """The stored sessions among (campaign, session) pairs, deleted ones included."""
         wanted = sorted(set(pairs))
         if not wanted:
-            return set()
+            return {}
         async with self.engine.connect() as conn:
             rows = await conn.execute(
-                select(SESSIONS.c.campaign_id, SESSIONS.c.session_id)
-                .where(tuple_(SESSIONS.c.campaign_id, SESSIONS.c.session_id).in_(wanted)))
-            return {(r.campaign_id, r.session_id) for r in rows}
+                select(SESSIONS).where(tuple_(SESSIONS.c.campaign_id, SESSIONS.c.session_id).in_(wanted)))
+            return {(r.campaign_id, r.session_id): SessionTotals(
+                r.campaign_id, r.session_id, _totals(r), r.first_seen, r.last_seen, r.deleted_at)
+                for r in rows}
 
     async def count_records_between(self, floor_id: int, ceiling_id: int) -> int:
         """How many ledger rows have an id from `floor_id` up to (not including) `ceiling_id`: a

@@ -76,3 +76,61 @@ async def test_costs_right_after_a_response_include_it(start_proxy, fake):
         assert Decimal(views["session"]["cost_usd"]) == cost + Decimal(third.headers["X-Request-Cost-USD"])
         assert views["session"]["requests"] == 2 and views["campaign"]["session_count"] == 2
         assert Decimal(views["campaign"]["cost_usd"]) == Decimal(third.headers["X-Campaign-Cost-USD"])
+
+
+async def _session_views(http: aiohttp.ClientSession, base: str, queries: list[str]) -> dict[str, list]:
+    views = {}
+    for query in queries:
+        listed = await _json(http, f"{base}/costs/campaigns/rw/sessions?{query}")
+        views[query] = [(s["session_id"], s["cost_usd"], s["requests"], s["deleted_at"])
+                        for s in listed["sessions"]]
+    return views
+
+
+async def test_a_pending_call_of_a_session_beyond_the_page_adds_to_its_stored_totals(start_proxy, fake):
+    """Sessions `old` (3 calls), `mid` (2), `new` (1) are written; one more call in `old` is not:
+    every page of the list right after it says what it says once the call is written."""
+    proxy = await start_proxy(ledger_flush_interval_seconds=60)
+    for session, calls in (("old", 3), ("mid", 2), ("new", 1)):
+        for _ in range(calls):
+            await proxy.client(campaign="rw", session=session).chat.completions.create(
+                model="gpt-4o-mini", messages=HELLO)
+        await proxy.ledger.flush_once()
+    await proxy.client(campaign="rw", session="old").chat.completions.create(model="gpt-4o-mini",
+                                                                             messages=HELLO)
+    assert len(proxy.ledger) == 1
+    queries = ["limit=1", "limit=2", "order=cost&limit=1", "order=first_seen&limit=1", ""]
+    async with aiohttp.ClientSession() as http:
+        right_after = await _session_views(http, proxy.url, queries)
+        await proxy.ledger.flush_once()
+        assert right_after == await _session_views(http, proxy.url, queries)
+    assert right_after["limit=1"][0][:3] == ("old", right_after[""][0][1], 4)
+
+
+async def test_a_call_in_a_deleted_session_revives_it_at_once(start_proxy, fake):
+    """Read right after the reviving call (not written yet): the session is live again in every
+    view, and the campaign's deleted-session figures no longer count it, as once written."""
+    proxy = await start_proxy(ledger_flush_interval_seconds=60)
+    client = proxy.client(campaign="rw", session="gone")
+    await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    await proxy.client(campaign="rw", session="keep").chat.completions.create(model="gpt-4o-mini",
+                                                                              messages=HELLO)
+    async with aiohttp.ClientSession() as http:
+        async with http.delete(f"{proxy.url}/costs/campaigns/rw/sessions/gone") as response:
+            assert response.status == 200
+        assert (await _json(http, f"{proxy.url}/costs/campaigns/rw"))["deleted_session_count"] == 1
+        await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+        assert len(proxy.ledger) == 1
+
+        async def views() -> tuple[dict, dict[str, list], dict]:
+            campaign = await _json(http, f"{proxy.url}/costs/campaigns/rw")
+            listed = await _session_views(http, proxy.url, ["", "include_deleted=true"])
+            return campaign, listed, await _json(http, f"{proxy.url}/costs/campaigns/rw/sessions/gone")
+
+        right_after = await views()
+        await proxy.ledger.flush_once()
+        assert right_after == await views()
+    campaign, listed, gone = right_after
+    assert (campaign["deleted_session_count"], campaign["deleted_sessions_cost_usd"]) == (0, "0.00")
+    assert gone["deleted_at"] is None and gone["requests"] == 2
+    assert sorted(s for s, *_ in listed[""]) == ["gone", "keep"]
