@@ -109,7 +109,7 @@ def lease_amount(need: Decimal, headroom: Decimal, fraction: Decimal) -> Decimal
 
 
 def warning_text(campaign_id: str, spent: Decimal, budget: Budget) -> str:
-    """The X-Cost-Warning header: plain ASCII, human-readable."""
-    return (f"Campaign '{campaign_id}' has spent ${spent.quantize(Decimal('0.0001'))} "
-            f"of its ${budget.limit_usd.quantize(Decimal('0.01'))} limit "
-            f"(warning at ${budget.warning_usd.quantize(Decimal('0.01'))})")
+    """The X-Cost-Warning header: plain ASCII, human-readable, amounts exact as the other headers
+    write them (a $0.005 limit is not "$0.00")."""
+    return (f"Campaign '{campaign_id}' has spent ${format_usd(spent)} "
+            f"of its ${format_usd(budget.limit_usd)} limit (warning at ${format_usd(budget.warning_usd)})")

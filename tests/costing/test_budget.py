@@ -260,8 +260,10 @@ def test_a_lease_shrinks_as_the_limit_nears(need, extra_a, extra_b, fraction):
 
 def test_the_warning_text_names_the_campaign_spend_limit_and_threshold():
     text = warning_text("c1", D("1.23456"), BUDGET)
-    assert text == "Campaign 'c1' has spent $1.2346 of its $5.00 limit (warning at $1.00)"
+    assert text == "Campaign 'c1' has spent $1.23456 of its $5.00 limit (warning at $1.00)"
     assert text.isascii()
+    small = warning_text("w", D("0.00051"), make_budget(D("0.0004"), D("0.005")))
+    assert small == "Campaign 'w' has spent $0.00051 of its $0.005 limit (warning at $0.0004)"
 
 
 def test_the_worst_case_of_any_request_body_is_a_storable_amount():
