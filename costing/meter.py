@@ -152,8 +152,8 @@ class Meter:
         if ticket.facts.background and 200 <= status < 300:
             # Queued in the background: the final state, read later, is what gets metered;
             # until then the response keeps its reservation (see costing.background).
-            if estimated:
-                entry.cost_units = 0
+            if estimated:  # the entry tells what the reply and its span report: nothing yet
+                entry.cost_units, entry.usage, entry.estimated = 0, Usage(), False
                 if reported is not None and reported.response_id:
                     ticket.settled = True
                     self.gate.hold(ticket.admission)

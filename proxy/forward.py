@@ -35,6 +35,7 @@ from proxy.sse import SSETap
 from proxy.state import CLIENT_KEYS, METER, METRICS, SETTINGS, TRACER, UPSTREAM, Upstream
 from proxy.tags import tag_value
 from tracing.recorder import error_type, stream_failure
+from tracing.spans import Span
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -323,18 +324,25 @@ async def _retrieval(request: web.Request, app: web.Application, headers: Header
     raw = await _request_body(request, app[SETTINGS].max_request_body_bytes) if request.body_exists \
         else None
     started = time.perf_counter()
+    tracer = app[TRACER]
+    # Started as any metered call's (the upstream gets the proxy's span id); ended only by the
+    # read that meters a final state, with its figures: that read is the call's span.
+    span = (tracer.start(request.headers, headers, Operation.RESPONSES.value, campaign_id, session_id,
+                         UNPRICED, {}, timing.started) if tracer is not None else None)
     upstream = await _send(request, app[UPSTREAM], headers, raw, timing)
     meter = app[METER]
     state: FinalState | None = None
+    final: Reported | None = None
     read = False  # the answer was looked at for a final state
 
     def record(reported: Reported | None, streamed: bool) -> None:
-        nonlocal state, read
+        nonlocal state, final, read
         read = True
         if reported is not None:
             state = meter.final_state(campaign_id, session_id, reported, status=upstream.status,
                                       streamed=streamed, started=started,
                                       authorization=request.headers.get("Authorization"))
+            final = reported
 
     try:
         async with upstream:
@@ -347,12 +355,30 @@ async def _retrieval(request: web.Request, app: web.Application, headers: Header
                     if not read:  # the stream broke off before its end: what it told so far
                         record(tap.result(), True)
             body = await _answer_body(upstream, timing)
-            record(_reported(body), False)
+            decoded = _decoded(body)
+            record(from_body(decoded) if decoded is not None else None, False)
+            reply_headers = response_headers(upstream.headers)
+            if state is not None:  # the read that meters the call tells its cost, as a reply does
+                await uninterrupted(meter.settle_final_state(state))
+                reply_headers += campaign_headers(meter, state.entry.campaign_id)
+                reply_headers.append((REQUEST_COST, format_units(state.entry.cost_units)))
+                if span is not None:
+                    span.tracer.answered(span, decoded)
             return web.Response(status=upstream.status, reason=upstream.reason, body=body,
-                                headers=response_headers(upstream.headers))
+                                headers=reply_headers)
     finally:
         if state is not None:
             await uninterrupted(meter.settle_final_state(state))
+            if span is not None and final is not None:
+                _end_final_state_span(span, state.entry, final)
+
+
+def _end_final_state_span(span: Span, entry: UsageEntry, reported: Reported) -> None:
+    """The span of a background response's call: the read that metered its final state, named
+    and tagged as the call (its model, its creator's campaign and session)."""
+    span.facts = RequestFacts(entry.response_model, entry.streamed, False, 0, None)
+    span.campaign_id, span.session_id = entry.campaign_id, entry.session_id
+    span.tracer.end(span, entry.status_code, None, entry, reported)
 
 
 async def _stream_back(request: web.Request, upstream: aiohttp.ClientResponse, reply_headers: Headers,
@@ -480,6 +506,7 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
     entry: UsageEntry | None = None
     reported: Reported | None = None
     tap: SSETap | None = None
+    gave_up: GaveUp | None = None
     try:
         upstream = await _send(request, app[UPSTREAM], headers, raw, timing)
         outcome.answer(upstream.status)
@@ -518,6 +545,7 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                                 headers=reply_headers)
     except BaseException as exc:
         outcome.fail(exc)
+        gave_up = exc if isinstance(exc, GaveUp) else None
         raise
     finally:
         if tap is not None:
@@ -526,6 +554,9 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
             entry = meter.record(ticket, reported, status=outcome.status, streamed=tap is not None,
                                  streamed_chars=tap.streamed_chars() if tap and not tap.usage_seen
                                  else 0, billed=outcome.billed)
+            if gave_up is not None:  # charged at its estimate: the error says so, as a reply would
+                gave_up.headers.update(campaign_headers(meter, campaign_id))
+                gave_up.headers[REQUEST_COST] = format_units(entry.cost_units)
         _observe(app[METRICS], ticket, reported, outcome.status, timing)
         if span is not None:
             span.tracer.end(span, outcome.status, error_type(outcome.status, outcome.failure), entry,
@@ -537,11 +568,6 @@ def _decoded(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-
-
-def _reported(body: bytes) -> Reported | None:
-    decoded = _decoded(body)
-    return from_body(decoded) if decoded is not None else None
 
 
 def _observe(metrics: Metrics, ticket: Ticket, reported: Reported | None, status: int,

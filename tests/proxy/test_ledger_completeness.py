@@ -162,8 +162,10 @@ async def test_queued_background_responses_hold_their_reservation_until_read(sta
     queued = [await _create_background(client) for _ in range(2)]
     with pytest.raises(openai.RateLimitError):
         await _create_background(client)  # a third would not fit: none of the two has finished
-    for response in queued:
-        assert (await client.responses.retrieve(response.id)).status == "completed"
+    for response in queued:  # the read that meters the call says what it cost, as a reply does
+        raw = await client.responses.with_raw_response.retrieve(response.id)
+        assert raw.parse().status == "completed"
+        assert Decimal(raw.headers["X-Request-Cost-USD"]) == Decimal("0.00075")
     third = await _create_background(client)  # their holds ended: $0.0015 spent of $0.01
     assert third.status == "queued"
     await proxy.flush()

@@ -19,6 +19,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -162,11 +163,14 @@ async def test_a_json_answer_cut_off_halfway_is_a_clean_502_recorded_at_its_esti
         async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT, headers=TAGS) as response:
             assert response.status == 502
             assert_error_shape(await response.json(), "upstream_incomplete")
+            charged = response.headers.get("X-Request-Cost-USD")  # the error says what it cost
+            campaign = response.headers.get("X-Campaign-Cost-USD")
     await still_serves(proxy, fake)
     await proxy.flush()
     first, _ = await ledger_rows(proxy.engine)
     assert (first.status_code, first.estimated) == (502, True)
     assert first.input_tokens > 0 and first.output_tokens == 0 and first.cost_usd > 0
+    assert charged is not None and Decimal(charged) == first.cost_usd == Decimal(campaign or "")
     await assert_aggregates_match_ledger(proxy.engine)
 
 

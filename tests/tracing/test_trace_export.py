@@ -12,6 +12,7 @@ from typing import Any
 
 import openai
 import pytest
+from ledger_check import ledger_rows
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from otlpreceiver import OTLPReceiver
 
@@ -280,3 +281,32 @@ async def test_an_upstream_that_breaks_off_mid_stream(traced, receiver, fake):
     assert got.attributes["error.type"] == "upstream_incomplete"
     assert got.attributes["http.response.status_code"] == 200  # the answer had begun
     assert got.attributes["llm_proxy.cost.estimated"] is True
+
+
+async def test_a_background_response_is_traced_by_the_read_that_meters_it(traced, receiver, fake):
+    """Its creation is a span with nothing billed yet (cost 0, no tokens, not an estimate); the
+    polls that find it in progress have none; the poll that meters its final state has the span
+    with the ledger row's figures, under the campaign that created it."""
+    proxy = await traced()
+    fake.behaviour.prompt_tokens, fake.behaviour.completion_tokens = 1500, 80
+    created = await proxy.client(campaign="bg", session="s1").responses.create(
+        model="gpt-4o-mini", input="Plan the heist.", background=True)
+    reader = proxy.client(campaign="reader", session="r1")
+    while (await reader.responses.retrieve(created.id)).status != "completed":
+        pass
+    await reader.responses.retrieve(created.id)  # read again: metered once, traced once
+    creation, billed = await receiver.wait_for(2)
+    await asyncio.sleep(0.2)
+    assert len(receiver.spans) == 2
+    await proxy.flush()
+    [row] = await ledger_rows(proxy.engine)
+    nothing = creation.attributes
+    assert (nothing["llm_proxy.cost.usd"], nothing["gen_ai.usage.input_tokens"],
+            nothing["llm_proxy.cost.estimated"]) == (0.0, 0, False)
+    attrs = billed.attributes
+    assert billed.span.name == f"chat {row.response_model}"
+    assert attrs["gen_ai.response.id"] == created.id == row.response_id
+    assert attrs["llm_proxy.cost.usd"] == float(row.cost_usd) > 0
+    assert (attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.output_tokens"]) == (1500, 80)
+    assert (attrs["llm_proxy.campaign.id"], attrs["llm_proxy.session.id"]) == ("bg", "s1")
+    assert attrs["gen_ai.response.finish_reasons"] == ["stop"]
