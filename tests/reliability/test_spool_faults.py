@@ -82,7 +82,9 @@ async def test_kill_during_replay_and_its_commits_loses_nothing(database_url, ba
     count = 20_000
     spool = tmp_path / "spool"
     leave_dead_spool(spool, count)
-    env = {"DATABASE_URL": database_url, "LEDGER_SPOOL_DIR": str(spool), "LEDGER_BATCH_SIZE": "2000",
+    # Batches of 500: 40 commits, so a kill soon after the first lands mid-replay even on a fast
+    # machine (20,000 rows in batches of 2,000 were once all written within the random delay).
+    env = {"DATABASE_URL": database_url, "LEDGER_SPOOL_DIR": str(spool), "LEDGER_BATCH_SIZE": "500",
            "AUTO_MIGRATE": "false", "UPSTREAM_BASE_URL": "http://127.0.0.1:9"}
     engine = create_engine(parse_database_url(database_url))
     rng = random.Random()
@@ -96,7 +98,7 @@ async def test_kill_during_replay_and_its_commits_loses_nothing(database_url, ba
                 while await count_rows(engine) == before and process.returncode is None:
                     assert time.monotonic() < deadline, "the replay did not start"
                     await asyncio.sleep(0.02)
-                await asyncio.sleep(rng.uniform(0, 0.3))  # a batch or two further: mid-commit
+                await asyncio.sleep(rng.uniform(0, 0.05))  # a few batches further: mid-commit
             finally:
                 await kill(process)
             progress.append(await count_rows(engine))
