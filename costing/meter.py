@@ -121,20 +121,21 @@ class Meter:
                       key_hash(authorization))
 
     def record(self, ticket: Ticket, reported: Reported | None, *, status: int, streamed: bool,
-               streamed_chars: int = 0, billed: bool = False) -> UsageEntry:
+               output_chars: int = 0, billed: bool = False) -> UsageEntry:
         """Price what the upstream reported (or estimate it) and hand the entry to the ledger.
 
         Without usage, a call the upstream answered (2xx), the client left (499) or the proxy
         gave up on while the upstream worked (`billed`: its 502/504 after a read timeout or a
-        broken 2xx body) is estimated: prompt plus the output streamed so far, as OpenAI bills
-        work it did. Other errors, OpenAI's own or a call that never reached it, cost nothing.
+        broken 2xx body) is estimated: prompt plus `output_chars` of answer text (a stream's so
+        far, a JSON answer's), as OpenAI bills work it did. Other errors, OpenAI's own or a call
+        that never reached it, cost nothing.
         Idempotent per ticket: a second call returns without recording twice.
         """
         usage: Usage | None = reported.usage if reported else None
         estimated = False
         if usage is None:
             if 200 <= status < 300 or status == CLIENT_CLOSED_REQUEST or billed:
-                usage = estimate_usage(ticket.facts.prompt_tokens, streamed_chars)
+                usage = estimate_usage(ticket.facts.prompt_tokens, output_chars)
                 estimated = True
             else:
                 usage = Usage()  # OpenAI does not bill failed requests

@@ -427,6 +427,7 @@ def _offers_search_preview(tools: list[Any]) -> bool:
     return False
 
 
-def estimate_usage(prompt_tokens: int, streamed_chars: int) -> Usage:
-    """Usage of a stream that ended before the upstream reported it."""
-    return Usage(input_tokens=prompt_tokens, output_tokens=tokens_for_chars(streamed_chars))
+def estimate_usage(prompt_tokens: int, output_chars: int) -> Usage:
+    """Usage of an answer the upstream did not report: the prompt's estimate, and the output's
+    from the characters of text it held (a stream's so far, or a JSON answer's)."""
+    return Usage(input_tokens=prompt_tokens, output_tokens=tokens_for_chars(output_chars))

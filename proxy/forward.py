@@ -518,7 +518,7 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                 def record() -> None:  # before the last events go out (see _relay)
                     nonlocal entry
                     entry = meter.record(ticket, streamed.result(), status=outcome.status,
-                                         streamed=True, streamed_chars=0 if streamed.usage_seen
+                                         streamed=True, output_chars=0 if streamed.usage_seen
                                          else streamed.streamed_chars())
 
                 return await _stream_back(
@@ -532,7 +532,7 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                 span.tracer.answered(span, decoded)
             # Without usage, the output is estimated from the answer's text, as a stream's is.
             entry = meter.record(ticket, reported, status=outcome.status, streamed=False,
-                                 streamed_chars=0 if reported is not None and reported.usage
+                                 output_chars=0 if reported is not None and reported.usage
                                  is not None else answer_chars(decoded))
             reply_headers = response_headers(upstream.headers) + campaign_headers(meter, campaign_id)
             reply_headers.append((REQUEST_COST, format_units(entry.cost_units)))
@@ -552,7 +552,7 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
             reported = tap.result()
         if not ticket.settled:
             entry = meter.record(ticket, reported, status=outcome.status, streamed=tap is not None,
-                                 streamed_chars=tap.streamed_chars() if tap and not tap.usage_seen
+                                 output_chars=tap.streamed_chars() if tap and not tap.usage_seen
                                  else 0, billed=outcome.billed)
             if gave_up is not None:  # charged at its estimate: the error says so, as a reply would
                 gave_up.headers.update(campaign_headers(meter, campaign_id))
