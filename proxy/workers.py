@@ -60,6 +60,9 @@ def check_port(settings: Settings) -> None:
     """Fail before forking when the port cannot be bound (one clear error, not N worker errors)."""
     family = socket.AF_INET6 if ":" in settings.proxy_host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As the workers' own sockets (asyncio sets SO_REUSEADDR): connections of an earlier
+        # server left in TIME-WAIT do not make the port look taken.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         probe.bind((settings.proxy_host, settings.proxy_port))
 

@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -21,6 +22,7 @@ from test_budget_gate import CAPPED_CALL, MESSAGES, alternate_calls, answer_what
 from test_startup_errors import run
 
 from costing.db import create_engine
+from proxy.workers import check_port
 
 
 class Workers:
@@ -274,3 +276,19 @@ async def test_serving_on_is_logged_once_every_worker_listens(tmp_path, database
         assert len(list((tmp_path / "spool").iterdir())) == 2  # one spool directory per worker
     finally:
         assert await workers.stop() == 0
+
+
+def test_the_port_check_ignores_connections_of_an_earlier_server_in_time_wait():
+    """`serve --workers 2` right after a `serve` on the same port: the earlier server's closed
+    connections wait in TIME-WAIT, and the port is free all the same (as the workers' own
+    sockets find it)."""
+    port = free_port()
+    server = socket.create_server(("127.0.0.1", port))
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server's end closes first: it is the one left in TIME-WAIT
+    time.sleep(0.05)
+    client.close()
+    server.close()
+    time.sleep(0.05)
+    check_port(make_settings(proxy_port=port))
