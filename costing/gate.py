@@ -98,6 +98,9 @@ class BudgetGate:
         # The ledger's `writing` lock: no batch commits while a lease is asked for.
         self.write_lock = write_lock if write_lock is not None else asyncio.Lock()
         self.in_flight_requests = 0
+        # Called at every refresh, before anything else (background holds expire there, so an
+        # idle process lets go of them too).
+        self.on_refresh: list[Callable[[], None]] = []
 
     # -- request path ----------------------------------------------------------------------------
 
@@ -201,10 +204,13 @@ class BudgetGate:
         self.in_flight_requests -= 1
 
     def release(self, admission: Admission) -> None:
-        """A held reservation is no longer needed (its final state was metered, or it expired)."""
+        """A held reservation is no longer needed (its final state was metered, or it expired).
+        The lease that covered it is renegotiated by the next admission (smaller) rather than
+        renewed as it is, so other processes get that budget back within a lease's life."""
         view = self.views.get(admission.campaign_id)
         if view is not None:
             view.inflight -= admission.reservation
+            view.lease_until = 0.0
 
     def charge_now(self, campaign_id: str, cost: int) -> bool:
         """`charge` when the campaign's view is in memory (no await); False when it is not."""
@@ -245,6 +251,8 @@ class BudgetGate:
 
         This is how budget changes and other replicas' spend reach this process.
         """
+        for hook in self.on_refresh:
+            hook()
         now = self.clock()
         for campaign_id in [c for c, v in self.views.items()
                             if not v.busy and now - v.last_used > IDLE_VIEW_SECONDS

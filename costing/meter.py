@@ -69,6 +69,7 @@ class Meter:
         self.sessions = sessions
         self.default_max_output_tokens = default_max_output_tokens
         self.background = BackgroundResponses(gate.release, hold_seconds=background_hold_seconds)
+        gate.on_refresh.append(self.background.expire)
         # Called with each entry once the ledger has it (the live feed): must not block.
         self.listeners: list[Callable[[UsageEntry], None]] = []
         self._unknown_models: set[str] = set()

@@ -14,6 +14,8 @@ import pytest
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 from openai_endpoints import OPENAI_BILLABLE, OPENAI_FREE
 
+from proxy.state import GATE
+
 TAGS = {"X-Campaign-Id": "c1", "X-Session-Id": "s1"}
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Roll for initiative."}],
         "max_tokens": 10}
@@ -176,8 +178,9 @@ async def test_queued_background_responses_hold_their_reservation_until_read(sta
 
 
 async def test_a_background_hold_ends_after_background_hold_seconds(start_proxy, fake):
-    """A response never read through this process (another replica polls it, or nobody does)
-    must not hold the budget forever."""
+    """A response never read through this process (another replica or worker polls it, or
+    nobody does) must not hold the budget forever: the hold ends on time even while this process
+    serves nothing (its budget refresh ends it), and the lease that covered it is not kept."""
     proxy = await start_proxy(background_hold_seconds=0.5)
     async with aiohttp.ClientSession() as http:
         await _set_budget(http, proxy, "bgq", "0.01")
@@ -186,7 +189,12 @@ async def test_a_background_hold_ends_after_background_hold_seconds(start_proxy,
         await _create_background(client)
     with pytest.raises(openai.RateLimitError):
         await _create_background(client)
-    await asyncio.sleep(0.6)
+    view = proxy.app[GATE].views["bgq"]
+    assert view.inflight > 0
+    async with asyncio.timeout(5):  # no request meanwhile: the refresh (every second) ends it
+        while view.inflight:  # noqa: ASYNC110 (the gate's state, not an event)
+            await asyncio.sleep(0.05)
+    assert view.lease_until == 0.0  # renegotiated by the next admission, not renewed as it was
     assert (await _create_background(client)).status == "queued"
 
 
