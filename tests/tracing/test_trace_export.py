@@ -92,8 +92,10 @@ async def test_a_chat_call_continues_the_callers_trace(traced, receiver, fake):
     assert got.scope == "llm-cost-proxy"
     assert receiver.encodings == ["gzip"]
     assert "secret prompt" not in str(span)  # content is off by default
-    await proxy.flush()
-    assert proxy.registry.get_sample_value("llm_trace_spans_exported_total") == 1
+    # Counted once the receiver's answer is read, a moment after the receiver has the span.
+    async with asyncio.timeout(5):
+        while proxy.registry.get_sample_value("llm_trace_spans_exported_total") != 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
 
 async def test_streams_get_a_span_ended_at_the_last_byte(traced, receiver, fake):
