@@ -20,6 +20,7 @@ class BudgetExceeded(CostingError):
         self.spent = spent
         self.limit = limit
         self.reservation = reservation
+        self.hint = hint
         if spent >= limit:
             message = (f"Campaign '{campaign_id}' reached its cost limit: "
                        f"${format_money(spent)} spent of ${format_money(limit)}")
@@ -33,8 +34,9 @@ class BudgetExceeded(CostingError):
         super().__init__(message)
 
     def with_hint(self, hint: str) -> BudgetExceeded:
-        """The same refusal, saying why the request's worst case is what it is."""
-        return BudgetExceeded(self.campaign_id, self.spent, self.limit, self.reservation, hint)
+        """The same refusal, also saying why the request cannot fit (after any earlier hint)."""
+        return BudgetExceeded(self.campaign_id, self.spent, self.limit, self.reservation,
+                              f"{self.hint}. {hint}" if self.hint else hint)
 
 
 class InvalidBudget(CostingError):

@@ -16,6 +16,7 @@ from costing.budget import Budget, worst_case_units
 from costing.errors import BudgetExceeded, LedgerUnavailable
 from costing.gate import Admission, BudgetGate, SessionCosts
 from costing.ledger import Ledger
+from costing.money import format_units
 from costing.pricing import Price, PriceTable, Quote, cost_units
 from costing.records import UsageEntry, derived_id
 from costing.usage import Operation, Reported, RequestFacts, Usage, estimate_usage
@@ -82,7 +83,7 @@ class Meter:
         try:
             admission = self.gate.admit_now(campaign_id, reservation)
         except BudgetExceeded as exc:
-            raise _explained(exc, facts, quote, self.default_max_output_tokens) from None
+            raise self._held(_explained(exc, facts, quote, self.default_max_output_tokens)) from None
         if admission is None:
             return None
         return self._ticket(campaign_id, session_id, operation, facts, quote, admission, authorization)
@@ -95,7 +96,7 @@ class Meter:
         try:
             admission = await self.gate.admit(campaign_id, reservation)
         except BudgetExceeded as exc:
-            raise _explained(exc, facts, quote, self.default_max_output_tokens) from None
+            raise self._held(_explained(exc, facts, quote, self.default_max_output_tokens)) from None
         return self._ticket(campaign_id, session_id, operation, facts, quote, admission, authorization)
 
     def _reserve(self, facts: RequestFacts) -> tuple[Quote, int]:
@@ -114,6 +115,19 @@ class Meter:
             raise LedgerUnavailable("the cost database is unavailable")
         quote = self.prices.quote(facts.model, facts.service_tier)
         return quote, worst_case_units(quote, facts, self.default_max_output_tokens)
+
+    def _held(self, exc: BudgetExceeded) -> BudgetExceeded:
+        """A refusal while queued background responses hold part of the budget: say how much, as
+        spend alone does not explain it."""
+        if exc.spent >= exc.limit or not self.background.holds:
+            return exc
+        held = [admission.reservation for admission, _until in self.background.holds.values()
+                if admission.campaign_id == exc.campaign_id]
+        if not held:
+            return exc
+        return exc.with_hint(
+            f"{len(held)} queued background response(s) hold ${format_units(sum(held))} of it until "
+            "their final state is read (or BACKGROUND_HOLD_SECONDS pass)")
 
     def _ticket(self, campaign_id: str, session_id: str, operation: str, facts: RequestFacts,
                 quote: Quote, admission: Admission, authorization: str | None) -> Ticket:

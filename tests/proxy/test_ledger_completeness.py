@@ -162,8 +162,10 @@ async def test_queued_background_responses_hold_their_reservation_until_read(sta
         await _set_budget(http, proxy, "bgq", "0.01")
     client = proxy.client(campaign="bgq")
     queued = [await _create_background(client) for _ in range(2)]
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.RateLimitError) as refused:
         await _create_background(client)  # a third would not fit: none of the two has finished
+    message = refused.value.body["message"]  # spend alone ($0) does not explain it: the holds do
+    assert "2 queued background response(s) hold $0.0096" in message, message
     for response in queued:  # the read that meters the call says what it cost, as a reply does
         raw = await client.responses.with_raw_response.retrieve(response.id)
         assert raw.parse().status == "completed"
