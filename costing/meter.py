@@ -194,10 +194,7 @@ class Meter:
             quote = self.prices.quote(response_model or ticket.facts.model, tier)
             if quote.priced_by_default and not ticket.quote.priced_by_default:
                 quote = self.prices.quote(ticket.facts.model, tier)
-        price = quote.price
-        if ticket.facts.search_preview and price.preview is not None:
-            price = price.preview
-        return price, quote.priced_by_default
+        return quote.price.with_tools(ticket.facts.search_preview), quote.priced_by_default
 
     def record_unpriced(self, ticket: Ticket, *, status: int) -> UsageEntry:
         """A call on a billable path the proxy cannot price yet: a ledger row at cost 0, flagged
@@ -234,13 +231,10 @@ class Meter:
             campaign_id, session_id = self.background.owner(reported.response_id,
                                                             campaign_id, session_id)
         quote = self.prices.quote(reported.model, reported.service_tier)
-        price = quote.price
-        if reported.search_preview and price.preview is not None:
-            price = price.preview
         entry = self._entry(campaign_id, session_id, Operation.RESPONSES.value, None, reported,
-                            reported.usage, price, quote.priced_by_default,
-                            reported.service_tier, False, streamed, status, started,
-                            key_hash(authorization))
+                            reported.usage, quote.price.with_tools(reported.search_preview),
+                            quote.priced_by_default, reported.service_tier, False, streamed, status,
+                            started, key_hash(authorization))
         if not self.background.first(entry):
             return None
         if not self.gate.charge_now(campaign_id, entry.cost_units):

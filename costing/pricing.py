@@ -97,6 +97,10 @@ class Price:
                 self.input if self.audio_input is None else self.audio_input,
                 self.output if self.audio_output is None else self.audio_output)
 
+    def with_tools(self, search_preview: bool) -> Price:
+        """The price for a call that offered the Responses `web_search_preview` tool, or not."""
+        return self.preview if search_preview and self.preview is not None else self
+
     def for_prompt(self, input_tokens: int) -> Price:
         """The price for a prompt of this size: a long-context tier applies to the whole call
         when the prompt has more input tokens than its threshold (OpenAI's rule)."""
