@@ -70,7 +70,7 @@ class Meter:
         self.sessions = sessions
         self.default_max_output_tokens = default_max_output_tokens
         self.background = BackgroundResponses(gate.release, hold_seconds=background_hold_seconds)
-        gate.on_refresh.append(self.background.expire)
+        gate.on_refresh.append(self.background.expire)  # every second: off the request path
         # Called with each entry once the ledger has it (the live feed): must not block.
         self.listeners: list[Callable[[UsageEntry], None]] = []
         self._unknown_models: set[str] = set()
@@ -107,8 +107,6 @@ class Meter:
         if spool is not None and not spool.healthy and not spool.usable():
             raise LedgerUnavailable("usage cannot be recorded right now (the local spool in "
                                     f"LEDGER_SPOOL_DIR cannot be written: {spool.last_error})")
-        if self.background.holds:
-            self.background.expire()
         if self.gate.fail_closed and not self.ledger.healthy:
             # BUDGET_FAIL_CLOSED: serve nothing while usage cannot be written, even when a budget
             # lease held from before the outage would still cover the request.
