@@ -58,6 +58,7 @@ class FinalState:
 
     entry: UsageEntry
     pending: bool
+    reported: Reported  # what the final state said (the call's span tells it)
 
 
 class Meter:
@@ -236,9 +237,9 @@ class Meter:
         if not self.background.first(entry):
             return None
         if not self.gate.charge_now(campaign_id, entry.cost_units):
-            return FinalState(entry, pending=True)
+            return FinalState(entry, True, reported)
         self._submit_final_state(entry)
-        return FinalState(entry, pending=False)
+        return FinalState(entry, False, reported)
 
     async def settle_final_state(self, state: FinalState) -> None:
         """Submit a final state whose campaign view had to be loaded first."""

@@ -332,17 +332,15 @@ async def _retrieval(request: web.Request, app: web.Application, headers: Header
     upstream = await _send(request, app[UPSTREAM], headers, raw, timing)
     meter = app[METER]
     state: FinalState | None = None
-    final: Reported | None = None
     read = False  # the answer was looked at for a final state
 
     def record(reported: Reported | None, streamed: bool) -> None:
-        nonlocal state, final, read
+        nonlocal state, read
         read = True
         if reported is not None:
             state = meter.final_state(campaign_id, session_id, reported, status=upstream.status,
                                       streamed=streamed, started=started,
                                       authorization=request.headers.get("Authorization"))
-            final = reported
 
     try:
         async with upstream:
@@ -369,16 +367,17 @@ async def _retrieval(request: web.Request, app: web.Application, headers: Header
     finally:
         if state is not None:
             await uninterrupted(meter.settle_final_state(state))
-            if span is not None and final is not None:
-                _end_final_state_span(span, state.entry, final)
+            if span is not None:
+                _end_final_state_span(span, state)
 
 
-def _end_final_state_span(span: Span, entry: UsageEntry, reported: Reported) -> None:
+def _end_final_state_span(span: Span, state: FinalState) -> None:
     """The span of a background response's call: the read that metered its final state, named
     and tagged as the call (its model, its creator's campaign and session)."""
+    entry = state.entry
     span.facts = RequestFacts(entry.response_model, entry.streamed, False, 0, None)
     span.campaign_id, span.session_id = entry.campaign_id, entry.session_id
-    span.tracer.end(span, entry.status_code, None, entry, reported)
+    span.tracer.end(span, entry.status_code, None, entry, state.reported)
 
 
 async def _stream_back(request: web.Request, upstream: aiohttp.ClientResponse, reply_headers: Headers,
