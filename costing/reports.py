@@ -71,13 +71,15 @@ def _latest(a: datetime | None, b: datetime) -> datetime:
 
 def overlay_campaign(stored: CampaignTotals | None, campaign_id: str,
                      entries: Sequence[UsageEntry], default_budget: Budget,
-                     new_sessions: int = 0, revived: Sequence[SessionTotals] = ()) -> CampaignTotals | None:
-    """A campaign's stored totals plus its pending `entries`; `new_sessions` of them are in
-    sessions the database does not hold yet, and `revived` are the stored deleted sessions they
-    bring back (a call in a deleted session revives it)."""
+                     sessions: Mapping[tuple[str, str], SessionTotals]) -> CampaignTotals | None:
+    """A campaign's stored totals plus its pending `entries`. `sessions`: the stored sessions of
+    those entries; the others are new, and deleted ones are revived (a call revives its session)."""
     if not entries:
         return stored
     first, last = _span(entries)
+    found = [sessions.get(pair) for pair in {(e.campaign_id, e.session_id) for e in entries}]
+    new_sessions = found.count(None)
+    revived = [s for s in found if s is not None and s.deleted_at is not None]
     if stored is None:
         return CampaignTotals(campaign_id, Totals.of(entries), default_budget, first, last,
                               session_count=new_sessions)
@@ -162,22 +164,9 @@ class CostReports:
         async with self._consistent() as pending:
             return await read, pending()
 
-    async def _session_changes(self, entries: Sequence[UsageEntry]
-                               ) -> dict[str, tuple[int, list[SessionTotals]]]:
-        """Per campaign, what `entries` do to its sessions once written: how many are new to
-        the database, and which stored deleted ones they revive."""
-        pairs = {(e.campaign_id, e.session_id) for e in entries}
-        stored = await self.store.stored_sessions(pairs)
-        changes: dict[str, tuple[int, list[SessionTotals]]] = defaultdict(lambda: (0, []))
-        for pair in pairs:
-            found = stored.get(pair)
-            new, revived = changes[pair[0]]
-            if found is None:
-                changes[pair[0]] = (new + 1, revived)
-            elif found.deleted_at is not None:
-                revived.append(found)
-                changes[pair[0]] = (new, revived)
-        return changes
+    async def _sessions_of(self, entries: Sequence[UsageEntry]) -> dict[tuple[str, str], SessionTotals]:
+        """The stored sessions of `entries` (for `overlay_campaign`)."""
+        return await self.store.stored_sessions((e.campaign_id, e.session_id) for e in entries)
 
     async def campaigns(self, *, limit: int, after: str | None) -> tuple[list[CampaignTotals], str | None]:
         """One page of campaigns and the id to continue after (None on the last page)."""
@@ -194,13 +183,13 @@ class CostReports:
             extra = {e.campaign_id for e in pending if e.campaign_id not in listed
                      and (after is None or e.campaign_id > after)
                      and (last is None or e.campaign_id < last)}
-            changes = await self._session_changes(
+            sessions = await self._sessions_of(
                 [e for e in pending if e.campaign_id in listed or e.campaign_id in extra])
         by_id: dict[str, CampaignTotals] = {c.campaign_id: c for c in page}
         for campaign_id in listed | extra:
             merged = overlay_campaign(by_id.get(campaign_id), campaign_id,
                                       _of_campaign(pending, campaign_id), self.store.default_budget,
-                                      *changes.get(campaign_id, (0, [])))
+                                      sessions)
             if merged is not None:
                 by_id[campaign_id] = merged
         page = [by_id[c] for c in sorted(by_id)][:limit]
@@ -211,9 +200,9 @@ class CostReports:
         async with self._consistent() as pending:
             found = await self.store.campaign(campaign_id)
             mine = _of_campaign(pending(), campaign_id)
-            changes = (await self._session_changes(mine)).get(campaign_id, (0, [])) if mine else (0, [])
+            sessions = await self._sessions_of(mine) if mine else {}
         if mine:
-            found = overlay_campaign(found, campaign_id, mine, self.store.default_budget, *changes)
+            found = overlay_campaign(found, campaign_id, mine, self.store.default_budget, sessions)
         if found is None:
             raise NotFound(f"Unknown campaign '{campaign_id}': no usage or budget recorded for it")
         return found
@@ -228,8 +217,8 @@ class CostReports:
             listed = {s.session_id for s in stored}
             # Sessions with pending calls that the page does not hold (further down the list, or
             # deleted: those calls revive them): their stored totals, to add the calls to.
-            unlisted = {session_id: found for (_, session_id), found in (await self.store.stored_sessions(
-                {(campaign_id, e.session_id) for e in mine if e.session_id not in listed})).items()}
+            unlisted = {session_id: found for (_, session_id), found in (await self._sessions_of(
+                [e for e in mine if e.session_id not in listed])).items()}
         return overlay_sessions(stored, campaign_id, mine, order_by=order_by, limit=limit,
                                 unlisted=unlisted)
 
