@@ -64,11 +64,9 @@ def startup_error_line(exc: BaseException, settings: Settings) -> str:
         lines = str(value).strip().splitlines()
         return lines[0] if lines else type(value).__name__
 
-    if isinstance(exc, (DatabaseUnavailable, SchemaNotCurrent, SpoolUnavailable)):
+    # A PriceTableError of the price table's load names PRICES_FILE itself.
+    if isinstance(exc, (DatabaseUnavailable, SchemaNotCurrent, SpoolUnavailable, PriceTableError)):
         return first_line(exc)
-    if isinstance(exc, PriceTableError):  # most already say PRICES_FILE: not twice
-        line = first_line(exc)
-        return line if line.startswith("PRICES_FILE") else f"PRICES_FILE: {line}"
     where = f"{settings.proxy_host}:{settings.proxy_port}"
     if isinstance(exc, socket.gaierror):
         return f"PROXY_HOST: cannot resolve {settings.proxy_host!r} ({exc.strerror})"
