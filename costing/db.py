@@ -112,29 +112,25 @@ def ssl_argument(target: DatabaseTarget) -> ssl.SSLContext | str | bool | None:
 _TRANSIENT_SQLSTATES = frozenset({"57P03", "08006", "08001", "57P01"})
 
 
+def causes(exc: BaseException, limit: int = 10) -> list[BaseException]:
+    """`exc` and what it wraps, outermost first: SQLAlchemy's `orig`, else the cause or context
+    (at most `limit`, each once)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < limit:
+        seen.append(current)
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return seen
+
+
 def is_transient(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    for _ in range(10):
-        if seen is None:
-            return False
-        if isinstance(seen, (ConnectionRefusedError, ConnectionResetError, TimeoutError)):
-            return True
-        if getattr(seen, "sqlstate", None) in _TRANSIENT_SQLSTATES:
-            return True
-        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
-    return False
+    return any(isinstance(e, (ConnectionRefusedError, ConnectionResetError, TimeoutError))
+               or getattr(e, "sqlstate", None) in _TRANSIENT_SQLSTATES for e in causes(exc))
 
 
 def unresolved_host(exc: BaseException) -> socket.gaierror | None:
     """The name-lookup failure behind `exc`, if that is what it is (the driver raises it raw)."""
-    seen: BaseException | None = exc
-    for _ in range(10):
-        if seen is None:
-            return None
-        if isinstance(seen, socket.gaierror):
-            return seen
-        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
-    return None
+    return next((e for e in causes(exc) if isinstance(e, socket.gaierror)), None)
 
 
 def database_host(target: DatabaseTarget) -> str:

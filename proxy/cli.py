@@ -24,7 +24,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from costing import schema
-from costing.db import describe_cause, is_transient, wait_until_reachable
+from costing.db import causes, describe_cause, is_transient, wait_until_reachable
 from costing.errors import DatabaseUnavailable
 from costing.pricing import PriceTable, PriceTableError, library_version, service_tier_key
 from costing.settings import Settings, describe_error
@@ -84,7 +84,7 @@ def startup_error_line(exc: BaseException, settings: Settings) -> str:
 
 def _database_problem(exc: BaseException, settings: Settings) -> str | None:
     """A line for a database failure at start, or None when `exc` is not one."""
-    chain = _chain(exc)
+    chain = causes(exc, limit=20)
     names = {type(e).__name__ for e in chain}
     target = settings.database
     if target.is_sqlite:
@@ -105,15 +105,6 @@ def _database_problem(exc: BaseException, settings: Settings) -> str | None:
     if any(type(e).__module__.startswith(("sqlalchemy", "asyncpg")) for e in chain):
         return f"DATABASE_URL: {describe_cause(exc)}"
     return None
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen and len(seen) < 20:
-        seen.append(current)
-        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
-    return seen
 
 
 def fail(exc: BaseException, settings: Settings) -> NoReturn:
