@@ -84,6 +84,13 @@ def _child_exit(run: Callable[[], None]) -> NoReturn:
         os._exit(code)
 
 
+def _fork() -> int:
+    """os.fork with the log's buffers flushed first (else the child would write them again)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    return os.fork()
+
+
 def _die_with_parent() -> None:
     """Ask Linux to send this worker SIGTERM when the supervisor dies (no-op elsewhere)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -151,9 +158,7 @@ class Supervisor:
         A child because Alembic, once imported, stays in a process's memory (~10 MB): the
         supervisor, and the workers forked from it, never import it.
         """
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        pid = os.fork()
+        pid = _fork()
         if pid == 0:
             for sig in (signal.SIGTERM, signal.SIGINT):  # a stop ends the wait for the database
                 signal.signal(sig, signal.SIG_DFL)
@@ -191,9 +196,7 @@ class Supervisor:
         # The worker's settings: the supervisor has migrated already.
         settings = self.settings.model_copy(update={"auto_migrate": False})
         worker = WorkerSlot(slot.index, self.run_dir, self.ready_write)
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        pid = os.fork()
+        pid = _fork()
         if pid == 0:  # the worker
             _child_exit(lambda: self._become_worker(settings, worker))
         slot.pid, slot.started = pid, time.monotonic()
