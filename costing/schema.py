@@ -9,7 +9,12 @@ with one query, the head from the revision files).
 from __future__ import annotations
 
 import ast
+import asyncio
+import contextlib
+import fcntl
+import os
 import re
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -17,7 +22,7 @@ from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from costing.db import create_engine
-from costing.settings import Settings
+from costing.settings import DatabaseTarget, Settings
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -64,17 +69,43 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         return await conn.run_sync(_current)
 
 
+MIGRATION_LOCK_KEY = 0x6C6C6D2D636F7374  # "llm-cost": the advisory lock migrations take on PostgreSQL
+
+
 async def upgrade(settings: Settings, revision: str = "head") -> None:
-    """Apply migrations up to `revision`; runs Alembic's env.py on its own engine."""
+    """Apply migrations up to `revision`; runs Alembic's env.py on its own engine.
+
+    Replicas that start together on a new database all migrate at start: they take turns (an
+    advisory lock on PostgreSQL, held to the transaction's end; an flock on the SQLite file), so
+    the first creates the schema and the others find it at head and do nothing."""
     target = settings.database
     engine = create_engine(target)
     try:
-        async with engine.begin() as conn:
-            if target.schema and not target.is_sqlite:
-                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{target.schema}"'))
+        async with _sqlite_file_locked(target), engine.begin() as conn:
+            if not target.is_sqlite:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                   {"key": MIGRATION_LOCK_KEY})
+                if target.schema:
+                    await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{target.schema}"'))
             await conn.run_sync(_run_upgrade, settings, revision)
     finally:
         await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def _sqlite_file_locked(target: DatabaseTarget) -> AsyncIterator[None]:
+    """An exclusive flock on the SQLite file (which SQLite's own fcntl locks do not touch) for
+    the migration; nothing for PostgreSQL or an in-memory database."""
+    path = target.sqlite_path
+    if path is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _run_upgrade(connection: Connection, settings: Settings, revision: str) -> None:

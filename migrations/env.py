@@ -11,6 +11,7 @@ from sqlalchemy import Connection, text
 
 from costing.db import create_engine
 from costing.models import Base
+from costing.schema import MIGRATION_LOCK_KEY
 from costing.settings import Settings
 
 config = context.config
@@ -32,8 +33,10 @@ async def run_standalone(settings: Settings) -> None:
     target = settings.database
     engine = create_engine(target)
     async with engine.begin() as conn:
-        if target.schema and not target.is_sqlite:
-            await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{target.schema}"'))
+        if not target.is_sqlite:  # one migrating process at a time, as costing.schema.upgrade
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            if target.schema:
+                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{target.schema}"'))
         await conn.run_sync(run_with)
     await engine.dispose()
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from conftest import make_settings
+from conftest import CLI, make_settings, pg_database
 
 from costing import schema
 from costing.db import create_engine
@@ -32,5 +35,32 @@ async def test_an_empty_database_has_no_revision(tmp_path):
     engine = create_engine(make_settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'e.db'}").database)
     try:
         assert await schema.current_revision(engine) is None
+    finally:
+        await engine.dispose()
+
+
+async def test_replicas_starting_together_on_an_empty_database_migrate_it_once(backend, tmp_path, request):
+    """Replicas (or a restarted deployment) starting at the same moment against a new database
+    each run the migrations at start: none may fail on tables another is creating."""
+    if backend == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'new.db'}"
+        await _upgrade_together(url)
+        return
+    async with pg_database(request.getfixturevalue("pg_cluster")) as url:
+        await _upgrade_together(url)
+
+
+async def _upgrade_together(url: str, replicas: int = 4) -> None:
+    """`llm-cost-proxy migrate` in `replicas` processes at once (what `serve` runs at start)."""
+    env = {**os.environ, "DATABASE_URL": url, "LOG_LEVEL": "WARNING"}
+    processes = [await asyncio.create_subprocess_exec(str(CLI), "migrate", env=env,
+                                                      stderr=asyncio.subprocess.PIPE)
+                 for _ in range(replicas)]
+    outcomes = [(await p.wait(), (await p.stderr.read()).decode()) for p in processes]  # type: ignore[union-attr]
+    assert [code for code, _ in outcomes] == [0] * replicas, outcomes
+    settings = make_settings(database_url=url)
+    engine = create_engine(settings.database)
+    try:
+        assert await schema.current_revision(engine) == schema.head_revision(settings)
     finally:
         await engine.dispose()
