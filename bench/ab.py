@@ -18,6 +18,11 @@ Run from the project root (nginx and wrk installed, as for run.py):
   .venv/bin/python bench/ab.py --a-dir ../before --stream        # code before/after a change
   .venv/bin/python bench/ab.py --concurrent --a-env LEDGER_SPOOL_DIR=   # spool off (A) vs on (B)
 Each target gets a fresh SQLite ledger (or BENCH_DATABASE_URL) and its own spool directory.
+
+Run a comparison both ways round (`--a-env X` then `--b-env X`) and take the geometric mean of
+the two B/A figures, inverting the second: the seat itself can count. On 2026-12-02, in
+`--concurrent` mode, the two orders put B's own share of CPU per request at -0.5 % to +2.6 %
+(the square root of the product of both B/A figures), as large as some effects measured.
 """
 
 from __future__ import annotations
