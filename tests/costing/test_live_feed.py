@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
+from pathlib import Path
 
 import orjson
 import pytest
@@ -139,3 +140,20 @@ def test_seen_ids_forget_what_falls_outside_the_window_and_count_what_is_written
 def test_an_event_time_is_rendered_as_costs_renders_it(created_us):
     expected = from_epoch_us(created_us).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     assert at_text(created_us) == expected
+
+
+def test_the_readme_example_events_have_the_shape_of_real_ones():
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
+    section = readme[readme.index("`GET /costs/events[?campaign_id=c1]` is the feed"):]
+    lines = section[section.index("```\n") + 4:].split("```", 1)[0].splitlines()
+    examples = {name.removeprefix("event: "): orjson.loads(body.removeprefix("data: "))
+                for name, body in zip(lines[1::4], lines[2::4], strict=True)}
+    feed = Feed(buffer_events=10, queue_events=10, max_subscribers=1)
+    sub = feed.subscribe(None, None)
+    feed.usage(entry(2 * DOLLAR), 2 * DOLLAR, BUDGET, 2 * DOLLAR)  # over the limit: usage, budget
+    real = {frame.split(b"event: ", 1)[1].split(b"\n", 1)[0].decode(): data(frame) for frame in sub.queue}
+
+    def shape(value: object) -> object:
+        return {k: shape(v) for k, v in value.items()} if isinstance(value, dict) else type(value)
+
+    assert shape(examples) == shape(real)
