@@ -1,13 +1,14 @@
-"""The live cost feed behind /costs/events: usage and budget events, formatted once, fanned out
-as bytes to bounded per-subscriber queues, kept in a bounded ring for `Last-Event-ID` resumes.
+"""The live cost feed behind /costs/events: usage and budget events, formatted once into a
+bounded ring that every subscriber reads from its own cursor, and `Last-Event-ID` resumes from.
 
 No HTTP here: the edge (proxy/feed.py) subscribes, writes what a subscriber takes, and closes
-it when told. Publishing runs on the request path (Meter.listeners), so it never awaits: with
-nobody listening it returns at once; otherwise it formats one frame and appends a reference to
-it to each subscriber's queue. A subscriber whose queue is full is dropped from the fan-out at
-once and told `resync`: a slow reader never slows the proxy or the other subscribers. A resumed
-subscriber gets every missed event the ring holds, on top of its queue's bound (they are the
-ring's own bytes, so the backlog costs references, not copies).
+it when told. Publishing runs on the request path (Meter.listeners), so it never awaits and
+does no work per subscriber: with nobody listening it returns at once; otherwise it formats one
+frame, appends it to the ring and wakes the writers. Each writer takes the events after its
+cursor (at most every 50 ms under load, see proxy/feed.py), filtering by campaign there, off the
+request path. A subscriber more than `queue_events` behind (a client that stopped reading) is
+dropped and told `resync`: a slow reader never slows the proxy or the other subscribers. A
+resumed subscriber starts from its `Last-Event-ID` and gets every missed event the ring holds.
 
 Event ids are `<epoch>-<seq>`: the epoch is random per feed (and renewed when the feed goes
 dormant), so an id from another process, replica or an earlier dormant period asks for a
@@ -21,9 +22,10 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import islice
 
 import orjson
 
@@ -37,6 +39,7 @@ from costing.tasks import pause
 log = logging.getLogger(__name__)
 
 HEARTBEAT = b": keep-alive\n\n"
+LAGGARD_CHECK_EVENTS = 64
 MAX_TRACKED_CAMPAIGNS = 10_000
 
 
@@ -96,54 +99,77 @@ class Event:
 
 
 class Subscriber:
-    """One /costs/events connection: a bounded queue of frames and a wake-up for its writer.
+    """One /costs/events connection: a cursor into the feed's ring and what its writer is owed.
 
-    `backlog` is what a resume starts with (the missed events, or a resync): it is queued on
-    top of `limit`, which bounds only what arrives after it, so a resume that missed more than
-    `limit` events is neither cut short nor dropped by the next event before its writer first
-    takes it. Once taken, the plain bound applies.
+    Publishing touches no subscriber: an event is appended to the ring once, and each writer,
+    when it next takes, reads the events after its cursor (keeping its campaign's). A writer
+    that falls more than `limit` events behind is dropped (see `Feed._drop_laggards`). The
+    missed events a resume starts with (after `cursor`, up to `joined`) are on top of `limit`,
+    so a resume that missed more than `limit` events is neither cut short nor dropped by the
+    next event before its writer first takes them; once taken, the plain bound applies.
     """
 
-    __slots__ = ("backlog", "campaign_id", "closed", "limit", "on_drop", "queue", "resync", "wake")
+    __slots__ = ("campaign_id", "closed", "cursor", "feed", "heartbeat", "joined", "limit",
+                 "on_drop", "pending", "resync", "stopped")
 
-    def __init__(self, campaign_id: str | None, limit: int, backlog: Iterable[bytes] = ()) -> None:
+    def __init__(self, feed: Feed, campaign_id: str | None, limit: int, cursor: int,
+                 pending: list[bytes]) -> None:
+        self.feed = feed
         self.campaign_id = campaign_id
         self.limit = limit
-        self.queue: deque[bytes] = deque(backlog)
-        self.backlog = len(self.queue)  # queued beyond `limit` until the writer takes them
-        self.wake = asyncio.Event()
-        self.closed = False  # no more frames will come; the writer sends what is left and ends
+        self.cursor = cursor  # the seq of the last event taken (or skipped: another campaign's)
+        self.joined = feed.seq  # the bound counts from here until the first take
+        self.pending = pending  # frames owed before any event: a resync that starts a resume
+        self.heartbeat = False
+        self.closed = False  # no more events will come; the writer sends what is owed and ends
+        self.stopped = False  # closed and owed nothing from the ring (dropped: `pending` is all)
         self.resync = False  # dropped for falling behind: its last frame is `resync`
         # Called when it is dropped: its writer may be stuck on a client that reads nothing.
         self.on_drop: Callable[[], None] | None = None
 
-    def offer(self, data: bytes) -> bool:
-        """Queue a frame; False when the queue is full (the subscriber fell behind)."""
-        if len(self.queue) >= self.limit + self.backlog:
-            return False
-        self.queue.append(data)
-        self.wake.set()
-        return True
+    def lag(self, seq: int) -> int:
+        """Events published since it last took (or joined, for a resume's first take)."""
+        return seq - max(self.cursor, self.joined)
 
     async def take(self) -> list[bytes]:
-        """Everything queued, waiting for something; an empty list once closed and drained."""
-        while not self.queue:
-            if self.closed:
-                return []
-            self.wake.clear()
-            await self.wake.wait()
-        frames = list(self.queue)
-        self.queue.clear()
-        self.backlog = 0
+        """Everything owed, waiting for something; an empty list once closed and drained."""
+        news = self.feed.news
+        while True:
+            frames = self._owed()
+            if frames or self.closed:
+                return frames
+            news.clear()  # nothing is owed to anyone who waits: they all re-check when woken
+            await news.wait()
+
+    def _owed(self) -> list[bytes]:
+        frames, self.pending = self.pending, []
+        if self.stopped:
+            return frames
+        feed = self.feed
+        new = feed.seq - self.cursor
+        if new > 0:
+            ring = feed.ring
+            if new > len(ring):  # some of them are no longer held
+                feed.drop(self, "events were missed; reload /costs and reconnect")
+                frames, self.pending = self.pending, []
+                return frames
+            events = list(islice(reversed(ring), new))
+            events.reverse()
+            campaign = self.campaign_id
+            frames += [e.frame for e in events if campaign is None or e.campaign_id == campaign]
+            self.cursor = feed.seq
+        if self.heartbeat:
+            self.heartbeat = False
+            frames.append(HEARTBEAT)
         return frames
 
     def close(self, last: bytes | None = None) -> None:
-        """End the stream after what is queued; with `last`, instead of it (a resync)."""
+        """End the stream after what is owed; with `last`, instead of it (a resync)."""
         if last is not None:
-            self.queue.clear()
-            self.queue.append(last)
+            self.pending = [last]
+            self.stopped = True
         self.closed = True
-        self.wake.set()
+        self.feed.news.set()
 
 
 class TooManySubscribers(Exception):
@@ -170,15 +196,28 @@ class Feed:
         self._statuses: OrderedDict[str, BudgetStatus] = OrderedDict()
         self._linger: asyncio.TimerHandle | None = None
         self.seen = SeenIds()
+        # Set when there is something new for the writers; a writer with nothing owed clears it
+        # and waits (see `Subscriber.take`).
+        self.news = asyncio.Event()
+        # How often publishing looks for subscribers past their bound: a laggard is dropped at
+        # most this many events late (every event for small bounds, as in the tests).
+        self._check_every = max(1, min(LAGGARD_CHECK_EVENTS, queue_events // 8))
 
     # -- subscribers ---------------------------------------------------------------------------
 
     def subscribe(self, campaign_id: str | None, last_event_id: str | None) -> Subscriber:
-        """A new subscriber, with every event it missed since `last_event_id` already queued (or
-        a `resync` first when they are no longer all held); raises TooManySubscribers."""
+        """A new subscriber, owed every event it missed since `last_event_id` (or a `resync`
+        first when they are no longer all held); raises TooManySubscribers."""
         if len(self.subscribers) >= self.max_subscribers:
             raise TooManySubscribers(f"the feed serves at most {self.max_subscribers} subscribers")
-        sub = Subscriber(campaign_id, self.queue_events, self._backlog(campaign_id, last_event_id))
+        cursor, pending = self.seq, []
+        if last_event_id:
+            resumed = self._resume_point(last_event_id)
+            if resumed is None:
+                pending = [self._resync_frame("Last-Event-ID is outside the feed's window")]
+            else:
+                cursor = resumed
+        sub = Subscriber(self, campaign_id, self.queue_events, cursor, pending)
         self.subscribers.append(sub)
         if self._linger is not None:
             self._linger.cancel()
@@ -187,16 +226,6 @@ class Feed:
             self.live = True
             self.live_since_ms = int(time.time() * 1000)
         return sub
-
-    def _backlog(self, campaign_id: str | None, last_event_id: str | None) -> list[bytes]:
-        """What a (re)connecting subscriber starts with: all it missed, in order, however many
-        (the ring bounds them), or `resync` when some are no longer held; nothing when new."""
-        if not last_event_id:
-            return []
-        missed = self.since(last_event_id, campaign_id)
-        if missed is None:
-            return [self._resync_frame("Last-Event-ID is outside the feed's window")]
-        return missed
 
     def unsubscribe(self, sub: Subscriber) -> None:
         if sub in self.subscribers:
@@ -228,6 +257,14 @@ class Feed:
     def since(self, last_event_id: str, campaign_id: str | None) -> list[bytes] | None:
         """Frames after `last_event_id` (for one campaign, or all), or None when some of them
         are no longer held (another epoch, or older than the ring)."""
+        seq = self._resume_point(last_event_id)
+        if seq is None:
+            return None
+        return [e.frame for e in self.ring
+                if e.seq > seq and (campaign_id is None or e.campaign_id == campaign_id)]
+
+    def _resume_point(self, last_event_id: str) -> int | None:
+        """The seq of `last_event_id` when every event after it is still held, else None."""
         epoch, _, number = last_event_id.strip().partition("-")
         if epoch != self.epoch or not number.isdigit():
             return None
@@ -237,8 +274,7 @@ class Feed:
         oldest = self.ring[0].seq if self.ring else self.seq + 1
         if seq + 1 < oldest:
             return None
-        return [e.frame for e in self.ring
-                if e.seq > seq and (campaign_id is None or e.campaign_id == campaign_id)]
+        return seq
 
     def _resync_frame(self, reason: str) -> bytes:
         return frame(f"{self.epoch}-{self.seq}", "resync", {"reason": reason})
@@ -246,28 +282,36 @@ class Feed:
     # -- publishing ----------------------------------------------------------------------------
 
     def publish(self, campaign_id: str, event: str, data: object) -> None:
-        """Format once, keep in the ring, offer the same bytes to every matching subscriber."""
+        """Format once, keep in the ring, wake the writers; no work per subscriber."""
         self.seq += 1
-        data_frame = frame(f"{self.epoch}-{self.seq}", event, data)
-        self.ring.append(Event(self.seq, campaign_id, data_frame))
-        behind: list[Subscriber] = []
-        for sub in self.subscribers:
-            if (sub.campaign_id is None or sub.campaign_id == campaign_id) and not sub.offer(data_frame):
-                behind.append(sub)
-        for sub in behind:
+        self.ring.append(Event(self.seq, campaign_id, frame(f"{self.epoch}-{self.seq}", event, data)))
+        if not self.seq % self._check_every:
+            self._drop_laggards()
+        if not self.news.is_set():
+            self.news.set()
+
+    def _drop_laggards(self) -> None:
+        seq = self.seq
+        for sub in [s for s in self.subscribers if s.lag(seq) > s.limit]:
+            self.drop(sub, "the subscriber fell behind; reload /costs and reconnect")
+
+    def drop(self, sub: Subscriber, reason: str) -> None:
+        """Out of the feed for falling behind: its stream ends with `resync`."""
+        if sub in self.subscribers:
             self.subscribers.remove(sub)
-            self.dropped += 1
-            sub.resync = True
-            sub.close(self._resync_frame("the subscriber fell behind; reload /costs and reconnect"))
-            if sub.on_drop is not None:
-                sub.on_drop()
-        if behind and not self.subscribers:
-            self.unsubscribe(behind[0])  # start the linger timer
+        self.dropped += 1
+        sub.resync = True
+        sub.close(self._resync_frame(reason))
+        if sub.on_drop is not None:
+            sub.on_drop()
+        if not self.subscribers:
+            self.unsubscribe(sub)  # start the linger timer
 
     def heartbeat(self) -> None:
         """A comment to every subscriber: keeps proxies and browsers from timing the stream out."""
-        for sub in list(self.subscribers):
-            sub.offer(HEARTBEAT)  # a full queue is dealt with by the next event
+        for sub in self.subscribers:
+            sub.heartbeat = True
+        self.news.set()
 
     def usage(self, entry: UsageEntry, campaign_spent: int, budget: Budget,
               session_spent: int | None) -> None:

@@ -27,7 +27,7 @@ from proxy.tags import validate_tag
 SEND_BUFFER_BYTES = 64 * 1024
 """The kernel's send buffer of a stream's socket: bounded, so a subscriber that reads nothing
 holds at most this much there (autotuned buffers grow to megabytes each), and falls behind, is
-dropped and told `resync` after its queue's worth of events rather than never."""
+dropped and told `resync` after LIVE_QUEUE_EVENTS events rather than never."""
 
 WRITE_INTERVAL_SECONDS = 0.05
 """A stream is written at most this often: events of a busy moment go out together, one send

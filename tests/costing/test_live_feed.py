@@ -142,8 +142,11 @@ def test_an_event_time_is_rendered_as_costs_renders_it(created_us):
     assert at_text(created_us) == expected
 
 
-def test_the_readme_example_events_have_the_shape_of_real_ones():
-    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+async def test_the_readme_example_events_have_the_shape_of_real_ones():
+    readme = README.read_text()
     section = readme[readme.index("`GET /costs/events[?campaign_id=c1]` is the feed"):]
     lines = section[section.index("```\n") + 4:].split("```", 1)[0].splitlines()
     examples = {name.removeprefix("event: "): orjson.loads(body.removeprefix("data: "))
@@ -151,9 +154,40 @@ def test_the_readme_example_events_have_the_shape_of_real_ones():
     feed = Feed(buffer_events=10, queue_events=10, max_subscribers=1)
     sub = feed.subscribe(None, None)
     feed.usage(entry(2 * DOLLAR), 2 * DOLLAR, BUDGET, 2 * DOLLAR)  # over the limit: usage, budget
-    real = {frame.split(b"event: ", 1)[1].split(b"\n", 1)[0].decode(): data(frame) for frame in sub.queue}
+    frames = await sub.take()
+    real = {f.split(b"event: ", 1)[1].split(b"\n", 1)[0].decode(): data(f) for f in frames}
 
     def shape(value: object) -> object:
         return {k: shape(v) for k, v in value.items()} if isinstance(value, dict) else type(value)
 
     assert shape(examples) == shape(real)
+
+
+async def test_a_filtered_subscriber_takes_its_campaigns_events_and_its_bound_counts_all_events():
+    feed = Feed(buffer_events=100, queue_events=3, max_subscribers=5)
+    mine = feed.subscribe("c2", None)
+    feed.usage(entry(1, campaign="c1"), 1, BUDGET, 1)
+    feed.usage(entry(1, campaign="c2"), 1, BUDGET, 1)
+    feed.usage(entry(1, campaign="c1"), 2, BUDGET, 2)
+    assert [data(f)["campaign_id"] for f in await mine.take()] == ["c2"]
+    for _ in range(4):  # a writer that takes nothing while more than its bound of calls pass
+        feed.usage(entry(1, campaign="c1"), 1, BUDGET, 1)
+    assert mine.closed and mine.resync and feed.dropped == 1
+    assert [b"event: resync" in f for f in await mine.take()] == [True]
+
+
+async def test_a_waiting_writer_is_woken_by_an_event_a_heartbeat_or_the_end():
+    feed = Feed(buffer_events=100, queue_events=100, max_subscribers=5)
+    a, b = feed.subscribe(None, None), feed.subscribe("c1", None)
+    waiting = [asyncio.ensure_future(s.take()) for s in (a, b)]
+    await asyncio.sleep(0)
+    feed.usage(entry(1), 1, BUDGET, 1)
+    assert [len(f) for f in await asyncio.gather(*waiting)] == [1, 1]
+    waiting = [asyncio.ensure_future(s.take()) for s in (a, b)]
+    await asyncio.sleep(0)
+    feed.heartbeat()
+    assert await asyncio.gather(*waiting) == [[b": keep-alive\n\n"]] * 2
+    waiting = [asyncio.ensure_future(s.take()) for s in (a, b)]
+    await asyncio.sleep(0)
+    feed.close()
+    assert await asyncio.gather(*waiting) == [[], []]
