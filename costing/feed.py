@@ -254,15 +254,6 @@ class Feed:
         self.subscribers.clear()
         self.live = False
 
-    def since(self, last_event_id: str, campaign_id: str | None) -> list[bytes] | None:
-        """Frames after `last_event_id` (for one campaign, or all), or None when some of them
-        are no longer held (another epoch, or older than the ring)."""
-        seq = self._resume_point(last_event_id)
-        if seq is None:
-            return None
-        return [e.frame for e in self.ring
-                if e.seq > seq and (campaign_id is None or e.campaign_id == campaign_id)]
-
     def _resume_point(self, last_event_id: str) -> int | None:
         """The seq of `last_event_id` when every event after it is still held, else None."""
         epoch, _, number = last_event_id.strip().partition("-")
