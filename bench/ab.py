@@ -17,10 +17,11 @@ Run from the project root (nginx and wrk installed, as for run.py):
   .venv/bin/python bench/ab.py --b-env OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318
   .venv/bin/python bench/ab.py --a-dir ../before --stream        # code before/after a change
   .venv/bin/python bench/ab.py --concurrent --a-env LEDGER_SPOOL_DIR=   # spool off (A) vs on (B)
+  .venv/bin/python bench/ab.py --concurrent --both-ways --b-env OTEL_EXPORTER_OTLP_ENDPOINT=...
 Each target gets a fresh SQLite ledger (or BENCH_DATABASE_URL) and its own spool directory.
 
-Run a comparison both ways round (`--a-env X` then `--b-env X`) and take the geometric mean of
-the two B/A figures, inverting the second: the seat itself can count. On 2026-12-02, in
+Run a comparison both ways round (`--both-ways`: the configurations swap seats for a second run,
+and the geometric mean of the two is printed): the seat itself can count. On 2026-12-02, in
 `--concurrent` mode, the two orders put B's own share of CPU per request at -0.5 % to +2.6 %
 (the square root of the product of both B/A figures), as large as some effects measured.
 """
@@ -28,6 +29,7 @@ the two B/A figures, inverting the second: the seat itself can count. On 2026-12
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import signal
@@ -116,10 +118,27 @@ def main() -> None:
                          "request is compared under identical conditions; the floor is left out)")
     ap.add_argument("--subscribers", type=int, default=0,
                     help="live-feed subscribers (curl reading /costs/events) kept on B throughout")
+    ap.add_argument("--both-ways", action="store_true",
+                    help="run twice, the configurations in swapped seats the second time, and "
+                         "print B's figures over A's as the geometric mean of the two runs")
     args = ap.parse_args()
     if args.concurrent:
         args.no_floor = True
+    first = measure(args, swapped=False)
+    if not args.both_ways:
+        return
+    print("\n-- the same, A's configuration in seat B and B's in seat A --")
+    second = measure(args, swapped=True)
+    throughput, cpu = (math.sqrt(x * y) for x, y in zip(first, second, strict=True))
+    print(f"\nboth ways: config B / config A throughput {throughput:.3f}, CPU per request {cpu:.3f}")
 
+
+def measure(args: argparse.Namespace, *, swapped: bool) -> tuple[float, float]:
+    """One run; (throughput, CPU per request) of configuration B over configuration A. Swapped:
+    A's configuration runs in seat B (port 18084) and B's in seat A, the subscribers on B's."""
+    configs = [("A", args.a_dir, args.a_env), ("B", args.b_dir, args.b_env)]
+    if swapped:
+        configs.reverse()
     tmp = Path(tempfile.mkdtemp(prefix="bench-ab-"))
     upstream = f"http://127.0.0.1:{UPSTREAM}" + ("/stream" if args.stream else "")
     script = tmp / "post.lua"
@@ -134,8 +153,8 @@ def main() -> None:
         if not args.no_floor:
             targets.append(Target("floor", 18081, subprocess.Popen(
                 [sys.executable, str(SHARED / "passthrough.py"), "18081", upstream], stdout=log, stderr=log)))
-        for name, port, checkout, extra in (("A", 18082, args.a_dir, args.a_env),
-                                            ("B", 18084, args.b_dir, args.b_env)):
+        for (name, port), (_config, checkout, extra) in zip((("A", 18082), ("B", 18084)), configs,
+                                                            strict=True):
             env = dict(os.environ, PROXY_PORT=str(port), UPSTREAM_BASE_URL=upstream,
                        COST_WARNING_THRESHOLD_USD="1000000", COST_LIMIT_THRESHOLD_USD="1000000",
                        DATABASE_URL=os.environ.get("BENCH_DATABASE_URL", f"sqlite+aiosqlite:///{tmp}/{name}.db"),
@@ -148,7 +167,7 @@ def main() -> None:
             wait_port(t.port)
             wrk(script, t.port, 2, args.connections)  # warm-up: connections, caches, first rows
         feed_out = open(tmp / "feed.out", "wb")
-        feed = ["curl", "-sN", "http://127.0.0.1:18084/costs/events"]
+        feed = ["curl", "-sN", f"http://127.0.0.1:{18082 if swapped else 18084}/costs/events"]
         subscribers = [subprocess.Popen(feed, stdout=feed_out) for _ in range(args.subscribers)]
         print(f"{'slice':>5} " + " ".join(f"{t.name + ' req/s':>12} {t.name + ' us/req':>11}"
                                           for t in targets))
@@ -171,17 +190,19 @@ def main() -> None:
         if subscribers:
             alive = sum(p.poll() is None for p in subscribers)
             events = (tmp / "feed.out").read_bytes().count(b"event: usage")
-            print(f"subscribers on B: {alive} of {len(subscribers)} still connected, "
+            print(f"subscribers on config B: {alive} of {len(subscribers)} still connected, "
                   f"{events} usage events received")
             for p in subscribers:
                 p.terminate()
         a, b = (t for t in targets if t.name in "AB")
-        print(f"B/A throughput, median of paired slices: {paired(a.rps, b.rps):.3f}")
-        print(f"B/A CPU per request, median of paired slices: {paired(a.cpu_us, b.cpu_us):.3f}")
+        throughput, cpu = paired(a.rps, b.rps), paired(a.cpu_us, b.cpu_us)
+        print(f"B/A throughput, median of paired slices: {throughput:.3f}")
+        print(f"B/A CPU per request, median of paired slices: {cpu:.3f}")
         if not args.no_floor:
             floor = targets[0]
             for t in (a, b):
                 print(f"{t.name}/floor throughput, median of paired slices: {paired(floor.rps, t.rps):.3f}")
+        return (1 / throughput, 1 / cpu) if swapped else (throughput, cpu)
     finally:
         for t in targets:
             t.proc.send_signal(signal.SIGTERM)
