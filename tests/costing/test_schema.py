@@ -56,7 +56,10 @@ async def _upgrade_together(url: str, replicas: int = 4) -> None:
     processes = [await asyncio.create_subprocess_exec(str(CLI), "migrate", env=env,
                                                       stderr=asyncio.subprocess.PIPE)
                  for _ in range(replicas)]
-    outcomes = [(await p.wait(), (await p.stderr.read()).decode()) for p in processes]  # type: ignore[union-attr]
+    outcomes = []
+    for process in processes:
+        _, errors = await process.communicate()
+        outcomes.append((process.returncode, errors.decode()))
     assert [code for code, _ in outcomes] == [0] * replicas, outcomes
     settings = make_settings(database_url=url)
     engine = create_engine(settings.database)
