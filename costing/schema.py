@@ -19,7 +19,7 @@ from importlib import resources
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, inspect, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from costing.db import create_engine
 from costing.settings import DatabaseTarget, Settings
@@ -73,23 +73,30 @@ MIGRATION_LOCK_KEY = 0x6C6C6D2D636F7374  # "llm-cost": the advisory lock migrati
 
 
 async def upgrade(settings: Settings, revision: str = "head") -> None:
-    """Apply migrations up to `revision`; runs Alembic's env.py on its own engine.
+    """Apply migrations up to `revision`; runs Alembic's env.py on its own engine, one migrating
+    process at a time (see `migrating`)."""
+    target = settings.database
+    engine = create_engine(target)
+    try:
+        async with migrating(engine, target) as conn:
+            await conn.run_sync(_run_upgrade, settings, revision)
+    finally:
+        await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def migrating(engine: AsyncEngine, target: DatabaseTarget) -> AsyncIterator[AsyncConnection]:
+    """The transaction migrations run in, this process's turn taken first.
 
     Replicas that start together on a new database all migrate at start: they take turns (an
     advisory lock on PostgreSQL, held to the transaction's end; an flock on the SQLite file), so
     the first creates the schema and the others find it at head and do nothing."""
-    target = settings.database
-    engine = create_engine(target)
-    try:
-        async with _sqlite_file_locked(target), engine.begin() as conn:
-            if not target.is_sqlite:
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                                   {"key": MIGRATION_LOCK_KEY})
-                if target.schema:
-                    await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{target.schema}"'))
-            await conn.run_sync(_run_upgrade, settings, revision)
-    finally:
-        await engine.dispose()
+    async with _sqlite_file_locked(target), engine.begin() as conn:
+        if not target.is_sqlite:
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            if target.schema:
+                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{target.schema}"'))
+        yield conn
 
 
 @contextlib.asynccontextmanager

@@ -7,11 +7,11 @@
 import asyncio
 
 from alembic import context
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
 from costing.db import create_engine
 from costing.models import Base
-from costing.schema import MIGRATION_LOCK_KEY
+from costing.schema import migrating
 from costing.settings import Settings
 
 config = context.config
@@ -32,11 +32,7 @@ def run_with(connection: Connection) -> None:
 async def run_standalone(settings: Settings) -> None:
     target = settings.database
     engine = create_engine(target)
-    async with engine.begin() as conn:
-        if not target.is_sqlite:  # one migrating process at a time, as costing.schema.upgrade
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-            if target.schema:
-                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{target.schema}"'))
+    async with migrating(engine, target) as conn:  # one migrating process at a time
         await conn.run_sync(run_with)
     await engine.dispose()
 
