@@ -110,7 +110,7 @@ class Subscriber:
     """
 
     __slots__ = ("campaign_id", "closed", "cursor", "feed", "heartbeat", "joined", "limit",
-                 "on_drop", "pending", "resync", "stopped")
+                 "on_drop", "pending", "resync")
 
     def __init__(self, feed: Feed, campaign_id: str | None, limit: int, cursor: int,
                  pending: list[bytes]) -> None:
@@ -122,8 +122,8 @@ class Subscriber:
         self.pending = pending  # frames owed before any event: a resync that starts a resume
         self.heartbeat = False
         self.closed = False  # no more events will come; the writer sends what is owed and ends
-        self.stopped = False  # closed and owed nothing from the ring (dropped: `pending` is all)
-        self.resync = False  # dropped for falling behind: its last frame is `resync`
+        # Dropped for falling behind: owed nothing more from the ring, its last frame `resync`.
+        self.resync = False
         # Called when it is dropped: its writer may be stuck on a client that reads nothing.
         self.on_drop: Callable[[], None] | None = None
 
@@ -143,7 +143,7 @@ class Subscriber:
 
     def _owed(self) -> list[bytes]:
         frames, self.pending = self.pending, []
-        if self.stopped:
+        if self.resync:
             return frames
         feed = self.feed
         new = feed.seq - self.cursor
@@ -163,11 +163,11 @@ class Subscriber:
             frames.append(HEARTBEAT)
         return frames
 
-    def close(self, last: bytes | None = None) -> None:
-        """End the stream after what is owed; with `last`, instead of it (a resync)."""
-        if last is not None:
-            self.pending = [last]
-            self.stopped = True
+    def close(self, resync: bytes | None = None) -> None:
+        """End the stream after what is owed; with a `resync` frame, instead of it."""
+        if resync is not None:
+            self.pending = [resync]
+            self.resync = True
         self.closed = True
         self.feed.news.set()
 
@@ -291,7 +291,6 @@ class Feed:
         if sub in self.subscribers:
             self.subscribers.remove(sub)
         self.dropped += 1
-        sub.resync = True
         sub.close(self._resync_frame(reason))
         if sub.on_drop is not None:
             sub.on_drop()
