@@ -136,7 +136,7 @@ def main() -> None:
 def measure(args: argparse.Namespace, *, swapped: bool) -> tuple[float, float]:
     """One run; (throughput, CPU per request) of configuration B over configuration A. Swapped:
     A's configuration runs in seat B (port 18084) and B's in seat A, the subscribers on B's."""
-    configs = [("A", args.a_dir, args.a_env), ("B", args.b_dir, args.b_env)]
+    configs = [(args.a_dir, args.a_env), (args.b_dir, args.b_env)]
     if swapped:
         configs.reverse()
     tmp = Path(tempfile.mkdtemp(prefix="bench-ab-"))
@@ -153,8 +153,7 @@ def measure(args: argparse.Namespace, *, swapped: bool) -> tuple[float, float]:
         if not args.no_floor:
             targets.append(Target("floor", 18081, subprocess.Popen(
                 [sys.executable, str(SHARED / "passthrough.py"), "18081", upstream], stdout=log, stderr=log)))
-        for (name, port), (_config, checkout, extra) in zip((("A", 18082), ("B", 18084)), configs,
-                                                            strict=True):
+        for (name, port), (checkout, extra) in zip((("A", 18082), ("B", 18084)), configs, strict=True):
             env = dict(os.environ, PROXY_PORT=str(port), UPSTREAM_BASE_URL=upstream,
                        COST_WARNING_THRESHOLD_USD="1000000", COST_LIMIT_THRESHOLD_USD="1000000",
                        DATABASE_URL=os.environ.get("BENCH_DATABASE_URL", f"sqlite+aiosqlite:///{tmp}/{name}.db"),
