@@ -108,7 +108,7 @@ class BudgetGate:
         """The common case of `admit`, without awaiting: the campaign is known and its lease
         covers the request. None when `admit` has to ask the database; raises BudgetExceeded."""
         view = self.views.get(campaign_id)
-        if view is None or view.stale:
+        if view is None or view.stale or view.lock.locked():  # locked: its lease is being regrown
             return None
         now = self.clock()
         view.last_used = now
@@ -127,13 +127,22 @@ class BudgetGate:
         view.last_used = self.clock()
         if not view.stale and view.total_spent >= view.budget.limit_units:
             raise _exceeded(campaign_id, view, reservation)
-        if view.stale or not self._fits_lease(view, reservation):
+        # While a lease is being regrown nothing is admitted against the old one: the new lease is
+        # sized to what is held when it is asked for, and must cover everything admitted.
+        if view.stale or view.lock.locked() or not self._fits_lease(view, reservation):
             async with view.lock:
                 if not self._fits_lease(view, reservation):
                     verified = await self._grow_lease(campaign_id, view, reservation)
                     if not verified:
-                        return self._take(view, campaign_id, reservation, verified=False)
+                        return self._admit_unverified(view, campaign_id, reservation)
         return self._take(view, campaign_id, reservation, verified=True)
+
+    def _admit_unverified(self, view: CampaignView, campaign_id: str, reservation: int) -> Admission:
+        """The database did not answer in time (fail-open): admitted unless what this process
+        knows already rules it out (its spend, its calls in flight and this one past the limit)."""
+        if view.total_spent + view.inflight + reservation > view.budget.limit_units:
+            raise _exceeded(campaign_id, view, reservation)
+        return self._take(view, campaign_id, reservation, verified=False)
 
     def _take(self, view: CampaignView, campaign_id: str, reservation: int,
               *, verified: bool) -> Admission:
@@ -153,7 +162,8 @@ class BudgetGate:
         except DB_ERRORS as exc:
             if self.fail_closed:
                 raise LedgerUnavailable("the cost database is unavailable") from exc
-            log.warning("budget of %r unknown (database unavailable); admitting", campaign_id)
+            log.warning("budget of %r unknown (database unavailable or slower than %ss); admitting",
+                        campaign_id, self.db_timeout)
             snapshot = CampaignSnapshot(ZERO, self.default_budget, ZERO)
         # Another request may have created the view while this one waited.
         view = self.views.get(campaign_id)
@@ -262,10 +272,18 @@ class BudgetGate:
         if not active:
             return
         flushed_before = {c: v.flushed for c, v in active.items()}
+        trims = self._trim(active, now)
+        lease_until = {c: active[c].lease_until for c in trims}
         renew = self.wall() + timedelta(seconds=self.lease_seconds)
         async with asyncio.timeout(self.db_timeout * 2):
-            snapshots = await uninterrupted(self.store.refresh(active, self.holder_id,
-                                                               renew_until=renew))
+            snapshots = await uninterrupted(self.store.refresh(
+                active, self.holder_id, renew_until=renew,
+                trims={c: from_units(amount) for c, amount in trims.items()}))
+        for campaign_id, until in lease_until.items():
+            if active[campaign_id].lease_until != until:
+                # Regrown meanwhile: the trim may have landed after the new grant, so the next
+                # admission asks again rather than trust a lease the database may not hold.
+                active[campaign_id].lease_until = 0.0
         renewed_until = now + self.lease_seconds * 0.9
         for campaign_id, snap in snapshots.items():
             view = active[campaign_id]
@@ -279,6 +297,25 @@ class BudgetGate:
             view.lease = min(view.lease, to_units(snap.lease))
             if snap.lease > 0 and view.lease_until > now:
                 view.lease_until = max(view.lease_until, renewed_until)
+
+    def _trim(self, active: dict[str, CampaignView], now: float) -> dict[str, int]:
+        """Shrink leases larger than a grant would be now, locally at once (the database follows
+        in the refresh): a burst's reservations, settled since at their real cost, must not keep
+        the other replicas' share of the budget while this process goes on renewing its lease.
+
+        A live lease keeps what is held (calls in flight, cost not yet flushed) plus its slice of
+        the headroom, counted as if no other process held any (so never below a new grant); a
+        lease expired here keeps only what is held, which must stay covered until it settles.
+        """
+        trims: dict[str, int] = {}
+        for campaign_id, view in active.items():
+            held = view.inflight + view.pending
+            target = held
+            if now < view.lease_until:
+                target += int(self.lease_fraction * max(view.budget.limit_units - view.spent - held, 0))
+            if view.lease > target:
+                view.lease = trims[campaign_id] = target
+        return trims
 
     def forget(self, campaign_id: str) -> None:
         """After a budget change: the next request re-reads the budget and leases anew."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -236,12 +236,22 @@ class Store:
 
     async def refresh(
         self, campaign_ids: Iterable[str], holder_id: str, *, renew_until: datetime | None,
+        trims: Mapping[str, Decimal] | None = None,
     ) -> dict[str, CampaignSnapshot]:
-        """Current spend, budget and this process's lease of some campaigns; renews the leases."""
+        """Current spend, budget and this process's lease of some campaigns; renews the leases,
+        first lowering those in `trims` to at most the amount given (never raising one)."""
         ids = sorted(set(campaign_ids))
         if not ids:
             return {}
         async with self.engine.begin() as conn:
+            if trims:
+                cap = bindparam("cap", type_=Money())
+                await conn.execute(
+                    update(LEASES)
+                    .where(LEASES.c.campaign_id == bindparam("cid"),
+                           LEASES.c.holder_id == bindparam("holder"))
+                    .values(amount_usd=case((LEASES.c.amount_usd > cap, cap), else_=LEASES.c.amount_usd)),
+                    [{"cid": cid, "holder": holder_id, "cap": amount} for cid, amount in trims.items()])
             if renew_until is not None:
                 await conn.execute(
                     update(LEASES)

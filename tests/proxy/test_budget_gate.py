@@ -12,11 +12,13 @@ import aiohttp
 import openai
 import pytest
 from conftest import make_settings, spawn_proxy
+from dblocks import database_locked
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
+from sqlalchemy import text
 
 from costing.budget import worst_case_units
 from costing.db import create_engine
-from costing.money import from_units
+from costing.money import from_units, to_units
 from costing.pricing import PriceTable
 from costing.usage import Operation, request_facts
 
@@ -244,3 +246,104 @@ async def test_a_lease_is_never_asked_for_while_a_ledger_batch_commits(start_pro
         assert fake.hits("/chat/completions") == 0  # held at the gate, not forwarded
     await asyncio.wait_for(call, 5)
     assert fake.hits("/chat/completions") == 1
+
+
+def reservation_of(body: dict[str, Any]) -> Decimal:
+    return from_units(worst_case_units(PRICES.quote(body["model"]), request_facts(Operation.CHAT, body),
+                                       4096))
+
+
+async def test_a_settled_burst_does_not_keep_the_other_replicas_share_of_the_budget(start_proxy, fake):
+    """A burst's lease covers its worst cases; once the calls settle at their real cost, the lease
+    shrinks within a refresh even while its process keeps serving, so the other replica admits
+    what `/costs` says the campaign can still afford."""
+    reservation = answer_what_is_reserved(fake)
+    fake.behaviour.prompt_tokens = fake.behaviour.completion_tokens = 1  # they settle cheaply
+    settings = {"cost_warning_threshold_usd": Decimal(0),
+                "cost_limit_threshold_usd": Decimal("6.5") * reservation}
+    a, b = await start_proxy(**settings), await start_proxy(**settings)
+    fake.behaviour.delay = 0.3
+    burst = a.client()
+    await asyncio.gather(*(burst.chat.completions.create(**CAPPED_CALL) for _ in range(6)))
+    fake.behaviour.delay = 0
+    await a.flush()
+    for _ in range(3):  # a keeps serving (and renewing its lease) past a refresh
+        await burst.chat.completions.create(**CAPPED_CALL)
+        await asyncio.sleep(0.6)
+    async with aiohttp.ClientSession() as http:
+        budget = (await (await http.get(f"{b.url}/costs/campaigns/c1")).json())["budget"]
+    assert budget["status"] == "warning" and Decimal(budget["remaining_usd"]) > 6 * reservation
+    await b.client().chat.completions.create(**CAPPED_CALL)  # refused before: a kept ~6 of 6.5
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_calls_arriving_while_a_lease_grows_are_covered_by_the_new_lease(start_proxy, fake,
+                                                                               database_url, backend):
+    """Near the limit, while a process waits for the database to grow its lease, a call that fits
+    the old lease waits too: the new lease is sized to what the process holds when it is asked
+    for, so a call admitted meanwhile would be missing from it, free for another replica."""
+    first = CAPPED_CALL
+    small = {**CAPPED_CALL, "max_tokens": 90}
+    big = {**CAPPED_CALL, "max_tokens": 1000}
+    r = reservation_of(first)
+    # The first call's lease keeps 5% of the headroom after it: room for `small`, not for `big`,
+    # and the grant `big` gets has less room than `small` needs.
+    assert reservation_of(small) < Decimal("0.05") * 19 * r
+    assert reservation_of(big) > Decimal("0.05") * 19 * r
+    assert reservation_of(small) > Decimal("0.05") * (20 * r - r - reservation_of(big))
+    proxy = await start_proxy(cost_warning_threshold_usd=Decimal(0), cost_limit_threshold_usd=20 * r)
+    client = proxy.client()
+    fake.behaviour.hold = asyncio.Event()  # every call stays in flight
+    calls = [asyncio.create_task(client.chat.completions.create(**first))]
+    await _upstream_has(fake, 1)
+    async with database_locked(database_url, backend, "c1"):
+        calls.append(asyncio.create_task(client.chat.completions.create(**big)))
+        await asyncio.sleep(0.3)  # waiting for the database
+        calls.append(asyncio.create_task(client.chat.completions.create(**small)))
+        await asyncio.sleep(0.3)
+    await _upstream_has(fake, 3)
+    view = proxy.gate.view("c1")
+    async with proxy.engine.connect() as conn:
+        leased = (await conn.execute(
+            text("SELECT amount_usd FROM budget_leases WHERE holder_id = :h"),
+            {"h": proxy.gate.holder_id})).scalar_one()
+    assert view.inflight == sum(map(to_units, (r, reservation_of(big), reservation_of(small))))
+    assert to_units(leased) >= view.inflight
+    fake.behaviour.hold.set()
+    await asyncio.gather(*calls)
+
+
+async def test_a_slow_database_still_refuses_what_this_process_knows_does_not_fit(
+        start_proxy, fake, database_url, backend):
+    """Fail-open admits a call whose budget check the database does not answer in time, but not
+    one that this process's own spend and calls in flight already rule out."""
+    reservation = answer_what_is_reserved(fake)  # each call costs exactly what it reserves
+    limit = Decimal("2.5") * reservation
+    proxy = await start_proxy(cost_warning_threshold_usd=Decimal(0), cost_limit_threshold_usd=limit)
+    client = proxy.client()
+    await client.chat.completions.create(**CAPPED_CALL)
+    await proxy.flush()
+    proxy.gate.db_timeout = 0.5
+    fake.behaviour.delay = 0.5
+
+    async def call() -> bool:
+        try:
+            await client.chat.completions.create(**CAPPED_CALL)
+            return True
+        except openai.RateLimitError:
+            return False
+
+    async with database_locked(database_url, backend, "c1"):
+        admitted = await asyncio.gather(*(call() for _ in range(5)))
+    assert sum(admitted) == 1  # 1 spent + 1 in flight + 1 more would pass 2.5
+    await proxy.flush(30)
+    totals = await assert_aggregates_match_ledger(proxy.engine)
+    assert totals["c1"][0] == 2 * reservation <= limit
+
+
+async def _upstream_has(fake: Any, calls: int) -> None:
+    for _ in range(200):
+        if fake.hits("/chat/completions") >= calls:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the upstream got {fake.hits('/chat/completions')} calls, not {calls}")

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import os
 import random
-import sqlite3
 import subprocess
 import sys
 import time
@@ -27,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import orjson
 import pytest
 from conftest import CLI, free_port, kill, serve_ready, start_serve
+from dblocks import database_locked
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 from sqlalchemy import func, select
 
@@ -135,33 +134,6 @@ async def answer_calls(url: str, campaign: str, count: int) -> set[str]:
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
         return set(await asyncio.gather(*(one(http, i % 2 == 1) for i in range(count))))
-
-
-@contextlib.asynccontextmanager
-async def database_locked(database_url: str, backend: str, campaign: str) -> Any:
-    """Hold a lock the proxy's next batch must wait for, inside its transaction."""
-    if backend == "sqlite":
-        path = parse_database_url(database_url).url.split("///", 1)[1]
-        conn = sqlite3.connect(path, isolation_level=None)
-        conn.execute("BEGIN IMMEDIATE")  # the write lock: the batch waits on its first insert
-        try:
-            yield None
-        finally:
-            conn.execute("ROLLBACK")
-            conn.close()
-        return
-    dsn = database_url.split("?", 1)[0]
-    pg = await asyncpg.connect(dsn)
-    transaction = pg.transaction()
-    await transaction.start()
-    # The batch inserts its rows, then waits here to add them to the campaign's aggregate.
-    await pg.execute("SELECT 1 FROM campaign_cost_aggregates WHERE campaign_id = $1 FOR UPDATE",
-                     campaign)
-    try:
-        yield pg
-    finally:
-        await transaction.rollback()
-        await pg.close()
 
 
 async def test_kill_during_a_blocked_batch_commit_loses_nothing(database_url, fake, backend, tmp_path):
