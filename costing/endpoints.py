@@ -75,6 +75,10 @@ FREE = (
     r"/v1/fine_tuning/checkpoints/.*",
     r"/v1/organization/.*",
 )
+# Every name `classify` gives a path it knows: the metered operations and the billable list.
+# An unknown path is named by its first segment, which the client chooses: kept in the ledger,
+# never made a metric label (see proxy.metrics).
+OPERATIONS = frozenset({*(operation.value for operation in Operation), *(name for name, _ in BILLABLE)})
 RESPONSE_OBJECT = re.compile(rf"/v1/responses/{_ID}(/cancel)?")
 _BILLABLE = tuple((name, re.compile(pattern)) for name, pattern in BILLABLE)
 _FREE = re.compile("|".join(f"(?:{pattern})" for pattern in FREE))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from openai_endpoints import METERED, OPENAI_BILLABLE, OPENAI_FREE
 
-from costing.endpoints import Kind, classify, normalize
+from costing.endpoints import OPERATIONS, Kind, classify, normalize
 from costing.usage import Operation
 
 
@@ -38,6 +38,17 @@ def test_an_unknown_post_is_gated_as_billable() -> None:
     """A new OpenAI endpoint the list does not know yet: a budget that holds matters more."""
     endpoint = classify("POST", "/v1/brand_new/things")
     assert (endpoint.kind, endpoint.operation) == (Kind.BILLABLE, "brand_new")
+
+
+@pytest.mark.parametrize("path", [*METERED, *OPENAI_BILLABLE])
+def test_every_known_path_is_named_from_the_fixed_list_of_operations(path: str) -> None:
+    """The names metrics may use as labels: a known path's name is always one of them."""
+    assert classify("POST", path).operation in OPERATIONS
+
+
+def test_an_unknown_paths_name_is_not_an_operation() -> None:
+    """Chosen by the client (`POST /v1/<anything>`): the ledger keeps it, metrics do not."""
+    assert classify("POST", "/v1/0123abcd/things").operation not in OPERATIONS
 
 
 def test_response_objects_are_read_for_their_final_state() -> None:
