@@ -6,6 +6,7 @@ Through the real proxy with the real `openai` SDK against the loopback fake upst
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 
 from costing.settings import describe_error, parse_client_keys
 from proxy.keys import open_proxy_refusal
+from proxy.logs import BadRequestFilter
 
 SERVER_KEY = "sk-server-secret-0123"
 KEY_A = "pk-alpha-7f3c9e1b2d4a"
@@ -136,6 +138,40 @@ async def test_keys_are_absent_from_logs_ledger_metrics_and_costs(keyed, fake, c
     everything = " ".join([stored, caplog.text, *texts])
     for secret in (KEY_A, KEY_BOUND, "pk-wrong-key-55", SERVER_KEY):
         assert secret not in everything
+
+
+@pytest.mark.parametrize("bad", [b"\r", b"\x7f", b"\x00"])
+async def test_a_request_the_http_parser_refuses_is_logged_without_its_key(keyed, fake, caplog, bad):
+    """A header line with a stray CR, a DEL or a NUL byte is refused by aiohttp's parser (400,
+    before any handler), whose log would quote the line, key included: one line is logged
+    instead, naming the error and the peer."""
+    caplog.set_level(logging.INFO)
+    reader, writer = await asyncio.open_connection("127.0.0.1", keyed.port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n"
+                 b"Authorization: Bearer " + KEY_A.encode() + bad + b"\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n", 1)[0]
+    assert fake.requests == []
+    assert KEY_A not in caplog.text
+    [line] = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert line.getMessage() == ("Refused a malformed HTTP request from 127.0.0.1: BadHttpMessage "
+                                 "(its bytes are not logged)")
+    assert line.levelno == logging.WARNING and line.exc_info is None
+
+
+def test_the_servers_own_errors_are_still_logged_whole():
+    """Only records caused by a refused request are rewritten: a failure of the server itself
+    keeps its message, level and traceback."""
+    try:
+        raise RuntimeError("the proxy's own bug")
+    except RuntimeError as exc:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
+                                   "Error handling request from %s", ("127.0.0.1",),
+                                   (type(exc), exc, exc.__traceback__))
+    assert BadRequestFilter().filter(record)
+    assert record.getMessage() == "Error handling request from 127.0.0.1"
+    assert record.levelno == logging.ERROR and record.exc_info is not None
 
 
 async def test_without_keys_the_clients_authorization_goes_upstream_as_before(start_proxy, fake):
