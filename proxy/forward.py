@@ -358,8 +358,10 @@ async def _retrieval(request: web.Request, app: web.Application, headers: Header
             reply_headers = response_headers(upstream.headers)
             if state is not None:  # the read that meters the call tells its cost, as a reply does
                 await uninterrupted(meter.settle_final_state(state))
-                reply_headers += campaign_headers(meter, state.entry.campaign_id)
-                reply_headers.append((REQUEST_COST, format_units(state.entry.cost_units)))
+                if state.entry.campaign_id == campaign_id:  # to a reader of that campaign only:
+                    # another campaign's key (another tenant) must not learn what it spends
+                    reply_headers += campaign_headers(meter, campaign_id)
+                    reply_headers.append((REQUEST_COST, format_units(state.entry.cost_units)))
                 if span is not None:
                     span.tracer.answered(span, decoded)
             return web.Response(status=upstream.status, reason=upstream.reason, body=body,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from decimal import Decimal
 
 import aiohttp
 import openai
@@ -107,6 +108,35 @@ async def test_a_bound_key_with_another_campaign_is_403_and_nothing_is_forwarded
     assert fake.requests == []
     await keyed.flush()
     assert await ledger_rows(keyed.engine) == []
+
+
+COST_HEADERS = {"x-campaign-cost-usd", "x-campaign-limit-usd", "x-campaign-remaining-usd",
+                "x-cost-warning", "x-request-cost-usd"}
+
+
+async def test_a_background_response_read_with_another_campaigns_key_tells_nothing_of_its_cost(
+        start_proxy, fake):
+    """A key bound to tenant-b reading tenant-a's background response gets the answer, and the
+    read meters the call to tenant-a as any read does, but carries none of tenant-a's cost
+    headers: a reader only ever sees its own campaign's. tenant-a's own read carries them all."""
+    proxy = await start_proxy(proxy_api_keys=f"{KEY_A}=tenant-a, {KEY_BOUND}=tenant-b",
+                              openai_api_key=SERVER_KEY, cost_warning_threshold_usd=Decimal("0.000001"))
+    fake.behaviour.background_polls = 0
+    tenant_a, tenant_b = client(proxy, KEY_A, campaign=None), client(proxy, KEY_BOUND, campaign=None)
+    read_by_b, read_by_a = [await tenant_a.responses.create(model="gpt-4o-mini", input="Scout ahead.",
+                                                            background=True) for _ in range(2)]
+    other = await tenant_b.responses.with_raw_response.retrieve(read_by_b.id)
+    assert other.parse().status == "completed"
+    assert not COST_HEADERS & {name.lower() for name in other.headers}
+    own = await tenant_a.responses.with_raw_response.retrieve(read_by_a.id)
+    assert own.parse().status == "completed"
+    assert COST_HEADERS <= {name.lower() for name in own.headers}  # past its warning: all five
+    await proxy.flush()
+    rows = await ledger_rows(proxy.engine)
+    assert sorted((r.response_id, r.campaign_id) for r in rows) == sorted(
+        [(read_by_b.id, "tenant-a"), (read_by_a.id, "tenant-a")])
+    assert all(r.cost_usd > 0 for r in rows)
+    assert Decimal(own.headers["X-Campaign-Cost-USD"]) == sum(r.cost_usd for r in rows)
 
 
 async def test_an_unbound_key_uses_the_campaign_header(keyed, fake):
