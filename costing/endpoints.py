@@ -1,7 +1,8 @@
 """Which OpenAI endpoints cost money: the one list the budget gate and the ledger follow.
 
 Every `POST /v1/...` falls in one of three kinds:
-- metered: the four operations whose usage the proxy reads and prices (`costing.usage.Operation`);
+- metered: the four operations whose usage the proxy reads and prices (`costing.usage.Operation`),
+  and compaction (`/v1/responses/compact`), metered as a Responses call;
 - billable: OpenAI bills them but the proxy cannot price them yet (images, audio, batches,
   files, fine-tuning, assistants runs, realtime sessions, vector stores, videos, containers,
   eval runs). The budget gate refuses them once a campaign is at its limit, and each call is
@@ -98,7 +99,7 @@ _METERED = {path: Endpoint(Kind.METERED, operation.value, operation)
 
 
 def classify(method: str, path: str) -> Endpoint:
-    """The kind of a request to a normalised `path`; the metered four are a dict lookup."""
+    """The kind of a request to a normalised `path`; the metered paths are a dict lookup."""
     if method == "POST":
         found = _METERED.get(path) or _METERED.get(path.rstrip("/"))
         if found is not None:

@@ -17,7 +17,7 @@ def test_billable_posts_are_gated_and_recorded(path: str) -> None:
 
 
 @pytest.mark.parametrize("path", METERED)
-def test_the_four_priced_operations_are_metered(path: str) -> None:
+def test_the_priced_operations_are_metered(path: str) -> None:
     endpoint = classify("POST", path)
     assert endpoint.kind is Kind.METERED and endpoint.metered is not None
     assert classify("POST", path + "/").kind is Kind.METERED
@@ -71,6 +71,7 @@ def test_repeated_slashes_are_merged_before_routing() -> None:
     ("/v1/responses", Operation.RESPONSES),
     ("/v1/chat/completions/", Operation.CHAT),
     ("/v1/responses/", Operation.RESPONSES),
+    ("/v1/responses/compact", Operation.RESPONSES),  # a Responses call: its usage is Responses'
 ])
 def test_posting_to_a_metered_path_is_a_metered_operation(path, operation):
     assert classify("POST", path).metered is operation
