@@ -145,8 +145,8 @@ class FakeUpstream:
         if path.startswith("/v1/responses/") and (
                 (request.method == "GET" and path.count("/") == 3) or path.endswith("/cancel")):
             return await self._background_state(request, path)
-        if path == "/v1/models" and request.method == "GET":
-            return web.json_response({"object": "list", "data": [
+        if path == "/v1/models" and request.method in ("GET", "HEAD"):  # HEAD: its length, no body
+            return self._json({"object": "list", "data": [
                 {"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "system"}]})
         handlers = {"/v1/chat/completions": self._chat, "/v1/completions": self._completions,
                     "/v1/embeddings": self._embeddings, "/v1/responses": self._responses,
