@@ -1,7 +1,8 @@
 """Which OpenAI endpoints cost money: the one list the budget gate and the ledger follow.
 
 Every `POST /v1/...` falls in one of three kinds:
-- metered: the four operations whose usage the proxy reads and prices (`costing.usage.Operation`);
+- metered: the four operations whose usage the proxy reads and prices (`costing.usage.Operation`),
+  and compaction (`/v1/responses/compact`), metered as a Responses call;
 - billable: OpenAI bills them but the proxy cannot price them yet (images, audio, batches,
   files, fine-tuning, assistants runs, realtime sessions, vector stores, videos, containers,
   eval runs). The budget gate refuses them once a campaign is at its limit, and each call is
@@ -75,6 +76,10 @@ FREE = (
     r"/v1/fine_tuning/checkpoints/.*",
     r"/v1/organization/.*",
 )
+# Every name `classify` gives a path it knows: the metered operations and the billable list.
+# An unknown path is named by its first segment, which the client chooses: kept in the ledger,
+# never made a metric label (see proxy.metrics).
+OPERATIONS = frozenset({*(operation.value for operation in Operation), *(name for name, _ in BILLABLE)})
 RESPONSE_OBJECT = re.compile(rf"/v1/responses/{_ID}(/cancel)?")
 _BILLABLE = tuple((name, re.compile(pattern)) for name, pattern in BILLABLE)
 _FREE = re.compile("|".join(f"(?:{pattern})" for pattern in FREE))
@@ -94,7 +99,7 @@ _METERED = {path: Endpoint(Kind.METERED, operation.value, operation)
 
 
 def classify(method: str, path: str) -> Endpoint:
-    """The kind of a request to a normalised `path`; the metered four are a dict lookup."""
+    """The kind of a request to a normalised `path`; the metered paths are a dict lookup."""
     if method == "POST":
         found = _METERED.get(path) or _METERED.get(path.rstrip("/"))
         if found is not None:

@@ -28,6 +28,9 @@ OPERATION_PATHS = {
     "/v1/completions": Operation.COMPLETIONS,
     "/v1/embeddings": Operation.EMBEDDINGS,
     "/v1/responses": Operation.RESPONSES,
+    # Compaction (`client.responses.compact`): a Responses call on the model it names, its body
+    # the same input and instructions, its answer Responses usage (and no model).
+    "/v1/responses/compact": Operation.RESPONSES,
 }
 
 # Responses API terminal events: each carries the final `response` object with its usage.

@@ -36,6 +36,7 @@ from proxy import costs_api, feed, health
 from proxy.errors import add_fallback
 from proxy.forward import forward
 from proxy.keys import ClientKeys
+from proxy.logs import server_logger
 from proxy.metrics import Metrics
 from proxy.peers import WorkerSlot, serve_registry
 from proxy.state import (
@@ -248,9 +249,10 @@ def server_options(settings: Settings) -> dict[str, Any]:
 
     handler_cancellation: a client that leaves while the upstream is silent (a reasoning model
     thinking) cancels the upstream call at once, not at the next chunk; what was used is still
-    recorded, in the handler's `finally`.
+    recorded, in the handler's `finally`. logger: aiohttp's, filtered so that a request its
+    parser refuses is logged without its bytes (a header line may hold a key; see proxy.logs).
     """
-    return {"access_log": None, "handler_cancellation": True,
+    return {"access_log": None, "handler_cancellation": True, "logger": server_logger(),
             "shutdown_timeout": settings.shutdown_timeout_seconds}
 
 

@@ -86,6 +86,16 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> Headers:
     return [(name, value) for name, value in upstream.items() if name.lower() not in RESPONSE_DROPPED]
 
 
+def head_length(upstream: CIMultiDictProxy[str]) -> Headers:
+    """A HEAD answer's Content-Length, which response_headers drops: no body follows, so the
+    length is all it tells, and aiohttp sends it on a HEAD (without chunked encoding). Not for an
+    encoded body: the proxy sends bodies decoded, another length."""
+    length = upstream.get(hdrs.CONTENT_LENGTH)
+    if length is None or upstream.get(hdrs.CONTENT_ENCODING, "identity").lower() != "identity":
+        return []
+    return [(hdrs.CONTENT_LENGTH, length)]
+
+
 # Names as istr, as aiohttp's own: a multidict then skips case-folding them per response.
 CAMPAIGN_COST = istr("X-Campaign-Cost-USD")
 CAMPAIGN_LIMIT = istr("X-Campaign-Limit-USD")
@@ -270,6 +280,8 @@ async def _pass_through(request: web.Request, app: web.Application, headers: Hea
         outcome.answer(upstream.status)
     async with upstream:
         reply_headers = response_headers(upstream.headers)
+        if request.method == "HEAD":  # only a free request can be one (see endpoints.classify)
+            reply_headers += head_length(upstream.headers)
         if extra:
             reply_headers += extra
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
@@ -358,8 +370,10 @@ async def _retrieval(request: web.Request, app: web.Application, headers: Header
             reply_headers = response_headers(upstream.headers)
             if state is not None:  # the read that meters the call tells its cost, as a reply does
                 await uninterrupted(meter.settle_final_state(state))
-                reply_headers += campaign_headers(meter, state.entry.campaign_id)
-                reply_headers.append((REQUEST_COST, format_units(state.entry.cost_units)))
+                if state.entry.campaign_id == campaign_id:  # to a reader of that campaign only:
+                    # another campaign's key (another tenant) must not learn what it spends
+                    reply_headers += campaign_headers(meter, campaign_id)
+                    reply_headers.append((REQUEST_COST, format_units(state.entry.cost_units)))
                 if span is not None:
                     span.tracer.answered(span, decoded)
             return web.Response(status=upstream.status, reason=upstream.reason, body=body,

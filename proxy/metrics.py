@@ -3,7 +3,8 @@
 Ledger-derived series (cost, tokens, requests) are counted when the ledger commits a batch,
 from the rows actually inserted, so they always agree with `usage_records`. Budget gauges are
 read from the stored aggregates, so they are right after a restart and agree across replicas
-(aggregate them with max(), not sum()). Campaign label values are capped; the rest are `_other`.
+(aggregate them with max(), not sum()). Campaign and model label values are capped; the rest are
+`_other`. Operation labels come from the fixed list of known operations; any other path is `_other`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from costing.budget import Budget
+from costing.endpoints import OPERATIONS
 from costing.money import SCALE
 from costing.records import UsageEntry
 
@@ -40,6 +42,13 @@ TOKEN_TYPES = ("input", "cached_input", "output", "reasoning", "audio_input", "a
 # Model names come from clients (any string up to 200 characters): without a cap, a client could
 # grow the scrape without bound. OpenAI has well under a hundred models and snapshots.
 MAX_MODEL_LABELS = 200
+
+
+def operation_label(operation: str) -> str:
+    """A known operation's name, else `_other`: an unknown path's name is the client's choice
+    (`POST /v1/<anything>`), and a cap would let the first few hundred of those take the names
+    and push a real new endpoint into `_other`."""
+    return operation if operation in OPERATIONS else OTHER
 
 
 class CappedLabels:
@@ -199,7 +208,8 @@ class Metrics:
         for e in inserted:
             campaign = self.campaign(e.campaign_id)
             model = self.model(e.model or "unknown")
-            requests[(campaign, e.operation, str(e.status_code))] += 1
+            operation = operation_label(e.operation)
+            requests[(campaign, operation, str(e.status_code))] += 1
             if e.priced_by_default:
                 by_default[model] += 1
             if e.cost_units:
@@ -212,11 +222,11 @@ class Metrics:
                 if count:
                     tokens[(campaign, model, kind)] += count
             if e.status_code < 400:
-                names = (GEN_AI_OPERATION.get(e.operation, e.operation), PROVIDER,
+                names = (GEN_AI_OPERATION.get(operation, operation), PROVIDER,
                          self.model(e.request_model or "unknown"),
                          self.model(e.response_model or "unknown"))
                 self.token_usage.observe(usage.input_tokens, ("input", *names))
-                if e.operation != "embeddings":
+                if operation != "embeddings":
                     self.token_usage.observe(usage.output_tokens, ("output", *names))
         for key, count in requests.items():
             self._child(self.requests, key).inc(count)

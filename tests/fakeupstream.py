@@ -1,8 +1,9 @@
 """A fake OpenAI API on a real loopback port: the upstream of the proxy in tests.
 
-Answers chat completions, legacy completions, embeddings and responses (streamed and not) with
-bodies shaped like OpenAI's, and can misbehave on request: delays, error statuses, compressed
-bodies, streams cut off mid-way, half-written SSE lines, resets. Every request is recorded.
+Answers chat completions, legacy completions, embeddings and responses (streamed and not), and
+compacts conversations (`/v1/responses/compact`), with bodies shaped like OpenAI's, and can
+misbehave on request: delays, error statuses, compressed bodies, streams cut off mid-way,
+half-written SSE lines, resets. Every request is recorded.
 """
 
 from __future__ import annotations
@@ -144,11 +145,12 @@ class FakeUpstream:
         if path.startswith("/v1/responses/") and (
                 (request.method == "GET" and path.count("/") == 3) or path.endswith("/cancel")):
             return await self._background_state(request, path)
-        if path == "/v1/models" and request.method == "GET":
-            return web.json_response({"object": "list", "data": [
+        if path == "/v1/models" and request.method in ("GET", "HEAD"):  # HEAD: its length, no body
+            return self._json({"object": "list", "data": [
                 {"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "system"}]})
         handlers = {"/v1/chat/completions": self._chat, "/v1/completions": self._completions,
-                    "/v1/embeddings": self._embeddings, "/v1/responses": self._responses}
+                    "/v1/embeddings": self._embeddings, "/v1/responses": self._responses,
+                    "/v1/responses/compact": self._compact}
         handler = handlers.get(path) if request.method == "POST" else None
         if handler is None:
             return web.json_response({"method": request.method, "path": path,
@@ -344,20 +346,13 @@ class FakeUpstream:
     def _response(self, rid: str, model: str, status: str, text: str | None,
                   body: dict[str, Any] | None = None) -> dict[str, Any]:
         b = self.behaviour
-        out = self._completion_tokens()
         searches = [] if text is None else [
             {"id": f"ws_fake{i}", "type": "web_search_call", "status": "completed",
              "action": {"type": "search", "query": "goblin king"}} for i in range(b.web_search_calls)]
         output = [] if text is None else [*searches, {
             "id": "msg_fake", "type": "message", "status": "completed", "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": []}]}]
-        usage = None if status != "completed" or b.omit_usage else {
-            "input_tokens": b.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": b.cached_tokens, "audio_tokens": b.audio_input_tokens},
-            "output_tokens": out,
-            "output_tokens_details": {"reasoning_tokens": b.reasoning_tokens,
-                                      "audio_tokens": b.audio_output_tokens},
-            "total_tokens": b.prompt_tokens + out}
+        usage = None if status != "completed" or b.omit_usage else self._responses_usage()
         response = {"id": rid, "object": "response", "created_at": int(time.time()), "status": status,
                     "model": model, "output": output, "parallel_tool_calls": True, "tool_choice": "auto",
                     "tools": (body or {}).get("tools", []), "temperature": 1.0, "top_p": 1.0, "error": None,
@@ -366,6 +361,27 @@ class FakeUpstream:
         if tier:
             response["service_tier"] = tier
         return response
+
+    def _responses_usage(self) -> dict[str, Any]:
+        b = self.behaviour
+        out = self._completion_tokens()
+        return {"input_tokens": b.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": b.cached_tokens,
+                                         "audio_tokens": b.audio_input_tokens},
+                "output_tokens": out,
+                "output_tokens_details": {"reasoning_tokens": b.reasoning_tokens,
+                                          "audio_tokens": b.audio_output_tokens},
+                "total_tokens": b.prompt_tokens + out}
+
+    async def _compact(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """POST /v1/responses/compact: the conversation as one encrypted compaction item, and the
+        usage of the compaction pass (Responses-shaped; the object names no model)."""
+        payload: dict[str, Any] = {
+            "id": self._id("cmp_"), "object": "response.compaction", "created_at": int(time.time()),
+            "output": [{"id": "cmpi_fake", "type": "compaction", "encrypted_content": "gAAAAfake"}]}
+        if not self.behaviour.omit_usage:
+            payload["usage"] = self._responses_usage()
+        return self._json(payload)
 
     async def _background_state(self, request: web.Request, path: str) -> web.StreamResponse:
         """GET /v1/responses/{id} (or ?stream=true) and POST .../cancel of a background response:

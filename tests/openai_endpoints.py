@@ -16,7 +16,10 @@ OPENAI_BILLABLE = [
     "/v1/vector_stores/vs_1/search", "/v1/videos", "/v1/videos/video_1/remix",
     "/v1/containers", "/v1/containers/cntr_1/files", "/v1/evals/eval_1/runs",
 ]
-METERED = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
+# Priced from their usage: the four operations, and compaction (`client.responses.compact`), a
+# Responses call whose answer reports Responses usage.
+METERED = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+           "/v1/responses/compact"]
 # POSTs that cost nothing, and every cancellation: a campaign over its limit can still stop work.
 OPENAI_FREE = [
     "/v1/moderations", "/v1/responses/input_tokens", "/v1/threads", "/v1/threads/thread_1",

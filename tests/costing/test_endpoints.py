@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from openai_endpoints import METERED, OPENAI_BILLABLE, OPENAI_FREE
 
-from costing.endpoints import Kind, classify, normalize
+from costing.endpoints import OPERATIONS, Kind, classify, normalize
 from costing.usage import Operation
 
 
@@ -17,7 +17,7 @@ def test_billable_posts_are_gated_and_recorded(path: str) -> None:
 
 
 @pytest.mark.parametrize("path", METERED)
-def test_the_four_priced_operations_are_metered(path: str) -> None:
+def test_the_priced_operations_are_metered(path: str) -> None:
     endpoint = classify("POST", path)
     assert endpoint.kind is Kind.METERED and endpoint.metered is not None
     assert classify("POST", path + "/").kind is Kind.METERED
@@ -40,6 +40,17 @@ def test_an_unknown_post_is_gated_as_billable() -> None:
     assert (endpoint.kind, endpoint.operation) == (Kind.BILLABLE, "brand_new")
 
 
+@pytest.mark.parametrize("path", [*METERED, *OPENAI_BILLABLE])
+def test_every_known_path_is_named_from_the_fixed_list_of_operations(path: str) -> None:
+    """The names metrics may use as labels: a known path's name is always one of them."""
+    assert classify("POST", path).operation in OPERATIONS
+
+
+def test_an_unknown_paths_name_is_not_an_operation() -> None:
+    """Chosen by the client (`POST /v1/<anything>`): the ledger keeps it, metrics do not."""
+    assert classify("POST", "/v1/0123abcd/things").operation not in OPERATIONS
+
+
 def test_response_objects_are_read_for_their_final_state() -> None:
     assert classify("GET", "/v1/responses/resp_1").kind is Kind.RETRIEVAL
     assert classify("POST", "/v1/responses/resp_1/cancel").kind is Kind.RETRIEVAL
@@ -60,6 +71,7 @@ def test_repeated_slashes_are_merged_before_routing() -> None:
     ("/v1/responses", Operation.RESPONSES),
     ("/v1/chat/completions/", Operation.CHAT),
     ("/v1/responses/", Operation.RESPONSES),
+    ("/v1/responses/compact", Operation.RESPONSES),  # a Responses call: its usage is Responses'
 ])
 def test_posting_to_a_metered_path_is_a_metered_operation(path, operation):
     assert classify("POST", path).metered is operation

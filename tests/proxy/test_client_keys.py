@@ -6,8 +6,10 @@ Through the real proxy with the real `openai` SDK against the loopback fake upst
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+from decimal import Decimal
 
 import aiohttp
 import openai
@@ -18,6 +20,7 @@ from pydantic import ValidationError
 
 from costing.settings import describe_error, parse_client_keys
 from proxy.keys import open_proxy_refusal
+from proxy.logs import BadRequestFilter
 
 SERVER_KEY = "sk-server-secret-0123"
 KEY_A = "pk-alpha-7f3c9e1b2d4a"
@@ -107,6 +110,35 @@ async def test_a_bound_key_with_another_campaign_is_403_and_nothing_is_forwarded
     assert await ledger_rows(keyed.engine) == []
 
 
+COST_HEADERS = {"x-campaign-cost-usd", "x-campaign-limit-usd", "x-campaign-remaining-usd",
+                "x-cost-warning", "x-request-cost-usd"}
+
+
+async def test_a_background_response_read_with_another_campaigns_key_tells_nothing_of_its_cost(
+        start_proxy, fake):
+    """A key bound to tenant-b reading tenant-a's background response gets the answer, and the
+    read meters the call to tenant-a as any read does, but carries none of tenant-a's cost
+    headers: a reader only ever sees its own campaign's. tenant-a's own read carries them all."""
+    proxy = await start_proxy(proxy_api_keys=f"{KEY_A}=tenant-a, {KEY_BOUND}=tenant-b",
+                              openai_api_key=SERVER_KEY, cost_warning_threshold_usd=Decimal("0.000001"))
+    fake.behaviour.background_polls = 0
+    tenant_a, tenant_b = client(proxy, KEY_A, campaign=None), client(proxy, KEY_BOUND, campaign=None)
+    read_by_b, read_by_a = [await tenant_a.responses.create(model="gpt-4o-mini", input="Scout ahead.",
+                                                            background=True) for _ in range(2)]
+    other = await tenant_b.responses.with_raw_response.retrieve(read_by_b.id)
+    assert other.parse().status == "completed"
+    assert not COST_HEADERS & {name.lower() for name in other.headers}
+    own = await tenant_a.responses.with_raw_response.retrieve(read_by_a.id)
+    assert own.parse().status == "completed"
+    assert COST_HEADERS <= {name.lower() for name in own.headers}  # past its warning: all five
+    await proxy.flush()
+    rows = await ledger_rows(proxy.engine)
+    assert sorted((r.response_id, r.campaign_id) for r in rows) == sorted(
+        [(read_by_b.id, "tenant-a"), (read_by_a.id, "tenant-a")])
+    assert all(r.cost_usd > 0 for r in rows)
+    assert Decimal(own.headers["X-Campaign-Cost-USD"]) == sum(r.cost_usd for r in rows)
+
+
 async def test_an_unbound_key_uses_the_campaign_header(keyed, fake):
     await client(keyed, KEY_A, campaign="c7").embeddings.create(model="text-embedding-3-small",
                                                                 input="goblin")
@@ -136,6 +168,40 @@ async def test_keys_are_absent_from_logs_ledger_metrics_and_costs(keyed, fake, c
     everything = " ".join([stored, caplog.text, *texts])
     for secret in (KEY_A, KEY_BOUND, "pk-wrong-key-55", SERVER_KEY):
         assert secret not in everything
+
+
+@pytest.mark.parametrize("bad", [b"\r", b"\x7f", b"\x00"])
+async def test_a_request_the_http_parser_refuses_is_logged_without_its_key(keyed, fake, caplog, bad):
+    """A header line with a stray CR, a DEL or a NUL byte is refused by aiohttp's parser (400,
+    before any handler), whose log would quote the line, key included: one line is logged
+    instead, naming the error and the peer."""
+    caplog.set_level(logging.INFO)
+    reader, writer = await asyncio.open_connection("127.0.0.1", keyed.port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n"
+                 b"Authorization: Bearer " + KEY_A.encode() + bad + b"\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n", 1)[0]
+    assert fake.requests == []
+    assert KEY_A not in caplog.text
+    [line] = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert line.getMessage() == ("Refused a malformed HTTP request from 127.0.0.1: BadHttpMessage "
+                                 "(its bytes are not logged)")
+    assert line.levelno == logging.WARNING and line.exc_info is None
+
+
+def test_the_servers_own_errors_are_still_logged_whole():
+    """Only records caused by a refused request are rewritten: a failure of the server itself
+    keeps its message, level and traceback."""
+    try:
+        raise RuntimeError("the proxy's own bug")
+    except RuntimeError as exc:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
+                                   "Error handling request from %s", ("127.0.0.1",),
+                                   (type(exc), exc, exc.__traceback__))
+    assert BadRequestFilter().filter(record)
+    assert record.getMessage() == "Error handling request from 127.0.0.1"
+    assert record.levelno == logging.ERROR and record.exc_info is not None
 
 
 async def test_without_keys_the_clients_authorization_goes_upstream_as_before(start_proxy, fake):

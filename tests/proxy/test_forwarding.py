@@ -253,6 +253,28 @@ async def test_the_upstream_is_offered_only_encodings_the_proxy_can_decode(proxy
     assert (row.status_code, row.input_tokens) == (200, 77) and row.cost_usd > 0
 
 
+async def test_a_head_request_tells_the_length_a_get_would_have(proxy, fake):
+    """A HEAD answer has no body: the upstream's Content-Length is what it tells, passed on as
+    sent (never replaced by chunked encoding), the length of the body a GET of the path gets."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{proxy.url}/v1/models") as response:
+            body = await response.read()
+        async with http.head(f"{proxy.url}/v1/models") as response:
+            assert response.status == 200
+            assert response.headers.get("Content-Length") == str(len(body))
+            assert "Transfer-Encoding" not in response.headers
+    assert [r.method for r in fake.requests] == ["GET", "HEAD"]
+
+
+async def test_a_head_request_of_an_encoded_body_tells_no_length(proxy, fake):
+    """The upstream's length of a gzip body is not the length of the decoded body the proxy
+    sends: that HEAD answer carries no Content-Length, as a GET of the path gets none."""
+    fake.behaviour.encoding = "gzip"
+    async with aiohttp.ClientSession() as http, http.head(f"{proxy.url}/v1/models") as response:
+        assert response.status == 200
+        assert "Content-Length" not in response.headers and "Content-Encoding" not in response.headers
+
+
 @pytest.mark.parametrize("status", [400, 401, 429, 500, 503])
 async def test_upstream_errors_pass_through_verbatim(proxy, fake, status):
     fake.behaviour.status = status

@@ -119,6 +119,29 @@ async def test_billable_calls_the_proxy_cannot_price_are_in_the_ledger_at_zero(p
     await assert_aggregates_match_ledger(proxy.engine)
 
 
+async def test_a_compaction_is_metered_as_a_responses_call_with_the_sdk(proxy, fake):
+    """`client.responses.compact(...)` (POST /v1/responses/compact) is billed by OpenAI by its
+    usage, in the Responses shape: one row with the real tokens, priced as a Responses call of the
+    requested model (the answer names none), and the reply tells that cost."""
+    fake.behaviour.prompt_tokens, fake.behaviour.completion_tokens = 4000, 300
+    fake.behaviour.cached_tokens, fake.behaviour.reasoning_tokens = 1000, 200
+    raw = await proxy.client(campaign="cmp").responses.with_raw_response.compact(
+        model="gpt-4o-mini", input=[{"role": "user", "content": "Roll for initiative."}],
+        instructions="Keep what the party planned.")
+    compacted = raw.parse()
+    assert compacted.output[0].type == "compaction"
+    await proxy.flush()
+    [row] = await ledger_rows(proxy.engine)
+    assert (row.campaign_id, row.operation, row.request_model, row.response_id) == (
+        "cmp", "responses", "gpt-4o-mini", compacted.id)
+    assert (row.input_tokens, row.cached_input_tokens, row.output_tokens, row.reasoning_tokens,
+            row.estimated, row.priced_by_default) == (4000, 1000, 300, 200, False, False)
+    # gpt-4o-mini: 3,000 input at $0.15/M, 1,000 cached at $0.075/M, 300 output at $0.60/M
+    assert row.cost_usd == Decimal("0.000705")
+    assert Decimal(raw.headers["X-Request-Cost-USD"]) == row.cost_usd
+    await assert_aggregates_match_ledger(proxy.engine)
+
+
 async def test_a_background_response_is_metered_once_from_its_final_state(proxy, fake):
     """Created, polled until completed (and read again): exactly one row, with the real usage,
     under the campaign that created it."""

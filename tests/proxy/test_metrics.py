@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import uuid
 from asyncio.subprocess import PIPE
 from decimal import Decimal
 
@@ -103,6 +104,29 @@ async def test_5000_campaigns_keep_the_scrape_bounded(start_proxy, fake):
     assert len(campaigns) == 51 and "_other" in campaigns
     series = sum(1 for name, _ in samples if name.startswith("llm_cost_usd"))
     assert series <= 2 * 51
+
+
+async def test_unknown_paths_add_no_series_and_known_unpriced_ones_keep_their_name(proxy, fake):
+    """POSTs to paths the proxy does not know are gated and in the ledger (named by their first
+    segment there), but their operation label is the one value `_other`: 300 random paths add one
+    series, not 300. A known billable path it cannot price (images) keeps a readable name."""
+    async with aiohttp.ClientSession(headers={"X-Campaign-Id": "u1"}) as http:
+        for _ in range(300):
+            async with http.post(f"{proxy.url}/v1/{uuid.uuid4().hex}/run", json={}) as response:
+                assert response.status == 200
+        async with http.post(f"{proxy.url}/v1/images/generations", json={"prompt": "a goblin"}) as response:
+            assert response.status == 200
+    await proxy.flush()
+    rows = await ledger_rows(proxy.engine)
+    assert len({r.operation for r in rows}) == 301  # the ledger still tells them apart
+    samples = await _scrape(proxy)
+    for name, label in (("llm_requests_total", "operation"),
+                        ("gen_ai_client_token_usage_count", "gen_ai_operation_name")):
+        series = [dict(labels) for n, labels in samples if n == name]
+        assert {s[label] for s in series} == {"images.generations", "_other"}, name
+        assert len(series) == (2 if name == "llm_requests_total" else 4)  # gen_ai: input, output
+    assert samples[("llm_requests_total", (("campaign", "u1"), ("operation", "_other"),
+                                           ("status", "200")))] == 300
 
 
 def test_model_names_chosen_by_clients_cannot_grow_the_scrape():
