@@ -203,6 +203,11 @@ class Settings(BaseSettings):
     allow_open_proxy: bool = False
     metrics_token: SecretStr | None = None
     database_connect_timeout_seconds: float = Field(30.0, ge=0)
+    # Browsers and local pages (proxy/browsers.py): origins whose pages may call the proxy
+    # (`scheme://host[:port]`, comma-separated, `*` any), and names clients may reach it by
+    # (besides localhost and IP addresses; `.example.com` for a domain and its subdomains, `*` any).
+    proxy_allowed_origins: str = ""
+    proxy_allowed_hosts: str = ""
 
     # Tracing (standard OTEL_* variables, their standard meanings; see tracing/ and the README)
     otel_sdk_disabled: bool = False
@@ -256,6 +261,18 @@ class Settings(BaseSettings):
     def _check_client_keys(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             parse_client_keys(value.get_secret_value())
+        return value
+
+    @field_validator("proxy_allowed_origins")
+    @classmethod
+    def _check_allowed_origins(cls, value: str) -> str:
+        parse_allowed_origins(value)
+        return value
+
+    @field_validator("proxy_allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, value: str) -> str:
+        parse_allowed_hosts(value)
         return value
 
     @field_validator("ledger_spool_fsync")
@@ -349,6 +366,16 @@ class Settings(BaseSettings):
         return parse_client_keys(self.proxy_api_keys.get_secret_value())
 
     @property
+    def allowed_origins(self) -> frozenset[str]:
+        """PROXY_ALLOWED_ORIGINS as serialized origins (lower case, no default port)."""
+        return parse_allowed_origins(self.proxy_allowed_origins)
+
+    @property
+    def allowed_hosts(self) -> frozenset[str]:
+        """PROXY_ALLOWED_HOSTS as lower-case names (`.domain` entries keep their dot)."""
+        return parse_allowed_hosts(self.proxy_allowed_hosts)
+
+    @property
     def metrics_access_token(self) -> SecretStr | None:
         """/metrics takes METRICS_TOKEN, else the /costs token; with neither, loopback only."""
         return self.metrics_token if self.metrics_token is not None else self.costs_api_token
@@ -392,6 +419,64 @@ def parse_client_keys(raw: str) -> dict[str, str | None]:
     if not keys:
         raise ValueError("no key given (comma-separated keys, or leave it unset)")
     return keys
+
+
+ORIGIN_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+HOST_NAME = re.compile(r"\.?[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _items(raw: str) -> list[str]:
+    return [item for item in (part.strip() for part in raw.split(",")) if item]
+
+
+def parse_allowed_origins(raw: str) -> frozenset[str]:
+    """`http://localhost:3000, https://app.example.com` -> origins as browsers send them in
+    `Origin`: scheme and host in lower case, the scheme's default port left out, no path."""
+    origins: set[str] = set()
+    for item in _items(raw):
+        if item == "*":
+            origins.add(item)
+            continue
+        if item.lower() == "null":
+            raise ValueError("'null' is the origin of every sandboxed frame and file:// page, any "
+                             "site can send it: serve the page from an http(s) origin and list that")
+        example = "write scheme://host[:port] without a path, e.g. http://localhost:3000"
+        parts = urlsplit(item)
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"{item!r} has an invalid port; {example}") from None
+        scheme = parts.scheme.lower()
+        if (not ORIGIN_SCHEME.fullmatch(scheme) or not parts.hostname or parts.path not in ("", "/")
+                or parts.query or parts.fragment or "@" in parts.netloc):
+            raise ValueError(f"{item!r} is not an origin; {example}")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        if port is not None and port != DEFAULT_PORTS.get(scheme):
+            host = f"{host}:{port}"
+        origins.add(f"{scheme}://{host}")
+    return frozenset(origins)
+
+
+def parse_allowed_hosts(raw: str) -> frozenset[str]:
+    """`costs.example.com, .internal` -> lower-case host names without a trailing dot; a leading
+    dot stands for that domain and all its subdomains."""
+    hosts: set[str] = set()
+    for item in _items(raw):
+        name = item.lower()
+        if name != "*":
+            name = name.rstrip(".") or name  # a root-terminated name, as in DNS
+            if "://" in name or "/" in name:
+                raise ValueError(f"{item!r}: write the host name alone, e.g. costs.example.com "
+                                 "(no scheme, no path)")
+            if ":" in name:
+                raise ValueError(f"{item!r}: write the host name without a port (any port is "
+                                 "accepted; IP addresses need no entry)")
+            if not HOST_NAME.fullmatch(name):
+                raise ValueError(f"{item!r} is not a host name (e.g. costs.example.com, or "
+                                 ".example.com for a domain and its subdomains)")
+        hosts.add(name)
+    return frozenset(hosts)
 
 
 def describe_error(error: ValidationError) -> str:

@@ -33,6 +33,7 @@ from costing.spool import Spool
 from costing.store import Store
 from costing.tasks import finish, pause
 from proxy import costs_api, feed, health
+from proxy.browsers import BrowserRule
 from proxy.errors import add_fallback
 from proxy.forward import forward
 from proxy.keys import ClientKeys
@@ -40,6 +41,7 @@ from proxy.logs import server_logger
 from proxy.metrics import Metrics
 from proxy.peers import WorkerSlot, serve_registry
 from proxy.state import (
+    BROWSERS,
     CLIENT_KEYS,
     ENGINE,
     GATE,
@@ -262,6 +264,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     app = web.Application(client_max_size=settings.max_request_body_bytes)
     app[SETTINGS] = settings
     app[CLIENT_KEYS] = ClientKeys.from_settings(settings)
+    app[BROWSERS] = BrowserRule.from_settings(settings)
     app[METRICS] = Metrics(registry if registry is not None else CollectorRegistry(),
                            settings.metrics_max_campaigns)
     app[TRACER] = None

@@ -27,7 +27,7 @@ from costing.reports import MAX_DAYS, SESSION_ORDERS, CostReports
 from costing.tasks import uninterrupted
 from proxy import access, openapi
 from proxy.errors import Handler, ProxyError, add_fallback, answering
-from proxy.state import FEED, GATE, LEDGER, SETTINGS, STORE
+from proxy.state import BROWSERS, FEED, GATE, LEDGER, SETTINGS, STORE
 from proxy.tags import validate_tag
 
 DEFAULT_PAGE, MAX_PAGE = 50, 500
@@ -268,8 +268,15 @@ is_loopback = access.is_loopback  # the rule's old home; callers may still impor
 
 
 def check_access(request: web.Request) -> None:
-    """Raise unless the caller may use /costs (token, or loopback when no token is set)."""
+    """Raise unless the caller may use /costs: not a web page's request (proxy.browsers), and the
+    token, or loopback when no token is set."""
+    check_browser(request)
     access.check(request, request.config_dict[SETTINGS].costs_api_token, "/costs", "COSTS_API_TOKEN")
+
+
+def check_browser(request: web.Request) -> None:
+    """The browser rule alone (proxy.browsers): for the routes whose token check is their own."""
+    request.config_dict[BROWSERS].check(request)
 
 
 def guarded(handler: Handler) -> Handler:

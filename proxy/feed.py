@@ -19,7 +19,7 @@ from aiohttp import web
 
 from costing.feed import Feed, LedgerWatcher, MeterListener, TooManySubscribers
 from costing.tasks import finish, pause
-from proxy.costs_api import check_access
+from proxy.costs_api import check_access, check_browser
 from proxy.errors import Handler, ProxyError, answering
 from proxy.state import FEED, LEDGER, METER, SETTINGS, STORE
 from proxy.tags import validate_tag
@@ -53,6 +53,7 @@ def check_events_access(request: web.Request) -> None:
     token = request.config_dict[SETTINGS].costs_api_token
     sent = request.query.get("token")
     if token is not None and sent is not None:
+        check_browser(request)
         if hmac.compare_digest(sent.encode(), token.get_secret_value().encode()):
             return
         raise ProxyError(401, "The token sent as ?token= is not COSTS_API_TOKEN",
@@ -128,6 +129,8 @@ def page_handler(name: str) -> Handler:
     async def serve(request: web.Request) -> web.Response:
         if request.config_dict[SETTINGS].costs_api_token is None:
             check_access(request)  # no token: loopback only, as /costs
+        else:
+            check_browser(request)  # no data in the files, but not for a rebound name either
         return web.Response(body=body, content_type=content_type, charset="utf-8",
                             headers=PAGE_HEADERS)
 

@@ -32,7 +32,7 @@ from costing.usage import Operation, Reported, RequestFacts, answer_chars, from_
 from proxy.errors import ProxyError, answer
 from proxy.metrics import Metrics
 from proxy.sse import SSETap
-from proxy.state import CLIENT_KEYS, METER, METRICS, SETTINGS, TRACER, UPSTREAM, Upstream
+from proxy.state import BROWSERS, CLIENT_KEYS, METER, METRICS, SETTINGS, TRACER, UPSTREAM, Upstream
 from proxy.tags import tag_value
 from tracing.recorder import error_type, stream_failure
 from tracing.spans import Span
@@ -131,6 +131,7 @@ def _dispatch(request: web.Request) -> Awaitable[web.StreamResponse]:
     """Check the request and pick its path: a plain function, so the handler is one frame less."""
     timing = Timing()
     app = request.app  # a property that walks the match info: read once
+    app[BROWSERS].check(request)  # 403: a web page's request (foreign Origin, rebound Host)
     settings = app[SETTINGS]
     path = request.path
     if "//" in path:  # what an upstream that merges slashes would serve

@@ -15,7 +15,7 @@ from costing.tasks import uninterrupted
 from proxy import access
 from proxy.errors import answering
 from proxy.peers import all_workers_exposition
-from proxy.state import ENGINE, LEDGER, METRICS, SETTINGS, SPOOL, WORKER
+from proxy.state import BROWSERS, ENGINE, LEDGER, METRICS, SETTINGS, SPOOL, WORKER
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -60,6 +60,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Campaign ids and spend: the /costs access rule, with METRICS_TOKEN (else COSTS_API_TOKEN).
     Under `serve --workers N` the scraped worker adds up every worker's registry."""
+    request.app[BROWSERS].check(request)
     access.check(request, request.app[SETTINGS].metrics_access_token, "/metrics", "METRICS_TOKEN")
     registry = request.app[METRICS].registry
     worker = request.app.get(WORKER)

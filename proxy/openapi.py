@@ -194,7 +194,10 @@ def _responses() -> dict[str, Any]:
         "Unauthorized": error("COSTS_API_TOKEN is set and the request lacks `Authorization: Bearer "
                               "<token>` (`invalid_costs_token`)."),
         "Forbidden": error("COSTS_API_TOKEN is unset and the client is not on loopback "
-                           "(`costs_loopback_only`)."),
+                           "(`costs_loopback_only`); a browser's request for a page of another "
+                           "origin (`origin_not_allowed`, see PROXY_ALLOWED_ORIGINS); a `Host` that "
+                           "may be a DNS-rebinding page's (`host_not_allowed`, see "
+                           "PROXY_ALLOWED_HOSTS)."),
         "NotFound": error("Unknown campaign or session (`not_found`)."),
         "TooLarge": error("The body exceeds MAX_REQUEST_BODY_BYTES (`request_too_large`)."),
         "InvalidBudget": error("A budget amount is missing, not a number, negative, too large, or the "

@@ -15,6 +15,7 @@ from costing.meter import Meter
 from costing.settings import Settings
 from costing.spool import Spool
 from costing.store import Store
+from proxy.browsers import BrowserRule
 from proxy.keys import ClientKeys
 from proxy.metrics import Metrics
 from proxy.peers import WorkerSlot
@@ -39,6 +40,8 @@ GATE = web.AppKey("gate", BudgetGate)
 METER = web.AppKey("meter", Meter)
 # None unless PROXY_API_KEYS is set; a plain value built from the settings, nothing to close.
 CLIENT_KEYS: web.AppKey[ClientKeys | None] = web.AppKey("client_keys")
+# Origin and Host rules against web pages (proxy/browsers.py); a plain value from the settings.
+BROWSERS = web.AppKey("browsers", BrowserRule)
 FEED = web.AppKey("feed", Feed)
 SPOOL = web.AppKey("spool", Spool)
 # None when tracing is off (no OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT): the request path then

@@ -2,6 +2,10 @@
 Playwright): it lists campaigns, opens one, draws the daily chart, edits a budget, and moves
 when a call goes through the proxy; on a phone's width too; with no console errors.
 
+Also what a page of another site can do in that browser (proxy/browsers.py): nothing, neither
+cross-origin nor by DNS rebinding (Chromium's host resolver maps `attacker.example` to 127.0.0.1,
+as a rebinding DNS server would after the page loaded).
+
 Screenshots go to tests/artifacts/ (gitignored). Without Chromium the tests skip, except in CI
 (CI=true), where they fail: scripts/test.sh installs it.
 """
@@ -18,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from conftest import IN_CI
 
 from costing.records import UsageEntry
@@ -26,7 +31,8 @@ from costing.usage import Usage
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--host-resolver-rules=MAP attacker.example 127.0.0.1"]
 HELLO = [{"role": "user", "content": "hello"}]
 
 # One database is enough for the page: what it reads is tested on both in test_costs_api.py.
@@ -210,3 +216,77 @@ async def test_with_a_token_the_page_asks_for_it_and_keeps_it_in_the_tab(start_p
     await page.locator('#events li[data-campaign="guarded"]').wait_for(timeout=10_000)
     # The 401 the first load got is the page's cue to ask, not an error of the page.
     assert [e for e in tab.errors if "401" not in e] == [], tab.errors
+
+
+SPEND = """async (proxy) => {
+  const body = JSON.stringify({model: "gpt-4o-mini", messages: [{role: "user", content: "spend"}]});
+  const sent = await fetch(proxy + "/v1/chat/completions",
+                           {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"}, body});
+  return sent.type;
+}"""
+
+
+@pytest.fixture
+async def other_site() -> AsyncIterator[str]:
+    """Any other web page the operator has open: here another local server (another origin)."""
+    app = web.Application()
+
+    async def page(_request: web.Request) -> web.Response:
+        return web.Response(text="<!doctype html><title>cute cats</title>", content_type="text/html")
+
+    app.router.add_get("/", page)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        await runner.cleanup()
+
+
+async def test_another_sites_page_cannot_spend_the_operators_key(start_proxy, fake, browser, other_site):
+    proxy = await start_proxy(openai_api_key="sk-operator-secret")
+    tab = await _open(browser, other_site)
+    # A "simple" request: no preflight, the browser sends it and the page learns nothing back.
+    assert await tab.page.evaluate(SPEND, proxy.url) == "opaque"
+    # A form post (a navigation, text/plain) in a frame of the page, the other classic way in.
+    await tab.page.evaluate("""(proxy) => {
+      const frame = document.createElement("iframe"); frame.name = "sink"; document.body.append(frame);
+      const form = document.createElement("form");
+      Object.assign(form, {method: "POST", action: proxy + "/v1/chat/completions", target: "sink",
+                           enctype: "text/plain"});
+      const field = document.createElement("input");
+      Object.assign(field, {name: '{"model": "gpt-4o-mini", "messages": [], "x": "', value: '"}'});
+      form.append(field); document.body.append(form); form.submit();
+    }""", proxy.url)
+    await tab.page.wait_for_timeout(500)
+    assert fake.requests == []
+    await proxy.flush()
+    async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/costs/campaigns") as response:
+        assert (await response.json())["campaigns"] == []
+
+
+async def test_a_rebinding_page_can_neither_read_costs_nor_edit_budgets(start_proxy, fake, browser):
+    proxy = await start_proxy(openai_api_key="sk-operator-secret")
+    await _call(proxy, "dragon-keep", "s1")
+    await proxy.flush()
+    tab = await _open(browser, "about:blank")
+    # attacker.example now resolves to 127.0.0.1: the page is same-origin with the proxy.
+    response = await tab.page.goto(f"http://attacker.example:{proxy.port}/")
+    assert response is not None and response.status == 403
+    answers = await tab.page.evaluate("""async () => {
+      const json = {"Content-Type": "application/json"};
+      const read = await fetch("/costs/campaigns");
+      const edit = await fetch("/costs/campaigns/dragon-keep/budget", {method: "PUT", headers: json,
+        body: JSON.stringify({warning_usd: "0", limit_usd: "1000"})});
+      const spend = await fetch("/v1/chat/completions", {method: "POST", headers: json,
+        body: JSON.stringify({model: "gpt-4o-mini", messages: [{role: "user", content: "spend"}]})});
+      return Promise.all([read, edit, spend].map(async (r) => [r.status, (await r.json()).error.code]));
+    }""")
+    assert answers == [[403, "host_not_allowed"]] * 3
+    assert len(fake.requests) == 1  # the SDK's call only
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{proxy.url}/costs/campaigns/dragon-keep") as answer:
+            assert (await answer.json())["budget"]["source"] == "default"
