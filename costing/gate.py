@@ -13,6 +13,7 @@ near the limit leases shrink until every request is checked against the database
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -335,75 +336,109 @@ class BudgetGate:
 
 
 class SessionCosts:
-    """Per-session totals for the X-Session-Cost-USD header: stored total read once per session
-    (in parallel with the upstream call), plus what this process recorded since; in money units."""
+    """Per-session totals for the X-Session-Cost-USD header and the feed's events, in money units:
+    the stored total, read in parallel with the upstream call and read again once it is older than
+    `reread_seconds` (other replicas' and workers' spend shows within about that, as the budget
+    headers' does), plus what this process recorded and has not flushed yet."""
 
-    def __init__(self, store: Store, max_sessions: int = 50_000) -> None:
+    def __init__(self, store: Store, max_sessions: int = 50_000, reread_seconds: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.max_sessions = max_sessions
+        self.reread_seconds = reread_seconds
+        self.clock = clock
         self._entries: OrderedDict[tuple[str, str], _SessionEntry] = OrderedDict()
 
     def touch(self, campaign_id: str, session_id: str) -> None:
         key = (campaign_id, session_id)
         entry = self._entries.get(key)
         if entry is None:
-            task = asyncio.ensure_future(_stored_units(self.store, campaign_id, session_id))
-            entry = self._entries[key] = _SessionEntry(task)
-            task.add_done_callback(entry.on_read)
+            entry = self._entries[key] = _SessionEntry()
+            self._read(key, entry)
             if len(self._entries) > self.max_sessions:
                 self._entries.popitem(last=False)
-        else:
-            self._entries.move_to_end(key)
+            return
+        self._entries.move_to_end(key)
+        if entry.task is not None and entry.task.done() and \
+                self.clock() - entry.read_at > self.reread_seconds:
+            self._read(key, entry)
+
+    def _read(self, key: tuple[str, str], entry: _SessionEntry) -> None:
+        entry.read_at = self.clock()
+        task = asyncio.ensure_future(_stored_units(self.store, *key))
+        entry.task = task
+        task.add_done_callback(functools.partial(entry.on_read, entry.flushed))
 
     def add(self, campaign_id: str, session_id: str, cost: int) -> None:
         entry = self._entries.get((campaign_id, session_id))
         if entry is not None:
-            entry.added += cost
+            entry.pending += cost
+
+    def on_flushed(self, batch: Sequence[UsageEntry], inserted: Sequence[UsageEntry],
+                   _seconds: float) -> None:
+        """Committed cost moves from this process's pending part to the stored one."""
+        for record in batch:
+            entry = self._entries.get((record.campaign_id, record.session_id))
+            if entry is not None:  # (an entry made after the record was added holds none of it)
+                entry.pending = max(entry.pending - record.cost_units, 0)
+        for record in inserted:
+            entry = self._entries.get((record.campaign_id, record.session_id))
+            if entry is not None:
+                entry.flushed += record.cost_units
+                if entry.stored is not None:
+                    entry.stored += record.cost_units
 
     async def close(self) -> None:
         """Wait for reads still running, so none outlives the engine (shutdown)."""
-        await finish([e.task for e in self._entries.values()], grace_seconds=2.0)
+        await finish([e.task for e in self._entries.values() if e.task is not None], grace_seconds=2.0)
 
     def total_now(self, campaign_id: str, session_id: str) -> int | None:
-        """`total` without awaiting: None unless the stored part has been read successfully."""
+        """`total` without awaiting: None while the stored part is being read (it started with
+        the call, so it is nearly always done by its answer) or could not be read."""
         entry = self._entries.get((campaign_id, session_id))
-        if entry is None or entry.stored is None:
+        if entry is None or entry.stored is None or entry.task is None or not entry.task.done():
             return None
-        return entry.stored + entry.added
+        return entry.stored + entry.pending
 
     def total_later(self, campaign_id: str, session_id: str) -> tuple[asyncio.Future[int], int] | None:
-        """When `total_now` is None because the stored part is still being read: that read, and
-        what this process added so far (the total as of now is the read's result plus that)."""
+        """When `total_now` is None because the stored part is being read: that read, and what
+        this process holds unflushed (the total as of now is the read's result plus that)."""
         entry = self._entries.get((campaign_id, session_id))
-        if entry is None or entry.task.done():
+        if entry is None or entry.task is None or entry.task.done():
             return None
-        return entry.task, entry.added
+        return entry.task, entry.pending
 
     async def total(self, campaign_id: str, session_id: str) -> int | None:
         entry = self._entries.get((campaign_id, session_id))
-        if entry is None:
+        if entry is None or entry.task is None:
             return None
-        try:
-            if entry.task.done():
-                base = entry.task.result()
-            else:
-                base = await asyncio.wait_for(asyncio.shield(entry.task), 2.0)
-        except Exception:
-            self._entries.pop((campaign_id, session_id), None)
-            return None
-        return base + entry.added
+        if not entry.task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(entry.task), 2.0)
+            except Exception:  # a read again: the last total stands; a first one: none
+                if entry.stored is None:
+                    self._entries.pop((campaign_id, session_id), None)
+                    return None
+        return None if entry.stored is None else entry.stored + entry.pending
 
 
 @dataclass(slots=True)
 class _SessionEntry:
-    task: asyncio.Future[int]
-    added: int = 0
-    stored: int | None = None  # the task's result once it succeeded
+    task: asyncio.Future[int] | None = None  # the latest read of the stored total
+    read_at: float = 0.0
+    stored: int | None = None  # the stored total, with what this process flushed since the read
+    pending: int = 0  # recorded by this process, not flushed yet
+    flushed: int = 0  # flushed by this process, ever (tells a read that overlapped a flush)
 
-    def on_read(self, task: asyncio.Future[int]) -> None:
+    def on_read(self, flushed_before: int, task: asyncio.Future[int]) -> None:
         # Retrieving the exception also keeps asyncio from logging it as never retrieved.
-        if not task.cancelled() and task.exception() is None:
-            self.stored = task.result()
+        if task.cancelled() or task.exception() is not None:
+            return
+        value = task.result()
+        if self.stored is None or self.flushed == flushed_before:
+            self.stored = value
+        else:  # a flush of ours overlapped the read: it may be in `value` or not
+            self.stored = max(self.stored, value)
 
 
 async def _stored_units(store: Store, campaign_id: str, session_id: str) -> int:

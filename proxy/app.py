@@ -186,7 +186,9 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     metrics.queue_depth.set_function(lambda: len(ledger))
     app[LEDGER] = ledger
     app[GATE] = gate
-    app[METER] = Meter(prices, gate, ledger, SessionCosts(store),
+    sessions = SessionCosts(store)
+    ledger.listeners.append(sessions.on_flushed)
+    app[METER] = Meter(prices, gate, ledger, sessions,
                        default_max_output_tokens=settings.budget_default_max_output_tokens,
                        background_hold_seconds=settings.background_hold_seconds)
     ledger.start()

@@ -4,6 +4,7 @@ ledger has written it."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -134,3 +135,22 @@ async def test_a_call_in_a_deleted_session_revives_it_at_once(start_proxy, fake)
     assert (campaign["deleted_session_count"], campaign["deleted_sessions_cost_usd"]) == (0, "0.00")
     assert gone["deleted_at"] is None and gone["requests"] == 2
     assert sorted(s for s, *_ in listed[""]) == ["gone", "keep"]
+
+
+async def test_the_session_header_includes_the_other_replicas_calls(start_proxy, fake):
+    """Two processes on one database (replicas, or `serve --workers 2`), a session's calls landing
+    on either: each answer's X-Session-Cost-USD is the session's whole total, as /costs says once
+    written, not this process's share of it."""
+    a = await start_proxy()
+    b = await start_proxy()
+    total = Decimal(0)
+    for proxy in (a, b, a, b, a):
+        answer = await proxy.client(campaign="rw", session="s1").chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=HELLO)
+        total += Decimal(answer.headers["X-Request-Cost-USD"])
+        assert Decimal(answer.headers["X-Session-Cost-USD"]) == total
+        await a.flush()
+        await b.flush()
+        await asyncio.sleep(1.1)  # the other process's stored total is read again after 1 s
+    totals = await assert_aggregates_match_ledger(a.engine)
+    assert totals["rw"][0] == total
