@@ -47,6 +47,9 @@ RESPONSE_DROPPED = HOP_BY_HOP | {"content-encoding"}
 # Accept-Encoding), never the client's: an encoding it cannot decode (zstd) would turn an
 # answered, billed call into a 502.
 REQUEST_DROPPED = HOP_BY_HOP | {"accept-encoding"}
+# With client keys the upstream account is the operator's: a client does not pick which of its
+# organizations or projects is billed, and its cookies are for the proxy, not for OpenAI.
+KEYED_DROPPED = frozenset({"authorization", "openai-organization", "openai-project", "cookie"})
 STREAMED_USAGE_OPERATIONS = (Operation.CHAT, Operation.COMPLETIONS)
 NO_USER_AGENT = ("User-Agent",)
 
@@ -71,7 +74,7 @@ def upstream_headers(request: web.Request, settings: Settings) -> Headers:
     Accept-Encoding and tags."""
     dropped = {settings.campaign_header.lower(), settings.session_header.lower()}
     if settings.proxy_api_keys is not None:  # the client's key is the proxy's, never upstream's
-        dropped.add("authorization")
+        dropped.update(KEYED_DROPPED)
     for value in request.headers.getall("Connection", ()):
         dropped.update(token.strip().lower() for token in value.split(","))
     headers = [(name, value) for name, value in request.headers.items()

@@ -34,10 +34,10 @@ async def keyed(start_proxy):
     return await start_proxy(proxy_api_keys=KEYS, openai_api_key=SERVER_KEY)
 
 
-def client(proxy, key, campaign="c1", session="s1"):
+def client(proxy, key, campaign="c1", session="s1", **kwargs):
     headers = {"X-Session-Id": session} | ({"X-Campaign-Id": campaign} if campaign else {})
     return openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key=key, default_headers=headers,
-                              max_retries=0)
+                              max_retries=0, **kwargs)
 
 
 async def test_a_request_without_a_key_is_401_in_openais_shape_and_not_forwarded(keyed, fake):
@@ -72,6 +72,16 @@ async def test_a_known_key_is_served_and_the_upstream_sees_only_the_server_key(k
         authorizations = [v for k, v in seen.headers.items() if k.lower() == "authorization"]
         assert authorizations == [f"Bearer {SERVER_KEY}"]
         assert KEY_A not in str(seen.headers)
+
+
+async def test_a_keyed_client_does_not_choose_the_operators_organization_or_project(keyed, fake):
+    await client(keyed, KEY_A, organization="org-theirs", project="proj-theirs").models.list()
+    async with aiohttp.ClientSession() as http:
+        await http.get(f"{keyed.url}/v1/models", headers={"Authorization": f"Bearer {KEY_A}",
+                                                          "Cookie": "session=theirs"})
+    for seen in fake.requests:
+        names = {name.lower() for name in seen.headers}
+        assert not names & {"openai-organization", "openai-project", "cookie"}, seen.headers
 
 
 async def test_the_bearer_scheme_is_case_insensitive(keyed, fake):
