@@ -19,6 +19,7 @@ from aiohttp import web
 
 from costing.feed import Feed, LedgerWatcher, MeterListener, TooManySubscribers
 from costing.tasks import finish, pause
+from proxy.access import digest
 from proxy.costs_api import check_access, check_browser
 from proxy.errors import Handler, ProxyError, answering
 from proxy.state import FEED, LEDGER, METER, SETTINGS, STORE
@@ -54,7 +55,7 @@ def check_events_access(request: web.Request) -> None:
     sent = request.query.get("token")
     if token is not None and sent is not None:
         check_browser(request)
-        if hmac.compare_digest(sent.encode(), token.get_secret_value().encode()):
+        if hmac.compare_digest(digest(sent), digest(token.get_secret_value())):  # as /costs does
             return
         raise ProxyError(401, "The token sent as ?token= is not COSTS_API_TOKEN",
                          type="authentication_error", code="invalid_costs_token")
