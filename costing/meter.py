@@ -15,6 +15,7 @@ from costing.background import HOLD_SECONDS, BackgroundResponses
 from costing.budget import Budget, worst_case_units
 from costing.errors import BudgetExceeded, LedgerUnavailable
 from costing.gate import Admission, BudgetGate, SessionCosts
+from costing.images import image_tokens
 from costing.ledger import Ledger
 from costing.money import format_units
 from costing.pricing import Price, PriceTable, Quote, cost_units
@@ -313,13 +314,23 @@ class Meter:
 
 def _explained(exc: BudgetExceeded, facts: RequestFacts, quote: Quote, default_max_output: int
                ) -> BudgetExceeded:
-    """A refusal of a request that sets no output cap, while the campaign still has budget: say
-    what was reserved and how to make the request fit (/costs shows the same remaining amount)."""
-    if facts.max_output_tokens is not None or exc.spent >= exc.limit:
+    """A refusal while the campaign still has budget: say what made the reservation large (its
+    images, no output cap) and how to make the request fit (/costs shows the same remaining
+    amount)."""
+    if exc.spent >= exc.limit:
+        return exc
+    model = facts.model or "the model"
+    if facts.images:
+        figures = image_tokens(facts.model)
+        exc = exc.with_hint(
+            f"Its {facts.images} image(s) reserve {facts.image_tokens} tokens: up to "
+            f"{figures.high} each, the most {model} bills for one at detail high or auto "
+            f"({figures.low} at detail low)")
+    if facts.max_output_tokens is not None:
         return exc
     per_choice = quote.max_output_tokens if quote.max_output_tokens is not None else default_max_output
     choices = f" for each of {facts.candidates} choices" if facts.candidates > 1 else ""
     return exc.with_hint(
         f"It sets no output cap, so {per_choice} output tokens{choices} are reserved (the most "
-        f"{facts.model or 'the model'} can answer): set max_completion_tokens (or max_tokens / "
+        f"{model} can answer): set max_completion_tokens (or max_tokens / "
         "max_output_tokens) to what the answer needs")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from costing.images import UNKNOWN, images_tokens
+
 
 class Operation(StrEnum):
     """Metered operations, named by their OpenAI path."""
@@ -43,8 +45,10 @@ MAX_TIER_LENGTH = 32
 
 # Characters per token: OpenAI's rule of thumb for English text; used only for estimates.
 CHARS_PER_TOKEN = 4
-# A picture costs at most ~1,100 tokens at high detail on current models; estimate that.
-TOKENS_PER_IMAGE = 1105
+# What an image part reserves on a model whose family costing.images does not know (or none
+# named): the dearest image of any known family (gpt-4o-mini at high detail, 2,833 + 8 x 5,667).
+# Known families reserve their own figure, by detail.
+TOKENS_PER_IMAGE = UNKNOWN.high
 # OpenAI's chat format adds a few tokens per message and to prime the reply.
 TOKENS_PER_MESSAGE = 4
 TOKENS_PER_REPLY = 3
@@ -287,36 +291,55 @@ class RequestFacts:
     service_tier: str | None = None  # as requested
     search_preview: bool = False  # Responses: offers the `web_search_preview` tool
     background: bool = False  # Responses `background: true`: metered when its final state is read
+    images: int = 0  # image parts in the prompt
+    image_tokens: int = 0  # what they may cost (in prompt_tokens): by model family and detail
 
 
-# A tuple, not a set: a "type" that is a list or an object must compare, not fail to hash.
-IMAGE_TYPES = ("image_url", "input_image", "image")
+# Content parts by their "type" (a dict lookup: one per object in the prompt).
+_IMAGE = 1
+_PARTS = {"image_url": _IMAGE, "input_image": _IMAGE, "image": _IMAGE}
 
 
-def _text_chars(value: Any) -> tuple[int, int]:
-    """Characters of text and number of images (parts typed as images) in a prompt structure
-    (messages, input...). Every string counts its characters, whatever it starts with: a text
+def _text_chars(value: Any) -> tuple[int, int, int]:
+    """Characters of text, images (parts typed as images) and images at detail low in a prompt
+    structure (messages, input...). Every string counts its characters, whatever it starts with: a text
     that looks like a data URL is still billed as text.
 
     Iterative, so a body nested as deep as the JSON decoder allows cannot exhaust the stack;
     exact type checks, as decoded JSON has no subclasses and this walks every request's prompt.
     """
-    chars = images = 0
+    chars = images = low = 0
     pending = [value]
     pop, extend = pending.pop, pending.extend
+    parts = _PARTS
     while pending:
         item = pop()
         kind = type(item)
         if kind is str:
             chars += len(item)  # a data URL too: only a part typed as an image is one
         elif kind is dict:
-            if item.get("type") in IMAGE_TYPES:
-                images += 1
-            else:
+            part = item.get("type")
+            special = parts.get(part) if type(part) is str else None
+            if special is None:
                 extend(item.values())
+            else:
+                images += 1
+                if _detail(item) == "low":
+                    low += 1
         elif kind is list:
             extend(item)
-    return chars, images
+    return chars, images, low
+
+
+def _detail(image: dict[str, Any]) -> Any:
+    """An image part's detail: Responses `input_image` has it in the part, chat `image_url` in
+    its `image_url` object."""
+    detail = image.get("detail")
+    if detail is None:
+        inner = image.get("image_url")
+        if type(inner) is dict:
+            detail = inner.get("detail")
+    return detail
 
 
 def _prompts(prompt: Any) -> int:
@@ -362,8 +385,9 @@ _SHAPES = {
 _MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
-def _prompt_tokens(shape: _Shape, body: dict[str, Any]) -> int:
-    chars = images = 0
+def _prompt_tokens(shape: _Shape, body: dict[str, Any], model: str | None) -> tuple[int, int, int]:
+    """The prompt's estimate in tokens (its images' included), its images, what they may cost."""
+    chars = images = low = 0
     for field in shape.prompt_fields:
         value = body.get(field)
         if value is None:
@@ -372,14 +396,16 @@ def _prompt_tokens(shape: _Shape, body: dict[str, Any]) -> int:
         if token_ids is not None:
             chars += token_ids * CHARS_PER_TOKEN
             continue
-        c, i = _text_chars(value)
+        c, i, lo = _text_chars(value)
         chars += c
         images += i
+        low += lo
     overhead = 0
     messages = body.get("messages") if shape.messages else None
     if type(messages) is list:
         overhead = TOKENS_PER_MESSAGE * len(messages) + TOKENS_PER_REPLY
-    return tokens_for_chars(chars) + images * TOKENS_PER_IMAGE + overhead
+    image_tokens = min(images_tokens(model, images, low), MAX_TOKENS) if images else 0
+    return tokens_for_chars(chars) + image_tokens + overhead, images, image_tokens
 
 
 def request_facts(operation: Operation, body: Any) -> RequestFacts:
@@ -410,10 +436,11 @@ def request_facts(operation: Operation, body: Any) -> RequestFacts:
     if max_output and candidates > 1:
         max_output = min(max_output * candidates, MAX_TOKENS)
     tools = body.get("tools") if shape.search_tools else None
-    return RequestFacts(model, stream, include_usage, min(_prompt_tokens(shape, body), MAX_TOKENS),
-                        max_output, candidates, _tier(body.get("service_tier")),
+    prompt_tokens, images, image_tokens = _prompt_tokens(shape, body, model)
+    return RequestFacts(model, stream, include_usage, min(prompt_tokens, MAX_TOKENS), max_output,
+                        candidates, _tier(body.get("service_tier")),
                         type(tools) is list and _offers_search_preview(tools),
-                        body.get("background") is True)
+                        body.get("background") is True, images, image_tokens)
 
 
 def _offers_search_preview(tools: list[Any]) -> bool:
