@@ -640,6 +640,61 @@ def test_a_model_the_image_table_does_not_know_reserves_the_dearest_known_image(
     assert TOKENS_PER_IMAGE == 2833 + 8 * 5667 == 48_169  # gpt-4o-mini at high detail
 
 
+# -- earlier context the request names -----------------------------------------------------------
+
+
+def test_a_responses_request_continuing_an_earlier_response_names_it():
+    """OpenAI bills the earlier response's context as input: the facts name it, and the prompt
+    estimate stays the request's own (the meter adds the context, see costing.budget)."""
+    body = {"model": "gpt-4o", "input": "And then?"}
+    facts = request_facts(Operation.RESPONSES, {**body, "previous_response_id": "resp_1"})
+    assert (facts.previous_response_id, facts.unsized, facts.context_tokens) == ("resp_1", None, None)
+    assert facts.prompt_tokens == request_facts(Operation.RESPONSES, body).prompt_tokens
+    def named(value):
+        return request_facts(Operation.RESPONSES, {**body, "previous_response_id": value}
+                             ).previous_response_id
+
+    assert named(7) is None and named("") is None
+    assert named("r" * 300) == "r" * MAX_ID_LENGTH  # as the ledger stores response ids
+    chat = {"model": "gpt-4o", "messages": [], "previous_response_id": "resp_1"}
+    assert request_facts(Operation.CHAT, chat).previous_response_id is None
+
+
+def _user(*parts):
+    return [{"role": "user", "content": list(parts)}]
+
+
+@pytest.mark.parametrize(("body", "unsized"), [
+    ({"conversation": "conv_1"}, "conversation"),
+    ({"conversation": {"id": "conv_1"}}, "conversation"),
+    ({"prompt": {"id": "pmpt_1", "version": "2", "variables": {"city": "Paris"}}}, "prompt"),
+    ({"input": _user({"type": "input_file", "file_id": "file-1"})}, "file"),
+    ({"input": _user({"type": "input_file", "file_url": "https://example.com/a.pdf"})}, "file"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "item_reference"),
+    ({"conversation": "conv_1", "input": _user({"type": "input_file", "file_id": "file-1"})},
+     "conversation"),
+    # the file's data is in the request: counted as its text is
+    ({"input": _user({"type": "input_file", "filename": "a.pdf",
+                      "file_data": "data:application/pdf;base64,AAAA"})}, None),
+    ({"input": "hi", "conversation": None, "prompt": None}, None),
+    ({"input": "hi", "conversation": "", "prompt": {"variables": {}}}, None),
+])
+def test_a_responses_request_naming_input_the_proxy_cannot_size_says_what(body, unsized):
+    assert request_facts(Operation.RESPONSES, {"model": "gpt-4o", **body}).unsized == unsized
+
+
+def test_a_chat_file_part_by_id_is_input_the_proxy_cannot_size():
+    def facts(part):
+        return request_facts(Operation.CHAT, {"model": "gpt-4o", "messages": _user(part)})
+
+    assert facts({"type": "file", "file": {"file_id": "file-1"}}).unsized == "file"
+    inline = {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,AA"}}
+    assert facts(inline).unsized is None
+    # A legacy completion's `prompt` is its text, not a stored prompt; chat has no conversations.
+    assert request_facts(Operation.COMPLETIONS, {"prompt": "hi", "conversation": "c"}).unsized is None
+    assert request_facts(Operation.CHAT, {"messages": [], "prompt": {"id": "pmpt_1"}}).unsized is None
+
+
 def test_a_batch_of_prompts_multiplies_the_output_cap_of_a_legacy_completion():
     """Legacy completions answer every prompt of a list (times `n`/`best_of`): 100 prompts
     reserve 100 answers, as `n=100` does."""
