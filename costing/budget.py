@@ -75,20 +75,38 @@ def remaining_units(spent: int, budget: Budget) -> int:
     return max(budget.limit_units - spent, 0)
 
 
+def reserved_input_tokens(facts: RequestFacts, context_window: int) -> int:
+    """The input a request may be billed for. OpenAI bills the earlier context a request names
+    as input: a previous response counts its recorded input and output tokens (its context and
+    its answer); context the proxy cannot size (a conversation, a stored prompt, a file by id,
+    a previous response the ledger does not hold) counts as the model's whole context window.
+    With that context, the input is at most the context window (no call is billed more input
+    than the window holds), never less than the request's own estimate."""
+    own = facts.prompt_tokens
+    if facts.unsized is None and facts.previous_response_id is None:
+        return own
+    context = facts.context_tokens
+    if facts.unsized is not None or context is None:
+        context = context_window
+    return max(own, min(own + context, context_window))
+
+
 def worst_case_units(quote: Quote, facts: RequestFacts, default_max_output: int) -> int:
     """What a request may cost at most, in money units, at the requested tier's price: the
-    estimated prompt, plus its output cap, or without one the model's largest answer (the
-    default cap for models whose largest answer is unknown) for each choice it asks for. Output
-    is priced at the dearer of text and audio output; a model that searches on every call adds
-    one search."""
+    estimated prompt with the earlier context it names (see reserved_input_tokens), plus its
+    output cap, or without one the model's largest answer (the default cap for models whose
+    largest answer is unknown) for each choice it asks for. Output is priced at the dearer of
+    text and audio output; a model that searches on every call adds one search."""
+    prompt = facts.prompt_tokens
+    if facts.previous_response_id is not None or facts.unsized is not None:
+        prompt = reserved_input_tokens(facts, quote.context_window)
     max_output = facts.max_output_tokens
     if max_output is None:
         per_choice = quote.max_output_tokens if quote.max_output_tokens is not None else default_max_output
         max_output = min(per_choice * facts.candidates, MAX_TOKENS)
     price = quote.price
     audio_dearer = price.audio_output is not None and price.audio_output > price.output
-    return cost_units(price, Usage(facts.prompt_tokens, 0, max_output, 0, 0,
-                                   max_output if audio_dearer else 0))
+    return cost_units(price, Usage(prompt, 0, max_output, 0, 0, max_output if audio_dearer else 0))
 
 
 def admits(spent: Decimal, outstanding: Decimal, reservation: Decimal, budget: Budget) -> bool:

@@ -26,6 +26,7 @@ from costing.records import UsageEntry
 from costing.spool import Spool, read_segment
 from costing.store import Store
 from costing.tasks import finish
+from costing.usage import Operation
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ FlushListener = Callable[[Sequence[UsageEntry], Sequence[UsageEntry], float], No
 # SQLSTATE classes that blame a record's values, not the database's state: data exceptions and
 # integrity constraint violations.
 BAD_RECORD_SQLSTATES = ("22", "23")
+RESPONSES = Operation.RESPONSES.value
 
 
 def blames_the_record(error: Exception) -> bool:
@@ -89,6 +91,18 @@ class Ledger:
         if self._committed_apart:
             return [e for e in self._buffer if e.id not in self._committed_apart]
         return list(self._buffer)
+
+    def response_tokens(self, response_id: str) -> int | None:
+        """`Store.response_tokens` over the entries not written yet: a call that continues a
+        response answered a moment ago finds it here (in memory, no query)."""
+        found: int | None = None
+        for entry in self._buffer:
+            if (entry.response_id == response_id and entry.operation == RESPONSES
+                    and not entry.estimated):
+                tokens = entry.usage.input_tokens + entry.usage.output_tokens
+                if found is None or tokens > found:
+                    found = tokens
+        return found
 
     def write_soon(self) -> None:
         """Write the buffer now rather than at the next interval (a reader waits for it)."""

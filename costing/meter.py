@@ -4,22 +4,25 @@ reported to a priced ledger entry. The HTTP edge calls this; it knows nothing of
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from costing.background import HOLD_SECONDS, BackgroundResponses
 from costing.budget import Budget, worst_case_units
 from costing.errors import BudgetExceeded, LedgerUnavailable
-from costing.gate import Admission, BudgetGate, SessionCosts
+from costing.gate import DB_ERRORS, Admission, BudgetGate, SessionCosts
+from costing.images import image_tokens
 from costing.ledger import Ledger
 from costing.money import format_units
 from costing.pricing import Price, PriceTable, Quote, cost_units
 from costing.records import UsageEntry, derived_id
-from costing.usage import Operation, Reported, RequestFacts, Usage, estimate_usage
+from costing.tasks import uninterrupted
+from costing.usage import UNSIZED, Operation, Reported, RequestFacts, Usage, estimate_usage
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,10 @@ class Meter:
     def admit_now(self, campaign_id: str, session_id: str, operation: str,
                   facts: RequestFacts, authorization: str | None) -> Ticket | None:
         """`admit` without awaiting, when this process's budget lease covers the request (nearly
-        always); None when the gate has to ask the database. Raises as `admit` does."""
+        always); None when the gate has to ask the database, or the request continues an
+        earlier response (its tokens are looked up first). Raises as `admit` does."""
+        if facts.previous_response_id is not None:
+            return None
         quote, reservation = self._reserve(facts)
         try:
             admission = self.gate.admit_now(campaign_id, reservation)
@@ -92,6 +98,8 @@ class Meter:
     async def admit(self, campaign_id: str, session_id: str, operation: str,
                     facts: RequestFacts, authorization: str | None) -> Ticket:
         """Reserve the request's worst-case cost, or raise BudgetExceeded / LedgerUnavailable."""
+        if facts.previous_response_id is not None and facts.unsized is None:
+            facts = await self._continued(facts, facts.previous_response_id)
         quote, reservation = self._reserve(facts)
         # gate.admit covers the case admit_now takes too, so callers need not try that first.
         try:
@@ -99,6 +107,21 @@ class Meter:
         except BudgetExceeded as exc:
             raise self._held(_explained(exc, facts, quote, self.default_max_output_tokens)) from None
         return self._ticket(campaign_id, session_id, operation, facts, quote, admission, authorization)
+
+    async def _continued(self, facts: RequestFacts, response_id: str) -> RequestFacts:
+        """The facts of a request that continues an earlier response, with that response's
+        tokens as recorded: the ledger's unwritten entries first, then the database (one indexed
+        lookup, made only for such requests). Left unknown (the reservation then counts the
+        model's context window) when neither holds it, or the database does not answer in time."""
+        tokens = self.ledger.response_tokens(response_id)
+        if tokens is None:
+            try:
+                async with asyncio.timeout(self.gate.db_timeout):
+                    tokens = await uninterrupted(self.ledger.store.response_tokens(response_id))
+            except DB_ERRORS:
+                log.warning("tokens of response %r unknown (database unavailable): its model's "
+                            "context window is reserved", response_id)
+        return replace(facts, context_tokens=tokens) if tokens is not None else facts
 
     def _reserve(self, facts: RequestFacts) -> tuple[Quote, int]:
         """The request's price and worst-case cost, once the ledger can take its record."""
@@ -149,7 +172,9 @@ class Meter:
         estimated = False
         if usage is None:
             if 200 <= status < 300 or status == CLIENT_CLOSED_REQUEST or billed:
-                usage = estimate_usage(ticket.facts.prompt_tokens, output_chars)
+                # The context it continued is billed as input too, when its size is known.
+                usage = estimate_usage(ticket.facts.prompt_tokens + (ticket.facts.context_tokens or 0),
+                                       output_chars)
                 estimated = True
             else:
                 usage = Usage()  # OpenAI does not bill failed requests
@@ -313,13 +338,40 @@ class Meter:
 
 def _explained(exc: BudgetExceeded, facts: RequestFacts, quote: Quote, default_max_output: int
                ) -> BudgetExceeded:
-    """A refusal of a request that sets no output cap, while the campaign still has budget: say
-    what was reserved and how to make the request fit (/costs shows the same remaining amount)."""
-    if facts.max_output_tokens is not None or exc.spent >= exc.limit:
+    """A refusal while the campaign still has budget: say what made the reservation large (an
+    earlier context the request names, its images, no output cap) and how to make the request
+    fit (/costs shows the same remaining amount)."""
+    if exc.spent >= exc.limit:
+        return exc
+    model = facts.model or "the model"
+    window = f"the whole context window of {model} ({quote.context_window} tokens)"
+    if facts.unsized is not None:
+        exc = exc.with_hint(
+            f"It names {UNSIZED[facts.unsized]}, whose size the proxy cannot know, so {window} is "
+            "reserved as input (a hold: the call settles at its real cost)")
+    elif facts.previous_response_id is not None:
+        if facts.context_tokens is None:
+            exc = exc.with_hint(
+                f"It continues response '{facts.previous_response_id}' (previous_response_id), "
+                f"which this proxy's ledger does not hold (yet), so {window} is reserved as input "
+                "(a hold: the call settles at its real cost); send the earlier turns as input "
+                "instead to reserve only what they hold")
+        else:
+            exc = exc.with_hint(
+                f"It continues response '{facts.previous_response_id}' (previous_response_id), "
+                f"whose {facts.context_tokens} recorded tokens (its input and its answer) are "
+                "billed again as input")
+    if facts.images:
+        figures = image_tokens(facts.model)
+        exc = exc.with_hint(
+            f"Its {facts.images} image(s) reserve {facts.image_tokens} tokens: up to "
+            f"{figures.high} each, the most {model} bills for one at detail high or auto "
+            f"({figures.low} at detail low)")
+    if facts.max_output_tokens is not None:
         return exc
     per_choice = quote.max_output_tokens if quote.max_output_tokens is not None else default_max_output
     choices = f" for each of {facts.candidates} choices" if facts.candidates > 1 else ""
     return exc.with_hint(
         f"It sets no output cap, so {per_choice} output tokens{choices} are reserved (the most "
-        f"{facts.model or 'the model'} can answer): set max_completion_tokens (or max_tokens / "
+        f"{model} can answer): set max_completion_tokens (or max_tokens / "
         "max_output_tokens) to what the answer needs")

@@ -42,6 +42,11 @@ ENTRY_KEYS = frozenset({*AMOUNT_FIELDS, "search_every_call", "max_output_tokens"
 # ledger can store: a value above it is a typo (a price per token, an exponent), not a price.
 MAX_PRICE = Decimal(10_000)
 MAX_OUTPUT_TOKENS = 10**7
+MAX_CONTEXT_WINDOW = 10**8
+# The context window reserved as input for a model whose window neither the price data nor the
+# tables know (see Quote.context_window): the largest of current OpenAI models (gpt-5.4,
+# 1,050,000 tokens), so that such a reservation errs on the large side.
+DEFAULT_CONTEXT_WINDOW = 1_050_000
 SERVICE_TIERS = ("flex", "priority", "batch")
 # What genai-prices calls a tier: request context for its price variants.
 _LIBRARY_CONTEXT = {"flex": {"service_tier": "flex"}, "priority": {"service_tier": "priority"},
@@ -120,6 +125,9 @@ class Quote:
     max_output_tokens: int | None = None  # the model's largest answer, when known
     model: str | None = None  # the name the price was found under
     source: str = DEFAULT
+    # The most input tokens a call can be billed for: what a request naming context of unknown
+    # size (a conversation, a previous response the ledger lacks) reserves as input.
+    context_window: int = DEFAULT_CONTEXT_WINDOW
 
 
 class PriceTableError(ValueError):
@@ -184,10 +192,11 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class PriceFile:
-    """A parsed price file: model entries and max-output-token prefixes."""
+    """A parsed price file: model entries, max-output-token and context-window prefixes."""
 
     models: Mapping[str, Entry]
     max_output_tokens: Mapping[str, int]
+    context_window: Mapping[str, int] = field(default_factory=dict)
 
 
 def _amount(where: str, name: str, value: Any) -> Decimal:
@@ -270,7 +279,8 @@ def _entry(model: str, raw: Any) -> Entry:
 
 
 def parse_price_file(raw: Any) -> PriceFile:
-    """`{"models": {model: entry}, "max_output_tokens": {prefix: n}}`, or the models object alone.
+    """`{"models": {model: entry}, "max_output_tokens": {prefix: n}, "context_window": {prefix:
+    n}}`, or the models object alone.
 
     An entry: `input`, `cached_input`, `output`, `audio_input`, `audio_output` (USD per 1M
     tokens), `web_search` and `web_search_preview` (USD per 1k searches with the Responses
@@ -281,22 +291,29 @@ def parse_price_file(raw: Any) -> PriceFile:
     if not isinstance(raw, dict):
         raise PriceTableError("a price table is an object of model -> {input, cached_input, output}")
     if "models" in raw:
-        unknown = sorted(k for k in raw if not k.startswith("_") and k not in ("models", "max_output_tokens"))
+        unknown = sorted(k for k in raw if not k.startswith("_")
+                         and k not in ("models", "max_output_tokens", "context_window"))
         if unknown:
-            raise PriceTableError(f"unknown top-level key {unknown[0]!r} (known: models, max_output_tokens)")
+            raise PriceTableError(f"unknown top-level key {unknown[0]!r} "
+                                  "(known: models, max_output_tokens, context_window)")
         table = raw["models"]
         limits_raw = raw.get("max_output_tokens", {})
+        windows_raw = raw.get("context_window", {})
     else:
-        table, limits_raw = raw, {}
+        table, limits_raw, windows_raw = raw, {}, {}
     if not isinstance(table, dict):
         raise PriceTableError("'models' in a price table must be an object of model -> prices")
     if not isinstance(limits_raw, dict):
         raise PriceTableError("'max_output_tokens' must be an object of model name prefix -> tokens")
+    if not isinstance(windows_raw, dict):
+        raise PriceTableError("'context_window' must be an object of model name prefix -> tokens")
     models = {name.lower(): _entry(name, entry) for name, entry in table.items()
               if not name.startswith("_")}
     limits = {prefix.lower(): _count("max_output_tokens", prefix, n, MAX_OUTPUT_TOKENS)
               for prefix, n in limits_raw.items() if not prefix.startswith("_")}
-    return PriceFile(models, limits)
+    windows = {prefix.lower(): _count("context_window", prefix, n, MAX_CONTEXT_WINDOW)
+               for prefix, n in windows_raw.items() if not prefix.startswith("_")}
+    return PriceFile(models, limits, windows)
 
 
 def read_prices_file(path: Path) -> Any:
@@ -400,6 +417,7 @@ class PriceTable:
         self._quotes: dict[tuple[str | None, str | None], Quote] = {}
         self._day = -1
         self._limits = {**overrides.max_output_tokens, **self.user.max_output_tokens}
+        self._windows = {**overrides.context_window, **self.user.context_window}
 
     def quote(self, model: str | None, tier: str | None = None) -> Quote:
         """The price of a model in a service tier; memoized per UTC day (bounded), as every
@@ -455,8 +473,8 @@ class PriceTable:
         layers = [(OVERRIDES, found_as[0][1]), (self.user_label, found_as[1][1])]
         if info is None and not any(entry and {"input", "output"} <= entry.amounts.keys()
                                     for _, entry in layers):
-            return Quote(self.default, True, self._max_output(name), None, DEFAULT), {
-                f: DEFAULT for f in AMOUNT_FIELDS}
+            return Quote(self.default, True, self._max_output(name), None, DEFAULT,
+                         self._context_window(name, info)), {f: DEFAULT for f in AMOUNT_FIELDS}
         fields: dict[str, Decimal] = {}
         origin: dict[str, str] = {}
         bands: list[tuple[int, dict[str, Decimal]]] = []
@@ -493,22 +511,28 @@ class PriceTable:
         if "input" in fields and "output" not in fields:  # embeddings: input only
             fields["output"] = Decimal(0)
         if "input" not in fields:  # a library model priced by other units (characters, seconds)
-            return Quote(self.default, True, self._max_output(name), None, DEFAULT), {
-                f: DEFAULT for f in AMOUNT_FIELDS}
+            return Quote(self.default, True, self._max_output(name), None, DEFAULT,
+                         self._context_window(name, info)), {f: DEFAULT for f in AMOUNT_FIELDS}
         price = _build(fields, every, bands)
         source = ", ".join(sorted(set(origin.values())))
         if max_output is None:
             max_output = self._max_output(name, info.id if info is not None else None)
-        return Quote(price, False, max_output, found or name, source), origin
+        return Quote(price, False, max_output, found or name, source,
+                     self._context_window(name, info)), origin
 
     def _max_output(self, name: str, library_id: str | None = None) -> int | None:
         """Longest prefix of the name (or the library's id for it) in the max-output table."""
-        best: tuple[int, int] | None = None
-        for candidate in (name, library_id or ""):
-            for prefix, tokens in self._limits.items():
-                if candidate.startswith(prefix) and (best is None or len(prefix) > best[0]):
-                    best = (len(prefix), tokens)
-        return best[1] if best else self.default_max_output_tokens
+        found = _longest_prefix(self._limits, name, library_id)
+        return found if found is not None else self.default_max_output_tokens
+
+    def _context_window(self, name: str, info: Any | None) -> int:
+        """The model's context window: our table (PRICES_FILE's, then the shipped corrections
+        and gaps of the library), else genai-prices' figure, else DEFAULT_CONTEXT_WINDOW."""
+        found = _longest_prefix(self._windows, name, info.id if info is not None else None)
+        if found is not None:
+            return found
+        window = getattr(info, "context_window", None) if info is not None else None
+        return window if type(window) is int and window > 0 else DEFAULT_CONTEXT_WINDOW
 
     @classmethod
     def load(
@@ -547,6 +571,16 @@ class PriceTable:
             if quote.priced_by_default:
                 raise PriceTableError(f"PRICES_FILE: price of {name!r} needs 'input' and 'output' "
                                       "(USD per 1M tokens): the shipped data does not price this model")
+
+
+def _longest_prefix(table: Mapping[str, int], name: str, library_id: str | None) -> int | None:
+    """The value of the longest prefix of the name (or of the library's id for it) in a table."""
+    best: tuple[int, int] | None = None
+    for candidate in (name, library_id or ""):
+        for prefix, tokens in table.items():
+            if candidate.startswith(prefix) and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), tokens)
+    return best[1] if best else None
 
 
 def _first(names: list[str], entries: Mapping[str, Entry]) -> tuple[str | None, Entry | None]:

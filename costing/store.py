@@ -44,7 +44,7 @@ from costing.records import (
     epoch_us,
     from_epoch_us,
 )
-from costing.usage import Usage
+from costing.usage import Operation, Usage
 
 RECORDS: Table = UsageRecord.__table__  # type: ignore[assignment]
 SESSIONS: Table = SessionCostSnapshot.__table__  # type: ignore[assignment]
@@ -304,6 +304,19 @@ class Store:
                 select(SESSIONS.c.cost_usd).where(SESSIONS.c.campaign_id == campaign_id,
                                                   SESSIONS.c.session_id == session_id))
         return value if value is not None else ZERO
+
+    async def response_tokens(self, response_id: str) -> int | None:
+        """Input + output tokens of a Responses response as the ledger recorded them from the
+        upstream's usage (estimated rows do not count), for the reservation of a call that
+        continues it; the largest where an id was reused. None when no such row is written.
+        One lookup on the response id's index."""
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(
+                select(func.max(RECORDS.c.input_tokens + RECORDS.c.output_tokens))
+                .where(RECORDS.c.response_id == response_id,
+                       RECORDS.c.operation == Operation.RESPONSES.value,
+                       RECORDS.c.estimated.is_(False)))
+        return int(value) if value is not None else None
 
     async def campaigns(self, *, limit: int, after: str | None = None,
                         ids: Sequence[str] | None = None) -> list[CampaignTotals]:

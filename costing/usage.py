@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from costing.images import UNKNOWN, images_tokens
+
 
 class Operation(StrEnum):
     """Metered operations, named by their OpenAI path."""
@@ -46,8 +48,10 @@ MAX_TIER_LENGTH = 32
 
 # Characters per token: OpenAI's rule of thumb for English text; used only for estimates.
 CHARS_PER_TOKEN = 4
-# A picture costs at most ~1,100 tokens at high detail on current models; estimate that.
-TOKENS_PER_IMAGE = 1105
+# What an image part reserves on a model whose family costing.images does not know (or none
+# named): the dearest image of any known family (gpt-4o-mini at high detail, 2,833 + 8 x 5,667).
+# Known families reserve their own figure, by detail.
+TOKENS_PER_IMAGE = UNKNOWN.high
 # OpenAI's chat format adds a few tokens per message and to prime the reply.
 TOKENS_PER_MESSAGE = 4
 TOKENS_PER_REPLY = 3
@@ -290,36 +294,89 @@ class RequestFacts:
     service_tier: str | None = None  # as requested
     search_preview: bool = False  # Responses: offers the `web_search_preview` tool
     background: bool = False  # Responses `background: true`: metered when its final state is read
+    images: int = 0  # image parts in the prompt
+    image_tokens: int = 0  # what they may cost (in prompt_tokens): by model family and detail
+    # Responses: the earlier response this one continues; OpenAI bills that context as input.
+    previous_response_id: str | None = None
+    # Input the proxy cannot size, by what carries it (UNSIZED): the model's context window is
+    # reserved for it.
+    unsized: str | None = None
+    # Set by the meter before admission, the one fact not read from the body: the previous
+    # response's input + output tokens as the ledger recorded them; None while unknown.
+    context_tokens: int | None = None
 
 
-# A tuple, not a set: a "type" that is a list or an object must compare, not fail to hash.
-IMAGE_TYPES = ("image_url", "input_image", "image")
+# Input whose size the proxy cannot know (it never sees the content), by what carries it, as a
+# refusal names it.
+UNSIZED = {
+    "conversation": "a conversation (`conversation`)",
+    "prompt": "a stored prompt template (`prompt.id`)",
+    "file": "a file by `file_id` or `file_url`",
+    "item_reference": "items of earlier responses (`item_reference`)",
+}
+# Content parts by their "type": images, files (sized only when their data is inline) and
+# references to earlier items.
+_IMAGE, _FILE, _REFERENCE = 1, 2, 3
+_PARTS = {"image_url": _IMAGE, "input_image": _IMAGE, "image": _IMAGE,
+          "input_file": _FILE, "file": _FILE, "item_reference": _REFERENCE}
 
 
-def _text_chars(value: Any) -> tuple[int, int]:
-    """Characters of text and number of images (parts typed as images) in a prompt structure
+def _text_chars(value: Any) -> tuple[int, int, int, str | None]:
+    """Characters of text, images (parts typed as images), images at detail low, and what part
+    the proxy cannot size (a file by id or URL, an item reference), in a prompt structure
     (messages, input...). Every string counts its characters, whatever it starts with: a text
     that looks like a data URL is still billed as text.
 
     Iterative, so a body nested as deep as the JSON decoder allows cannot exhaust the stack;
     exact type checks, as decoded JSON has no subclasses and this walks every request's prompt.
     """
-    chars = images = 0
+    chars = images = low = 0
+    unsized = None
     pending = [value]
     pop, extend = pending.pop, pending.extend
+    parts = _PARTS
     while pending:
         item = pop()
         kind = type(item)
         if kind is str:
             chars += len(item)  # a data URL too: only a part typed as an image is one
         elif kind is dict:
-            if item.get("type") in IMAGE_TYPES:
+            part = item.get("type")
+            special = parts.get(part) if type(part) is str else None
+            if special is None:
+                extend(item.values())
+            elif special == _IMAGE:
                 images += 1
+                if _detail(item) == "low":
+                    low += 1
             else:
+                if special == _REFERENCE:
+                    unsized = "item_reference"
+                elif _by_reference(item):
+                    unsized = "file"
                 extend(item.values())
         elif kind is list:
             extend(item)
-    return chars, images
+    return chars, images, low, unsized
+
+
+def _detail(image: dict[str, Any]) -> Any:
+    """An image part's detail: Responses `input_image` has it in the part, chat `image_url` in
+    its `image_url` object."""
+    detail = image.get("detail")
+    if detail is None:
+        inner = image.get("image_url")
+        if type(inner) is dict:
+            detail = inner.get("detail")
+    return detail
+
+
+def _by_reference(part: dict[str, Any]) -> bool:
+    """A file part that names a stored or remote file (Responses `input_file`, chat `file`)
+    rather than carrying its data."""
+    inner = part.get("file")
+    source = inner if type(inner) is dict else part
+    return source.get("file_id") is not None or source.get("file_url") is not None
 
 
 def _prompts(prompt: Any) -> int:
@@ -352,6 +409,7 @@ class _Shape:
     output: bool  # embeddings produce no output tokens
     search_tools: bool = False  # Responses: its tools may include web_search_preview
     batches: bool = False  # legacy completions: `prompt` may be a list of prompts, each answered
+    references: bool = False  # Responses: may continue earlier context (previous response...)
 
 
 _SHAPES = {
@@ -360,13 +418,17 @@ _SHAPES = {
                                   batches=True),
     Operation.EMBEDDINGS: _Shape(("input",), token_ids=True, messages=False, output=False),
     Operation.RESPONSES: _Shape(("input", "instructions", "tools"), token_ids=True, messages=False,
-                                output=True, search_tools=True),
+                                output=True, search_tools=True, references=True),
 }
 _MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
-def _prompt_tokens(shape: _Shape, body: dict[str, Any]) -> int:
-    chars = images = 0
+def _prompt_tokens(shape: _Shape, body: dict[str, Any], model: str | None
+                   ) -> tuple[int, int, int, str | None]:
+    """The prompt's estimate in tokens (its images' included), its images, what they may cost,
+    and what part of it the proxy cannot size."""
+    chars = images = low = 0
+    unsized = None
     for field in shape.prompt_fields:
         value = body.get(field)
         if value is None:
@@ -375,14 +437,28 @@ def _prompt_tokens(shape: _Shape, body: dict[str, Any]) -> int:
         if token_ids is not None:
             chars += token_ids * CHARS_PER_TOKEN
             continue
-        c, i = _text_chars(value)
+        c, i, lo, u = _text_chars(value)
         chars += c
         images += i
+        low += lo
+        unsized = u or unsized
     overhead = 0
     messages = body.get("messages") if shape.messages else None
     if type(messages) is list:
         overhead = TOKENS_PER_MESSAGE * len(messages) + TOKENS_PER_REPLY
-    return tokens_for_chars(chars) + images * TOKENS_PER_IMAGE + overhead
+    image_tokens = min(images_tokens(model, images, low), MAX_TOKENS) if images else 0
+    return tokens_for_chars(chars) + image_tokens + overhead, images, image_tokens, unsized
+
+
+def _referenced(body: dict[str, Any]) -> str | None:
+    """Earlier context a Responses request names that the proxy cannot size (see UNSIZED)."""
+    conversation = body.get("conversation")
+    if (type(conversation) is str and conversation) or type(conversation) is dict:
+        return "conversation"
+    prompt = body.get("prompt")
+    if type(prompt) is dict and prompt.get("id") is not None:
+        return "prompt"
+    return None
 
 
 def request_facts(operation: Operation, body: Any) -> RequestFacts:
@@ -413,10 +489,17 @@ def request_facts(operation: Operation, body: Any) -> RequestFacts:
     if max_output and candidates > 1:
         max_output = min(max_output * candidates, MAX_TOKENS)
     tools = body.get("tools") if shape.search_tools else None
-    return RequestFacts(model, stream, include_usage, min(_prompt_tokens(shape, body), MAX_TOKENS),
-                        max_output, candidates, _tier(body.get("service_tier")),
-                        type(tools) is list and _offers_search_preview(tools),
-                        body.get("background") is True)
+    prompt_tokens, images, image_tokens, unsized = _prompt_tokens(shape, body, model)
+    facts = RequestFacts(model, stream, include_usage, min(prompt_tokens, MAX_TOKENS), max_output,
+                         candidates, _tier(body.get("service_tier")),
+                         type(tools) is list and _offers_search_preview(tools),
+                         body.get("background") is True, images, image_tokens)
+    if shape.references:
+        facts.previous_response_id = _str(body.get("previous_response_id"), MAX_ID_LENGTH)
+        facts.unsized = _referenced(body) or unsized
+    elif unsized is not None:
+        facts.unsized = unsized
+    return facts
 
 
 def _offers_search_preview(tools: list[Any]) -> bool:

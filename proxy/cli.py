@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from costing import schema
 from costing.db import causes, describe_cause, is_transient, wait_until_reachable
 from costing.errors import DatabaseUnavailable
+from costing.images import image_tokens
 from costing.pricing import PriceTable, PriceTableError, library_version, service_tier_key
 from costing.settings import Settings, describe_error
 from costing.spool import SpoolUnavailable
@@ -264,9 +265,14 @@ def describe_price(table: PriceTable, model: str, tier: str | None) -> str:
     else:
         lines.append("largest answer: unknown (BUDGET_DEFAULT_MAX_OUTPUT_TOKENS is reserved when a "
                      "request sets no output cap)")
+    lines.append(f"context window: {quote.context_window} tokens (reserved as input for earlier "
+                 "context of unknown size)")
+    image = image_tokens(model)
+    lines.append(f"image: up to {image.high} input tokens each ({image.low} at detail low), as reserved")
     lines.append(f"data: genai-prices {library_version()}, costing/price_overrides.json"
                  + (f", PRICES_FILE {table.user_label.removeprefix('PRICES_FILE ')}"
-                    if table.user.models or table.user.max_output_tokens else ""))
+                    if table.user.models or table.user.max_output_tokens or table.user.context_window
+                    else ""))
     return "\n".join(lines)
 
 

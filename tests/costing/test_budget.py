@@ -21,6 +21,7 @@ from costing.budget import (
     lease_amount,
     make_budget,
     remaining,
+    reserved_input_tokens,
     status,
     warning_text,
     worst_case_units,
@@ -173,6 +174,53 @@ def test_a_zero_cap_is_respected_not_replaced_by_the_default():
 def test_the_worst_case_assumes_no_cached_input():
     price = Price(input=D(10), cached_input=D(0), output=D(0))
     assert worst_case_cost(price, _facts(100_000, 0), default_max_output=0) == D(1)
+
+
+# -- reserved_input_tokens: earlier context the request names --------------------------------------
+
+GPT_4O = Price(input=D("2.50"), cached_input=D("1.25"), output=D("10.00"))
+WINDOW = 128_000  # gpt-4o's context window
+
+
+def _follow_up(prompt_tokens: int, *, previous: str | None = "resp_1", context: int | None = None,
+               unsized: str | None = None) -> RequestFacts:
+    return RequestFacts(model="gpt-4o", stream=False, include_usage=False, prompt_tokens=prompt_tokens,
+                        max_output_tokens=50, previous_response_id=previous, unsized=unsized,
+                        context_tokens=context)
+
+
+def test_a_follow_up_reserves_its_previous_responses_recorded_tokens_as_input():
+    """The previous response's input (its own context) and output (its answer) are the next
+    call's input, as OpenAI bills it: 100,000 + 50 recorded, plus 20 of its own."""
+    assert reserved_input_tokens(_follow_up(20, context=100_050), WINDOW) == 100_070
+
+
+def test_earlier_context_of_unknown_size_reserves_the_models_context_window():
+    assert reserved_input_tokens(_follow_up(20), WINDOW) == WINDOW  # previous response not recorded
+    for unsized in ("conversation", "prompt", "file", "item_reference"):
+        assert reserved_input_tokens(_follow_up(20, previous=None, unsized=unsized), WINDOW) == WINDOW
+        # a known previous response does not size a conversation or a stored prompt
+        assert reserved_input_tokens(_follow_up(20, context=100, unsized=unsized), WINDOW) == WINDOW
+
+
+def test_earlier_context_takes_the_input_to_the_context_window_at_most_but_never_below_its_own():
+    assert reserved_input_tokens(_follow_up(20, context=127_990), WINDOW) == WINDOW
+    assert reserved_input_tokens(_follow_up(200_000, context=100), WINDOW) == 200_000
+    assert reserved_input_tokens(_follow_up(200_000, unsized="conversation"), WINDOW) == 200_000
+
+
+def test_a_request_naming_no_earlier_context_reserves_its_own_estimate():
+    assert reserved_input_tokens(_follow_up(20, previous=None), WINDOW) == 20
+
+
+def test_the_worst_case_of_a_follow_up_prices_its_context_as_input_at_the_quotes_window():
+    quote = Quote(GPT_4O, False, context_window=WINDOW)
+    known = worst_case_units(quote, _follow_up(20, context=100_050), 4096)
+    assert from_units(known) == (100_070 * D("2.50") + 50 * D(10)) / D(1_000_000)
+    unknown = worst_case_units(quote, _follow_up(20), 4096)
+    assert from_units(unknown) == (WINDOW * D("2.50") + 50 * D(10)) / D(1_000_000)  # $0.3205
+    alone = worst_case_units(quote, _follow_up(20, previous=None), 4096)
+    assert from_units(alone) == (20 * D("2.50") + 50 * D(10)) / D(1_000_000)
 
 
 # -- admits --------------------------------------------------------------------------------------

@@ -123,3 +123,22 @@ async def test_a_backlog_of_full_batches_is_written_without_waiting(store: Store
     assert await ledger.close() == 0
     assert written == [10, 10, 5]
     assert len(await ledger_rows(store.engine)) == 25
+
+
+async def test_unwritten_entries_answer_for_a_responses_tokens_until_the_database_holds_them(
+        store: Store) -> None:
+    """A call continuing a response answered a moment ago finds that response's tokens in the
+    buffer (no query); once written, the store answers (see Store.response_tokens)."""
+    ledger = Ledger(store, "holder", flush_interval=30.0, batch_size=100, max_records=1000)
+    answered = entry(response_id="resp_1", input_tokens=100_000, output_tokens=500)
+    answered.operation = "responses"
+    guessed = entry(response_id="resp_2", input_tokens=9, output_tokens=9)
+    guessed.operation, guessed.estimated = "responses", True
+    for e in (answered, guessed, entry(response_id="chatcmpl-1")):
+        ledger.submit(e)
+    assert ledger.response_tokens("resp_1") == 100_500
+    assert ledger.response_tokens("resp_2") is None  # an estimate is not what OpenAI billed
+    assert ledger.response_tokens("chatcmpl-1") is None  # not a Responses object
+    assert await ledger.flush_once() == 3
+    assert ledger.response_tokens("resp_1") is None
+    assert await store.response_tokens("resp_1") == 100_500

@@ -17,7 +17,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from costing.money import QUANTUM
-from costing.pricing import Price, PriceTable, PriceTableError, base_model, cost, parse_price_file
+from costing.pricing import (
+    DEFAULT_CONTEXT_WINDOW,
+    Price,
+    PriceTable,
+    PriceTableError,
+    _openai_models,
+    base_model,
+    cost,
+    parse_price_file,
+)
 from costing.usage import Usage
 
 MILLION = Decimal(1_000_000)
@@ -367,5 +376,37 @@ def test_the_readme_prices_file_example_loads_and_means_what_it_says(tmp_path):
     assert table.quote("gpt-4o", "priority").price.output == Decimal(14)
     assert table.quote("gpt-4o-audio-preview").price.audio_output == Decimal(80)
     assert table.quote("house-llama").max_output_tokens == 8192
+    assert table.quote("house-llama").context_window == 32768
     long = table.quote("gpt-5.4").price.for_prompt(300_000)
     assert (long.input, long.output) == (Decimal(5), Decimal("22.50"))
+
+
+def test_the_context_window_is_the_libraries_with_our_corrections_and_gaps(table: PriceTable) -> None:
+    """What a request naming context of unknown size reserves as input."""
+    assert table.quote("gpt-4o-2024-08-06").context_window == 128_000  # genai-prices
+    assert table.quote("o3").context_window == 200_000
+    assert table.quote("gpt-5.4").context_window == 1_050_000
+    # OpenAI: 1,047,576 for the gpt-4.1 family; genai-prices says 1,000,000.
+    assert table.quote("gpt-4.1-mini-2025-04-14").context_window == 1_047_576
+    assert table.quote("ft:gpt-4o-mini-2024-07-18:acme::x1").context_window == 128_000  # library: none
+    assert table.quote("house-llama").context_window == DEFAULT_CONTEXT_WINDOW
+
+
+def test_the_default_context_window_is_the_largest_the_library_knows() -> None:
+    windows = [m.context_window for m in _openai_models() if m.context_window]
+    assert DEFAULT_CONTEXT_WINDOW >= max(windows)
+    for name, window in OVERRIDES["context_window"].items():
+        assert name.startswith("_") or window <= DEFAULT_CONTEXT_WINDOW
+
+
+def test_prices_file_sets_context_windows_by_prefix(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"models": {"house-llama": {"input": "0.2", "output": "0.8"}},
+                                "context_window": {"house-": 8192, "gpt-4o": 100_000}}))
+    table = load(path)
+    assert table.quote("house-llama").context_window == 8192
+    assert table.quote("gpt-4o").context_window == 100_000
+    with pytest.raises(PriceTableError, match="context_window"):
+        parse_price_file({"models": {}, "context_window": {"x": -1}})
+    with pytest.raises(PriceTableError, match="context_window"):
+        parse_price_file({"models": {}, "context_window": [1]})

@@ -116,6 +116,30 @@ async def test_a_reused_response_id_is_a_row_of_its_own(store: Store, engine: As
     assert sums["c2"][1] == 2 and sums["c1"][1] == 2
 
 
+async def test_a_responses_calls_recorded_tokens_are_found_by_its_response_id(store: Store) -> None:
+    """What a call continuing that response (`previous_response_id`) reserves as earlier
+    context: its input + output tokens as the upstream reported them. Estimated rows, rows of
+    other operations and unknown ids give nothing; a reused id gives its largest row."""
+    def responses(response_id: str, input_tokens: int, output_tokens: int, *,
+                  estimated: bool = False) -> UsageEntry:
+        e = entry(response_id=response_id, **{"input_tokens": input_tokens,
+                                               "output_tokens": output_tokens})
+        e.operation, e.estimated = "responses", estimated
+        return e
+
+    await store.write_batch([
+        responses("resp_1", 100_000, 500),
+        responses("resp_2", 7, 3), responses("resp_2", 70, 30),
+        responses("resp_3", 900_000, 9, estimated=True),
+        entry(response_id="chatcmpl-1", input_tokens=40, output_tokens=2),
+    ], "h")
+    assert await store.response_tokens("resp_1") == 100_500
+    assert await store.response_tokens("resp_2") == 100
+    assert await store.response_tokens("resp_3") is None
+    assert await store.response_tokens("chatcmpl-1") is None
+    assert await store.response_tokens("resp_unknown") is None
+
+
 async def test_a_large_mixed_batch_keeps_aggregates_equal_to_the_ledger(store: Store,
                                                                        engine: AsyncEngine) -> None:
     start = datetime(2026, 11, 24, 23, 59, 59, 999_000, tzinfo=UTC)  # spans a UTC midnight

@@ -576,6 +576,125 @@ def test_text_that_starts_like_a_data_url_is_counted_as_text_and_image_parts_as_
     assert _prompt(Operation.CHAT, body(image)) == without + TOKENS_PER_IMAGE
 
 
+# -- images by model family and detail -----------------------------------------------------------
+
+
+def _chat_images(model, *details):
+    parts = [{"type": "image_url", "image_url": {"url": "https://example.com/map.png",
+                                                 **({"detail": d} if d else {})}} for d in details]
+    return request_facts(Operation.CHAT, {"model": model, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, *parts]}]})
+
+
+def _responses_images(model, *details):
+    parts = [{"type": "input_image", "image_url": "https://example.com/map.png",
+              **({"detail": d} if d else {})} for d in details]
+    return request_facts(Operation.RESPONSES, {"model": model, "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "What is this?"}, *parts]}]})
+
+
+@pytest.mark.parametrize(("model", "high", "low"), [
+    # tiles: base + 8 tiles of 512 px at most (768 x 2048), the base alone at detail low
+    ("gpt-4o", 85 + 8 * 170, 85),
+    ("gpt-4o-2024-08-06", 1445, 85),
+    ("chatgpt-4o-latest", 1445, 85),
+    ("gpt-4o-mini", 2833 + 8 * 5667, 2833),
+    ("gpt-4o-mini-2024-07-18", 48_169, 2833),
+    ("ft:gpt-4o-mini-2024-07-18:acme::abc123", 48_169, 2833),
+    ("openai/GPT-4o-mini", 48_169, 2833),
+    ("o1", 75 + 8 * 150, 75),
+    ("o3-pro", 1275, 75),
+    ("gpt-5", 70 + 8 * 140, 70),
+    ("gpt-5-chat-latest", 1190, 70),
+    ("computer-use-preview", 65 + 8 * 129, 65),
+    ("gpt-4.1", 1536, 85),  # documented both with tiles (1,445) and as 1 token per patch: the larger
+    # patches: 1,536 at most, times the model's multiplier; no low-detail budget is documented
+    ("gpt-4.1-mini", 2489, 2489),  # 1536 x 1.62 = 2,488.3
+    ("gpt-4.1-nano-2025-04-14", 3779, 3779),  # x 2.46
+    ("o4-mini", 2642, 2642),  # x 1.72
+    ("gpt-5-mini", 2489, 2489),
+    ("gpt-5-nano", 3779, 3779),
+    # a family the table does not know, even one that starts like a known one: the dearest known
+    ("gpt-5.4", TOKENS_PER_IMAGE, 3779),
+    ("gpt-5.4-mini", 48_169, 3779),
+    ("house-llama", 48_169, 3779),
+    (None, 48_169, 3779),
+])
+def test_an_image_reserves_the_most_its_model_family_bills_at_its_detail(model, high, low):
+    """Chat `image_url` parts (detail in the part's `image_url`) and Responses `input_image` parts
+    (detail in the part): detail low reserves the family's low figure; high, auto, unset or
+    anything else its largest image."""
+    for facts_of in (_chat_images, _responses_images):
+        base = facts_of(model).prompt_tokens
+        assert facts_of(model, "high").prompt_tokens == base + high
+        assert facts_of(model, "auto").prompt_tokens == base + high
+        assert facts_of(model, None).prompt_tokens == base + high
+        assert facts_of(model, "original").prompt_tokens == base + high
+        assert facts_of(model, "low").prompt_tokens == base + low
+        facts = facts_of(model, "high", "low", None)
+        assert (facts.images, facts.image_tokens) == (3, 2 * high + low)
+        assert facts.prompt_tokens == base + 2 * high + low
+
+
+def test_a_model_the_image_table_does_not_know_reserves_the_dearest_known_image():
+    assert TOKENS_PER_IMAGE == 2833 + 8 * 5667 == 48_169  # gpt-4o-mini at high detail
+
+
+# -- earlier context the request names -----------------------------------------------------------
+
+
+def test_a_responses_request_continuing_an_earlier_response_names_it():
+    """OpenAI bills the earlier response's context as input: the facts name it, and the prompt
+    estimate stays the request's own (the meter adds the context, see costing.budget)."""
+    body = {"model": "gpt-4o", "input": "And then?"}
+    facts = request_facts(Operation.RESPONSES, {**body, "previous_response_id": "resp_1"})
+    assert (facts.previous_response_id, facts.unsized, facts.context_tokens) == ("resp_1", None, None)
+    assert facts.prompt_tokens == request_facts(Operation.RESPONSES, body).prompt_tokens
+    def named(value):
+        return request_facts(Operation.RESPONSES, {**body, "previous_response_id": value}
+                             ).previous_response_id
+
+    assert named(7) is None and named("") is None
+    assert named("r" * 300) == "r" * MAX_ID_LENGTH  # as the ledger stores response ids
+    chat = {"model": "gpt-4o", "messages": [], "previous_response_id": "resp_1"}
+    assert request_facts(Operation.CHAT, chat).previous_response_id is None
+
+
+def _user(*parts):
+    return [{"role": "user", "content": list(parts)}]
+
+
+@pytest.mark.parametrize(("body", "unsized"), [
+    ({"conversation": "conv_1"}, "conversation"),
+    ({"conversation": {"id": "conv_1"}}, "conversation"),
+    ({"prompt": {"id": "pmpt_1", "version": "2", "variables": {"city": "Paris"}}}, "prompt"),
+    ({"input": _user({"type": "input_file", "file_id": "file-1"})}, "file"),
+    ({"input": _user({"type": "input_file", "file_url": "https://example.com/a.pdf"})}, "file"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "item_reference"),
+    ({"conversation": "conv_1", "input": _user({"type": "input_file", "file_id": "file-1"})},
+     "conversation"),
+    # the file's data is in the request: counted as its text is
+    ({"input": _user({"type": "input_file", "filename": "a.pdf",
+                      "file_data": "data:application/pdf;base64,AAAA"})}, None),
+    ({"input": "hi", "conversation": None, "prompt": None}, None),
+    ({"input": "hi", "conversation": "", "prompt": {"variables": {}}}, None),
+])
+def test_a_responses_request_naming_input_the_proxy_cannot_size_says_what(body, unsized):
+    assert request_facts(Operation.RESPONSES, {"model": "gpt-4o", **body}).unsized == unsized
+
+
+def test_a_chat_file_part_by_id_is_input_the_proxy_cannot_size():
+    def facts(part):
+        return request_facts(Operation.CHAT, {"model": "gpt-4o", "messages": _user(part)})
+
+    assert facts({"type": "file", "file": {"file_id": "file-1"}}).unsized == "file"
+    inline = {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,AA"}}
+    assert facts(inline).unsized is None
+    # A legacy completion's `prompt` is its text, not a stored prompt; chat has no conversations.
+    assert request_facts(Operation.COMPLETIONS, {"prompt": "hi", "conversation": "c"}).unsized is None
+    assert request_facts(Operation.CHAT, {"messages": [], "prompt": {"id": "pmpt_1"}}).unsized is None
+
+
 def test_a_batch_of_prompts_multiplies_the_output_cap_of_a_legacy_completion():
     """Legacy completions answer every prompt of a list (times `n`/`best_of`): 100 prompts
     reserve 100 answers, as `n=100` does."""

@@ -27,6 +27,8 @@ def test_prices_prints_every_dimension_and_its_source():
     assert "input          $2.5 per 1M tokens" in out and "output         $20 per 1M tokens" in out
     assert "genai-prices 0.2.3" in out
     assert "largest answer: 128000 output tokens" in out
+    assert "context window: 400000 tokens" in out
+    assert "image: up to 1190 input tokens each (70 at detail low)" in out
 
 
 def test_prices_names_our_override_and_the_fine_tune_base():
