@@ -12,6 +12,9 @@ Every `POST /v1/...` falls in one of three kinds:
 A `POST` the list does not know is treated as billable: a budget that holds matters more than
 a row too many. Other methods are never refused: reading or deleting costs nothing.
 
+A WebSocket upgrade under /v1/ (the Realtime API, `GET /v1/realtime?model=...`) is billable too:
+gated when it opens, then each response it bills metered (see proxy.realtime), `WEBSOCKET`.
+
 Background responses (`{"background": true}`) are metered when their final state is read:
 `GET /v1/responses/{id}` (or its stream) and the cancel call return the response object.
 """
@@ -84,6 +87,8 @@ RESPONSE_OBJECT = re.compile(rf"/v1/responses/{_ID}(/cancel)?")
 _BILLABLE = tuple((name, re.compile(pattern)) for name, pattern in BILLABLE)
 _FREE = re.compile("|".join(f"(?:{pattern})" for pattern in FREE))
 _PASS = Endpoint(Kind.FREE, "")
+# A WebSocket under /v1/: a Realtime session, named as the Realtime HTTP calls are.
+WEBSOCKET = Endpoint(Kind.BILLABLE, "realtime")
 
 
 def normalize(path: str) -> str:

@@ -232,6 +232,25 @@ class Meter:
             self._submit(entry)
         return entry
 
+    async def record_part(self, ticket: Ticket, reported: Reported, *, started: float) -> UsageEntry:
+        """One billed part of a long-lived call (a Realtime session's `response.done`): its own
+        ledger row, charged to the campaign without a reservation (the work is done and billed;
+        the gate was asked when the session opened and before each part the client asked for).
+        `ticket` is the session's admission, settled already; it gives tags, model and key hash.
+        Returns once the entry is spooled; awaits only when the campaign's view is not in
+        memory (the first part after a long idle)."""
+        price, by_default = self._price(reported.model, ticket, None)
+        usage = reported.usage if reported.usage is not None else Usage()
+        entry = self._entry(ticket.campaign_id, ticket.session_id, ticket.operation,
+                            ticket.facts.model, reported, usage, price, by_default, None, False, True,
+                            200, started, ticket.api_key_hash)
+        if not self.gate.charge_now(ticket.campaign_id, entry.cost_units):
+            await self.gate.charge(ticket.campaign_id, entry.cost_units)
+        self.sessions.touch(ticket.campaign_id, ticket.session_id)
+        self.sessions.add(ticket.campaign_id, ticket.session_id, entry.cost_units)
+        self._submit(entry)
+        return entry
+
     def release(self, ticket: Ticket) -> None:
         """An admitted call that never reached the upstream whole (the proxy refused its body part
         way): nothing was billed, so no ledger row; its reservation is freed."""

@@ -3,7 +3,8 @@ events) and what a request may cost at most (estimates used for budget reservati
 
 Shapes handled: chat completions, legacy completions, embeddings (`prompt_tokens` /
 `completion_tokens`) and the Responses API (`input_tokens` / `output_tokens`), with cached
-input and reasoning details; streamed Responses report usage in their terminal event.
+input and reasoning details; streamed Responses report usage in their terminal event; Realtime
+sessions in each `response.done` event (`input_token_details` / `output_token_details`).
 """
 
 from __future__ import annotations
@@ -190,6 +191,41 @@ def from_event(event: Any) -> Reported:
                         _str(response.get("id"), MAX_ID_LENGTH), _tier(response.get("service_tier")),
                         _background_at(response))
     return from_body(event)
+
+
+def realtime_usage(raw: Any) -> Usage | None:
+    """A Realtime `response.usage` (`input_token_details`, `output_token_details`), None when
+    absent. Cached tokens count text and audio alike (OpenAI prices both at the model's cached
+    input price); `audio_input_tokens` is the uncached audio, so the cost formula bills each
+    input token once: uncached text at the input price, cached at the cached price, uncached
+    audio at the audio price."""
+    if not isinstance(raw, dict):
+        return None
+    input_tokens = _int(raw.get("input_tokens"))
+    output_tokens = _int(raw.get("output_tokens"))
+    in_details = raw.get("input_token_details")
+    out_details = raw.get("output_token_details")
+    cached = audio_in = cached_audio = audio_out = 0
+    if type(in_details) is dict:
+        cached = min(_int(in_details.get("cached_tokens")), input_tokens)
+        audio_in = _int(in_details.get("audio_tokens"))
+        cached_details = in_details.get("cached_tokens_details")
+        if type(cached_details) is dict:
+            cached_audio = min(_int(cached_details.get("audio_tokens")), audio_in, cached)
+    if type(out_details) is dict:
+        audio_out = min(_int(out_details.get("audio_tokens")), output_tokens)
+    return Usage(input_tokens, cached, output_tokens, 0,
+                 min(audio_in - cached_audio, input_tokens - cached), audio_out)
+
+
+def from_realtime_response(response: Any, model: str | None) -> Reported:
+    """What a Realtime `response.done` event's `response` tells: usage, id; the model is the
+    session's (the event does not name it)."""
+    if not isinstance(response, dict):
+        return Reported(None, model, None)
+    return Reported(realtime_usage(response.get("usage")),
+                    _str(response.get("model"), MAX_MODEL_LENGTH) or model,
+                    _str(response.get("id"), MAX_ID_LENGTH))
 
 
 def event_text(event: Any) -> str:

@@ -142,6 +142,11 @@ def _dispatch(request: web.Request) -> Awaitable[web.StreamResponse]:
     if _has_dot_segment(path):
         raise ProxyError(404, "Not found: a path with '.' or '..' segments is never forwarded",
                          code="not_found")
+    if request.method == "GET" and hdrs.UPGRADE in request.headers:  # one compare for the rest
+        from proxy import realtime  # imports this module
+
+        if realtime.is_websocket(request):
+            return realtime.relay(request, path)
     keys = app[CLIENT_KEYS]
     bound = keys.admit(request.headers) if keys is not None else None  # 401 / 403
     campaign_id = bound or tag_value(request.headers, settings.campaign_header)

@@ -20,7 +20,7 @@ from typing import Any
 
 import brotli
 import orjson
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 ERRORS = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
           404: ("invalid_request_error", "model_not_found"), 429: ("requests", "rate_limit_exceeded"),
@@ -68,6 +68,27 @@ class Behaviour:
     # Added for usage on every chunk: a stream with include_usage carries the usage so far on every
     # chunk (vLLM's `continuous_usage_stats`), then the whole in the usage-only chunk.
     running_usage: bool = False
+    # Added for the Realtime API (WebSocket): each response.create is answered with
+    # response.created, `realtime_deltas` deltas (text and audio), then response.done with
+    # `realtime_usage` (its `usage` object, Realtime-shaped); `realtime_hold` set: response.done
+    # waits for it (or for a response.cancel, answered with the usage of a cancelled response).
+    realtime_usage: dict[str, Any] = field(default_factory=lambda: realtime_usage())
+    realtime_deltas: int = 3
+    realtime_hold: asyncio.Event | None = None
+    realtime_protocol: str | None = "realtime"  # the subprotocol chosen, when the client offers it
+
+
+def realtime_usage(text_in: int = 20, audio_in: int = 30, cached_text: int = 5, cached_audio: int = 10,
+                   text_out: int = 7, audio_out: int = 40) -> dict[str, Any]:
+    """A Realtime `response.usage` object with these counts (cached ones part of the inputs)."""
+    return {"total_tokens": text_in + audio_in + text_out + audio_out,
+            "input_tokens": text_in + audio_in, "output_tokens": text_out + audio_out,
+            "input_token_details": {"text_tokens": text_in, "audio_tokens": audio_in, "image_tokens": 0,
+                                    "cached_tokens": cached_text + cached_audio,
+                                    "cached_tokens_details": {"text_tokens": cached_text,
+                                                              "audio_tokens": cached_audio,
+                                                              "image_tokens": 0}},
+            "output_token_details": {"text_tokens": text_out, "audio_tokens": audio_out}}
 
 
 @dataclass
@@ -91,7 +112,13 @@ class FakeUpstream:
     issued: int = 0  # ids minted so far (for id_pool)
     # Paths of streamed answers the proxy stopped reading (its connection closed under the fake).
     closed_by_peer: list[str] = field(default_factory=list)
+    _rt_cancelled: set[Any] = field(default_factory=set)
     peer_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Realtime sockets: frames each way, as text (str) or binary (bytes), and how sockets closed.
+    realtime_received: list[str | bytes] = field(default_factory=list)
+    realtime_sent: list[str | bytes] = field(default_factory=list)
+    realtime_closes: list[tuple[int | None, str]] = field(default_factory=list)
+    realtime_closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def __aenter__(self) -> FakeUpstream:
         await self.start()
@@ -129,6 +156,8 @@ class FakeUpstream:
             recorded.json = None
         self.requests.append(recorded)
         b = self.behaviour
+        if request.headers.get("Upgrade", "").lower() == "websocket" and path == "/v1/realtime":
+            return await self._realtime(request)
         if b.hold is not None:
             await b.hold.wait()
         if b.delay:
@@ -167,6 +196,92 @@ class FakeUpstream:
                                                     "type": "invalid_request_error", "param": wrong,
                                                     "code": "invalid_type"}}, status=400)
         return self._negotiated(request, await handler(request, recorded.json))
+
+    # -- Realtime (WebSocket) ------------------------------------------------------------------
+
+    async def _realtime(self, request: web.Request) -> web.WebSocketResponse:
+        """A Realtime session: session.created, then answers to the client's events. Test-only
+        events: `fake.close` (the upstream closes with `code` and `reason`), `fake.vad` (a response
+        starts as server VAD starts one). Binary frames are echoed."""
+        b = self.behaviour
+        ws = web.WebSocketResponse(protocols=(b.realtime_protocol,) if b.realtime_protocol else ())
+        await ws.prepare(request)
+        model = request.query.get("model") or b.model or "gpt-realtime"
+        responding: set[asyncio.Task[None]] = set()
+        await self._rt_send(ws, {"type": "session.created", "event_id": "event_1",
+                                 "session": {"id": "sess_1", "object": "realtime.session",
+                                             "type": "realtime", "model": model}})
+        closed: tuple[int | None, str] = (None, "")
+        try:
+            while True:
+                message = await ws.receive()
+                if message.type is WSMsgType.CLOSE:
+                    closed = (message.data, message.extra or "")
+                    break
+                if message.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                    closed = (ws.close_code, "")
+                    break
+                if message.type is WSMsgType.BINARY:
+                    self.realtime_received.append(message.data)
+                    self.realtime_sent.append(message.data)
+                    await ws.send_bytes(message.data)
+                    continue
+                if message.type is not WSMsgType.TEXT:
+                    continue
+                self.realtime_received.append(message.data)
+                event = orjson.loads(message.data)
+                kind = event.get("type")
+                if kind in ("response.create", "fake.vad"):  # fake.vad: as server VAD starts one
+                    task = asyncio.create_task(self._rt_respond(ws, event))
+                    responding.add(task)
+                    task.add_done_callback(responding.discard)
+                elif kind == "response.cancel":
+                    self._rt_cancelled.add(event.get("response_id"))
+                    if b.realtime_hold is not None:
+                        b.realtime_hold.set()
+                elif kind == "session.update":
+                    session = {"type": "realtime", "model": model, **(event.get("session") or {})}
+                    await self._rt_send(ws, {"type": "session.updated", "event_id": "event_u",
+                                             "session": session})
+                elif kind == "fake.close":
+                    await ws.close(code=event["code"], message=event["reason"].encode())
+                    closed = (event["code"], "closed by the fake")
+                    break
+        finally:
+            for task in list(responding):
+                task.cancel()
+            self.realtime_closes.append(closed)
+            self.realtime_closed.set()
+        return ws
+
+    async def _rt_send(self, ws: web.WebSocketResponse, event: dict[str, Any]) -> None:
+        text = orjson.dumps(event).decode()
+        self.realtime_sent.append(text)
+        await ws.send_str(text)
+
+    async def _rt_respond(self, ws: web.WebSocketResponse, request: dict[str, Any]) -> None:
+        b = self.behaviour
+        self.issued += 1
+        response_id = f"resp_{self.issued}"
+        response: dict[str, Any] = {"id": response_id, "object": "realtime.response",
+                                    "status": "in_progress", "output": [], "usage": None}
+        await self._rt_send(ws, {"type": "response.created", "event_id": f"event_c{self.issued}",
+                                 "response": response})
+        for i in range(b.realtime_deltas):
+            kind = "response.output_audio.delta" if i % 2 else "response.output_text.delta"
+            delta = base64.b64encode(bytes(64)).decode() if i % 2 else f"word{i} "
+            await self._rt_send(ws, {"type": kind, "event_id": f"event_d{self.issued}_{i}",
+                                     "response_id": response_id, "delta": delta})
+            if b.chunk_delay:
+                await asyncio.sleep(b.chunk_delay)
+        if b.realtime_hold is not None:
+            await b.realtime_hold.wait()
+        cancelled = response_id in self._rt_cancelled
+        usage = realtime_usage(text_in=3, audio_in=0, cached_text=0, cached_audio=0, text_out=1,
+                               audio_out=0) if cancelled else b.realtime_usage
+        await self._rt_send(ws, {"type": "response.done", "event_id": f"event_e{self.issued}",
+                                 "response": {**response, "status": "cancelled" if cancelled
+                                              else "completed", "usage": usage}})
 
     def _negotiated(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
         """`negotiated_encoding` applied to a whole JSON body, if the request accepts it."""

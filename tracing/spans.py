@@ -29,6 +29,8 @@ OPERATION_NAMES = {
     Operation.COMPLETIONS.value: ("text_completion", "completions"),
     Operation.EMBEDDINGS.value: ("embeddings", "embeddings"),
     Operation.RESPONSES.value: ("chat", "responses"),
+    # One span per response of a Realtime WebSocket session (see proxy.realtime).
+    "realtime": ("chat", "realtime"),
 }
 PROVIDER = "openai"
 UNTAGGED = "_untagged"
@@ -96,7 +98,10 @@ def max_tokens(body: dict[str, Any]) -> int | None:
 
 def request_content(operation: str, body: dict[str, Any]) -> Any:
     """The prompt part of a request body (a reference; serialized later)."""
-    value = body.get(_INPUT_FIELDS[operation])
+    field = _INPUT_FIELDS.get(operation)  # none for Realtime: its input is a stream of events
+    if field is None:
+        return None
+    value = body.get(field)
     if operation == Operation.RESPONSES.value and body.get("instructions"):
         return {"instructions": body.get("instructions"), "input": value}
     return value

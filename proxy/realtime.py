@@ -1,0 +1,406 @@
+"""Realtime API over WebSocket (`GET /v1/realtime?model=...` with `Upgrade: websocket`): the client's
+socket relayed to one upstream socket, frame by frame, and each response it bills metered.
+
+Why a module of its own: a WebSocket is one long call made of many billed responses, not one
+request and one answer. The budget is asked when the socket opens (429 before the upgrade, as
+any billable call) and before each `response.create` the client sends (refused with a Realtime
+`error` event, code `budget_exceeded`; the socket stays open, so the conversation survives a
+budget raise). A response the upstream starts on its own (server VAD) while the campaign is at
+its limit is cancelled. Every `response.done` is a ledger row of its own, spooled before the
+event is relayed. A client that leaves mid-response has its responses cancelled upstream and
+their `response.done` (OpenAI bills the part generated) waited for, briefly, and recorded.
+
+Frames are relayed unchanged; only events whose text names one of the few watched types are
+decoded. Each send is awaited before the next frame is read (backpressure, no queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import WSMsgType, hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from costing.endpoints import WEBSOCKET
+from costing.errors import BudgetExceeded
+from costing.meter import Meter, Ticket
+from costing.settings import Settings
+from costing.tasks import uninterrupted
+from costing.usage import MAX_MODEL_LENGTH, RequestFacts, from_realtime_response
+from proxy.errors import ProxyError
+from proxy.forward import Headers, _admit, _upstream_url, upstream_headers
+from proxy.state import CLIENT_KEYS, METER, METRICS, SETTINGS, TRACER, UPSTREAM
+from proxy.tags import tag_value
+
+log = logging.getLogger(__name__)
+
+# Browsers cannot set Authorization on a WebSocket: OpenAI's SDKs send the key as a subprotocol.
+KEY_PROTOCOL = "openai-insecure-api-key."
+# aiohttp's ws_connect makes its own handshake headers; the client's must not be sent twice.
+HANDSHAKE_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol",
+                               "sec-websocket-extensions", "sec-websocket-accept"})
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+# How long a client's departure waits for the upstream to report its cancelled responses' usage.
+DRAIN_SECONDS = 5.0
+# Close codes a close frame may not carry (RFC 6455 7.4.1): what is sent instead.
+UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
+# Events decoded: a cheap substring test first (audio deltas are most of the traffic).
+WATCHED_SERVER = ('"response.done"', '"response.created"', '"session.created"', '"session.updated"')
+BUDGET_EXCEEDED = "budget_exceeded"
+ENDED = (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+MAX_REASON = 123  # bytes a close frame's reason may hold
+
+
+def is_websocket(request: web.Request) -> bool:
+    """`Upgrade: websocket` on a GET (called for GETs only: the usual request pays one compare)."""
+    return request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+
+
+def offered_protocols(headers: CIMultiDictProxy[str]) -> list[str]:
+    return [p.strip() for value in headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
+            for p in value.split(",") if p.strip()]
+
+
+def protocol_key(protocols: list[str]) -> str | None:
+    """The API key a browser sent as `openai-insecure-api-key.<key>`, if any."""
+    for protocol in protocols:
+        if protocol.startswith(KEY_PROTOCOL) and len(protocol) > len(KEY_PROTOCOL):
+            return protocol[len(KEY_PROTOCOL):]
+    return None
+
+
+def socket_headers(request: web.Request, settings: Settings, key: str | None) -> Headers:
+    """The upstream handshake's headers: as for HTTP (`upstream_headers`: hop-by-hop, tags and,
+    with PROXY_API_KEYS, the client's key dropped and OPENAI_API_KEY added), minus the client's
+    handshake fields. A key sent as a subprotocol is the client's Authorization: without
+    PROXY_API_KEYS it goes upstream as sent, and OPENAI_API_KEY is not added beside it."""
+    headers = [(name, value) for name, value in upstream_headers(request, settings)
+               if name.lower() not in HANDSHAKE_HEADERS]
+    if key is not None and settings.proxy_api_keys is None and "Authorization" not in request.headers:
+        headers = [(name, value) for name, value in headers if name.lower() != "authorization"]
+    return headers
+
+
+def upstream_protocols(protocols: list[str], settings: Settings) -> list[str]:
+    """The subprotocols offered upstream: with PROXY_API_KEYS the key protocol holds the proxy's
+    key, never to be sent on (the upstream gets OPENAI_API_KEY in Authorization)."""
+    if settings.proxy_api_keys is None:
+        return protocols
+    return [p for p in protocols if not p.startswith(KEY_PROTOCOL)]
+
+
+def _with_bearer(headers: CIMultiDictProxy[str], key: str) -> CIMultiDictProxy[str]:
+    copy = CIMultiDict(headers)
+    copy[hdrs.AUTHORIZATION] = f"Bearer {key}"
+    return CIMultiDictProxy(copy)
+
+
+def _close_code(code: int | None) -> int:
+    if code is None:
+        return 1000
+    return UNSENDABLE.get(code, code)
+
+
+def _decode(data: str) -> dict[str, Any] | None:
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _error_event(message: str, code: str, client_event_id: Any) -> str:
+    """A Realtime `error` event, as the SDKs surface it (`error.code`, `error.event_id`)."""
+    return orjson.dumps({"type": "error", "event_id": f"event_proxy_{time.time_ns():x}",
+                         "error": {"type": "insufficient_quota", "code": code, "message": message,
+                                   "param": None, "event_id": client_event_id}}).decode()
+
+
+@dataclass(slots=True)
+class Session:
+    """One relayed socket: its admission (tags, key hash), model, and responses in progress."""
+
+    app: web.Application
+    request: web.Request
+    ticket: Ticket
+    client: web.WebSocketResponse
+    upstream: aiohttp.ClientWebSocketResponse
+    model: str | None
+    running: dict[str, float] = field(default_factory=dict)  # response id -> started
+    send_upstream: asyncio.Lock = field(default_factory=asyncio.Lock)
+    send_client: asyncio.Lock = field(default_factory=asyncio.Lock)
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    leaving: bool = False  # the client left: responses still running are drained, not relayed
+
+    @property
+    def meter(self) -> Meter:
+        return self.app[METER]
+
+    async def to_client(self, data: str | bytes) -> None:
+        """Send unless the client left; a client gone mid-send is leaving (the upstream is still
+        read, so responses running are recorded)."""
+        if self.leaving or self.client.closed:
+            return
+        try:
+            async with self.send_client:
+                if isinstance(data, str):
+                    await self.client.send_str(data)
+                else:
+                    await self.client.send_bytes(data)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            self.leaving = True
+
+    async def to_upstream(self, data: str | bytes) -> None:
+        if self.upstream.closed:
+            return
+        async with self.send_upstream:
+            if isinstance(data, str):
+                await self.upstream.send_str(data)
+            else:
+                await self.upstream.send_bytes(data)
+
+
+async def relay(request: web.Request, path: str) -> web.StreamResponse:
+    """Handle a WebSocket upgrade under /v1/: checks as for HTTP (keys, tags, budget), then the
+    upstream socket, then the client's; errors before the upgrade are plain HTTP answers."""
+    app = request.app
+    settings = app[SETTINGS]
+    protocols = offered_protocols(request.headers)
+    key = protocol_key(protocols) if hdrs.AUTHORIZATION not in request.headers else None
+    checked = _with_bearer(request.headers, key) if key is not None else request.headers
+    keys = app[CLIENT_KEYS]
+    bound = keys.admit(checked) if keys is not None else None  # 401 / 403
+    campaign_id = bound or tag_value(request.headers, settings.campaign_header)
+    session_id = tag_value(request.headers, settings.session_header)
+    model = request.query.get("model", "")[:MAX_MODEL_LENGTH] or None
+    authorization = checked.get(hdrs.AUTHORIZATION)
+    facts = RequestFacts(model, True, False, 0, 0)  # nothing reserved: refused only at the limit
+    ticket = await _admit(app, campaign_id, session_id, WEBSOCKET.operation, facts, authorization)
+    app[METER].release(ticket)  # a gate check: each response.done is charged as it comes
+    headers = socket_headers(request, settings, key)
+    if app[TRACER] is not None:  # spans are per response; the caller's context is not passed on
+        headers = [(name, value) for name, value in headers if name.lower() not in TRACE_HEADERS]
+    upstream = await _connect(request, app, path, headers, upstream_protocols(protocols, settings))
+    chosen = upstream.protocol
+    client = web.WebSocketResponse(protocols=(chosen,) if chosen else (), autoping=True,
+                                   max_msg_size=settings.max_request_body_bytes)
+    try:
+        await client.prepare(request)
+    except BaseException:
+        await upstream.close()
+        raise
+    await _run(Session(app, request, ticket, client, upstream, model))  # closes the upstream
+    return client
+
+
+async def _connect(request: web.Request, app: web.Application, path: str, headers: Headers,
+                   protocols: list[str]) -> aiohttp.ClientWebSocketResponse:
+    """The upstream socket at the same path and query; its refusal becomes the client's answer
+    (with the upstream's status), a failure to reach it 502 / 504."""
+    upstream = app[UPSTREAM]
+    query = request.rel_url.raw_query_string
+    url = _upstream_url(upstream.base_url, path + ("?" + query if query else ""))
+    try:
+        return await upstream.client.ws_connect(
+            url, protocols=protocols, headers=headers, autoping=True, compress=0,
+            max_msg_size=app[SETTINGS].max_request_body_bytes)
+    except aiohttp.WSServerHandshakeError as exc:
+        status = exc.status if exc.status >= 400 else 502
+        raise ProxyError(status, f"The upstream API refused the WebSocket (HTTP {exc.status})",
+                         type="invalid_request_error" if status < 500 else "server_error",
+                         code="upstream_refused") from exc
+    except TimeoutError as exc:
+        raise ProxyError(504, "The upstream API did not answer in time", type="server_error",
+                         code="upstream_timeout") from exc
+    except aiohttp.ClientError as exc:
+        raise ProxyError(502, f"The upstream API is unreachable: {type(exc).__name__}",
+                         type="server_error", code="upstream_unreachable") from exc
+
+
+async def _run(session: Session) -> None:
+    """Both directions until either side closes; the client's side is read in the handler task
+    (aiohttp's rule), the upstream's in a task of its own, never left behind."""
+    from_upstream = asyncio.create_task(_from_upstream(session), name="realtime-upstream")
+    code, reason = None, b""
+    try:
+        code, reason = await _from_client(session)
+    finally:
+        # Shielded: aiohttp cancels the handler once the client's connection is gone, and the
+        # responses still running must be drained and recorded all the same (bounded in time).
+        await uninterrupted(_end(session, from_upstream, code, reason))
+
+
+async def _end(session: Session, from_upstream: asyncio.Task[None], code: int | None,
+               reason: bytes) -> None:
+    """The client's side is over: drain what runs, close the upstream with the client's code,
+    and wait for the upstream's task (cancelled only past DRAIN_SECONDS)."""
+    session.leaving = True
+    if session.running and not session.upstream.closed:
+        await _drain(session, from_upstream)
+    if not session.upstream.closed:
+        with contextlib.suppress(Exception):
+            await session.upstream.close(code=_close_code(code), message=reason)
+    if not from_upstream.done():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(from_upstream), DRAIN_SECONDS)
+        from_upstream.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await from_upstream
+
+
+async def _drain(session: Session, from_upstream: asyncio.Task[None]) -> None:
+    """The client left mid-response: cancel what runs upstream and wait (DRAIN_SECONDS at most)
+    for its `response.done`, whose usage OpenAI bills."""
+    for response_id in list(session.running):
+        with contextlib.suppress(Exception):
+            await session.to_upstream(orjson.dumps(
+                {"type": "response.cancel", "response_id": response_id}).decode())
+    waiter = asyncio.ensure_future(session.drained.wait())
+    try:
+        await asyncio.wait({from_upstream, waiter}, timeout=DRAIN_SECONDS,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+
+
+async def _from_client(session: Session) -> tuple[int | None, bytes]:
+    """Client frames to the upstream, unchanged; a `response.create` is asked of the budget.
+    Returns the code and reason of the client's close frame, to pass on."""
+    client = session.client
+    while True:
+        message = await client.receive()
+        if message.type is WSMsgType.TEXT:
+            data: str = message.data
+            if '"response.create"' in data and not await _response_allowed(session, data):
+                continue
+            await session.to_upstream(data)
+        elif message.type is WSMsgType.BINARY:
+            await session.to_upstream(message.data)
+        elif message.type is WSMsgType.CLOSE:
+            return message.data, _reason(message.extra)
+        elif message.type in ENDED:
+            return None, b""
+
+
+def _reason(extra: Any) -> bytes:
+    return extra.encode()[:MAX_REASON] if isinstance(extra, str) else b""
+
+
+async def _response_allowed(session: Session, data: str) -> bool:
+    """Ask the gate for a client's `response.create`; refused: an `error` event instead."""
+    event = _decode(data)
+    if event is None or event.get("type") != "response.create":
+        return True
+    refused = await _refusal(session)
+    if refused is None:
+        return True
+    await session.to_client(_error_event(str(refused), BUDGET_EXCEEDED, event.get("event_id")))
+    return False
+
+
+async def _refusal(session: Session) -> BudgetExceeded | None:
+    """The gate asked as for any billable call (nothing reserved; counted when refused)."""
+    ticket = session.ticket
+    try:
+        admitted = await _admit(session.app, ticket.campaign_id, ticket.session_id, ticket.operation,
+                                ticket.facts, None)
+    except BudgetExceeded as exc:
+        return exc
+    session.meter.release(admitted)
+    return None
+
+
+async def _from_upstream(session: Session) -> None:
+    """Upstream frames to the client, unchanged; watched events metered first. When the upstream
+    closes, the client is closed with its code and reason."""
+    upstream = session.upstream
+    reason = b""
+    try:
+        while True:
+            message = await upstream.receive()
+            if message.type is WSMsgType.TEXT:
+                data: str = message.data
+                if any(name in data for name in WATCHED_SERVER):
+                    await _watch(session, data)
+                await session.to_client(data)
+            elif message.type is WSMsgType.BINARY:
+                await session.to_client(message.data)
+            elif message.type is WSMsgType.CLOSE:
+                reason = _reason(message.extra)
+                break
+            elif message.type in ENDED:
+                break
+    finally:
+        session.drained.set()
+        if not session.client.closed:
+            # No close code: the connection was lost, not closed (1006), sent as 1011.
+            with contextlib.suppress(Exception):
+                await session.client.close(code=_close_code(upstream.close_code or 1006),
+                                           message=reason)
+
+
+async def _watch(session: Session, data: str) -> None:
+    """Session model, responses started (cancelled at the limit), responses done (recorded)."""
+    event = _decode(data)
+    if event is None:
+        return
+    kind = event.get("type")
+    if kind in ("session.created", "session.updated"):
+        described = event.get("session")
+        model = described.get("model") if isinstance(described, dict) else None
+        if isinstance(model, str) and model:
+            session.model = model[:MAX_MODEL_LENGTH]
+    elif kind == "response.created":
+        response = event.get("response")
+        response_id = response.get("id") if isinstance(response, dict) else None
+        if isinstance(response_id, str):
+            session.running[response_id] = time.perf_counter()
+            session.drained.clear()
+            await _stop_if_over(session, response_id)
+    elif kind == "response.done":
+        await _record(session, event.get("response"))
+
+
+async def _stop_if_over(session: Session, response_id: str) -> None:
+    """A response started while the campaign is at its limit (the upstream's own, with server
+    VAD; the client's are asked before they are sent) is cancelled; the client is told."""
+    refused = await _refusal(session)
+    if refused is None:
+        return
+    await session.to_upstream(orjson.dumps({"type": "response.cancel", "response_id": response_id}).decode())
+    await session.to_client(_error_event(f"{refused} (response {response_id} was cancelled)",
+                                         BUDGET_EXCEEDED, None))
+
+
+async def _record(session: Session, response: Any) -> None:
+    """One ledger row for one `response.done`, spooled before the event goes on (uninterrupted:
+    a departing client never cuts a record short); a span and the duration metric."""
+    reported = from_realtime_response(response, session.model)
+    response_id = reported.response_id
+    started = session.running.pop(response_id, None) if response_id else None
+    if started is None:
+        started = session.ticket.started
+    meter = session.meter
+    entry = await uninterrupted(meter.record_part(session.ticket, reported, started=started))
+    if not session.running:
+        session.drained.set()
+    app = session.app
+    seconds = time.perf_counter() - started
+    app[METRICS].observe_operation(entry.operation, session.ticket.facts.model, entry.response_model,
+                                   seconds, "")
+    tracer = app[TRACER]
+    if tracer is not None:
+        facts = RequestFacts(reported.model, True, False, 0, None)
+        span = tracer.start(session.request.headers, [], entry.operation, entry.campaign_id,
+                            entry.session_id, facts, {}, started)
+        if span is not None:
+            status = response.get("status") if isinstance(response, dict) else None
+            span.finish = [status] if isinstance(status, str) else None
+            tracer.end(span, 200, None, entry, reported)

@@ -1,0 +1,297 @@
+"""Realtime API over WebSocket through the real proxy: the `openai` SDK's `realtime.connect` and
+aiohttp's WebSocket client against the loopback fake upstream's Realtime endpoint.
+
+Frames relayed unchanged both ways, one ledger row per `response.done` at its exact price (audio
+tokens at audio prices), the budget asked at the upgrade and before each `response.create`,
+client keys kept from the upstream, and both sides' closes passed on without leaving tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from fakeupstream import realtime_usage
+from ledger_check import assert_aggregates_match_ledger, ledger_rows
+
+from costing.money import to_units
+from costing.pricing import PriceTable
+
+HEADERS = {"X-Campaign-Id": "c1", "X-Session-Id": "s1"}
+SERVER_KEY = "sk-server-secret-0123"
+CLIENT_KEY = "pk-alpha-7f3c9e1b2d4a"
+
+
+def prices() -> PriceTable:
+    return PriceTable.load(default_per_1k_prompt=Decimal("0.00015"),
+                           default_per_1k_completion=Decimal("0.0006"))
+
+
+def expected_cost(model: str, text_in: int = 20, audio_in: int = 30, cached_text: int = 5,
+                  cached_audio: int = 10, text_out: int = 7, audio_out: int = 40) -> Decimal:
+    """What OpenAI bills for one response, from the price data: each kind at its own price."""
+    price = prices().quote(model).price
+    assert not prices().quote(model).priced_by_default and price.audio_input is not None
+    assert price.audio_output is not None
+    dollars = ((text_in - cached_text) * price.input + (cached_text + cached_audio) * price.cached_input
+               + (audio_in - cached_audio) * price.audio_input + text_out * price.output
+               + audio_out * price.audio_output) / Decimal(1_000_000)
+    return dollars.quantize(Decimal("1e-10"))
+
+
+def socket_url(proxy: Any, model: str = "gpt-realtime") -> str:
+    return f"ws://127.0.0.1:{proxy.port}/v1/realtime?model={model}"
+
+
+async def events_until(ws: aiohttp.ClientWebSocketResponse, kind: str) -> list[dict[str, Any]]:
+    seen = []
+    while True:
+        message = await asyncio.wait_for(ws.receive(), 10)
+        assert message.type is aiohttp.WSMsgType.TEXT, message
+        event = orjson.loads(message.data)
+        seen.append(event)
+        if event["type"] == kind:
+            return seen
+
+
+def realtime_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "realtime-upstream" and not t.done()]
+
+
+async def no_realtime_tasks_left() -> None:
+    for _ in range(100):
+        if not realtime_tasks():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"tasks left behind: {realtime_tasks()}")
+
+
+async def test_the_sdks_realtime_connect_works_through_the_proxy_and_each_response_is_a_row(proxy, fake):
+    async with proxy.client().realtime.connect(model="gpt-realtime") as connection:
+        created = await asyncio.wait_for(connection.recv(), 10)
+        assert created.type == "session.created"
+        for _ in range(2):
+            await connection.response.create()
+            async for event in connection:
+                if event.type == "response.done":
+                    break
+    await proxy.flush()
+    rows = await ledger_rows(proxy.engine)
+    assert len(rows) == 2
+    for row in rows:
+        assert (row.campaign_id, row.session_id, row.operation) == ("c1", "s1", "realtime")
+        assert (row.request_model, row.response_model) == ("gpt-realtime", "gpt-realtime")
+        assert (row.input_tokens, row.cached_input_tokens, row.output_tokens) == (50, 15, 47)
+        assert (row.audio_input_tokens, row.audio_output_tokens) == (20, 40)
+        assert row.cost_usd == expected_cost("gpt-realtime")
+        assert row.streamed and not row.estimated and not row.priced_by_default
+    assert {row.response_id for row in rows} == {"resp_1", "resp_2"}
+    await assert_aggregates_match_ledger(proxy.engine)
+    seen = fake.requests[0]
+    assert seen.query == "model=gpt-realtime"
+    assert "X-Campaign-Id" not in seen.headers and seen.headers["Authorization"] == "Bearer sk-test-key"
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-realtime-preview-2024-12-17", "gpt-4o-mini-realtime-preview"])
+async def test_the_session_model_prices_each_response(proxy, fake, model):
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            socket_url(proxy, "gpt-realtime"), headers=HEADERS) as ws:
+        await events_until(ws, "session.created")
+        await ws.send_str(orjson.dumps({"type": "session.update", "session": {"model": model}}).decode())
+        await events_until(ws, "session.updated")
+        await ws.send_str('{"type":"response.create"}')
+        await events_until(ws, "response.done")
+    await proxy.flush()
+    [row] = await ledger_rows(proxy.engine)
+    assert row.response_model == model and row.cost_usd == expected_cost(model)
+
+
+async def test_frames_are_relayed_unchanged_both_ways_and_recorded_before_the_done_goes_out(proxy, fake):
+    sent_text = ['{"type":"conversation.item.create",  "item": {"text":"Le dragon \\u00e9veill\\u00e9 🐉"}}',
+                 '{ "type" : "input_audio_buffer.append", "audio": "AAAA" }']
+    sent_binary = [bytes(range(256)), b"\x00" * 70_000]
+    received: list[str | bytes] = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(socket_url(proxy), headers=HEADERS,
+                                                                  max_msg_size=0) as ws:
+        for text in sent_text:
+            await ws.send_str(text)
+        for blob in sent_binary:
+            await ws.send_bytes(blob)
+        await ws.send_str('{"type":"response.create"}')
+        while True:
+            message = await asyncio.wait_for(ws.receive(), 10)
+            received.append(message.data)
+            if message.type is aiohttp.WSMsgType.TEXT and '"response.done"' in message.data:
+                # Spooled before it was relayed: the campaign's spend counts it already.
+                assert proxy.gate.views["c1"].total_spent == to_units(expected_cost("gpt-realtime"))
+                break
+    assert fake.realtime_received[:4] == [*sent_text, *sent_binary]
+    assert received == fake.realtime_sent
+    assert sum(isinstance(frame, bytes) for frame in received) == 2
+    await no_realtime_tasks_left()
+
+
+async def test_a_campaign_at_its_limit_is_refused_429_before_the_upgrade(proxy, fake):
+    async with aiohttp.ClientSession() as http:
+        put = await http.put(f"{proxy.url}/costs/campaigns/c1/budget",
+                             json={"warning_usd": "0", "limit_usd": "0"})
+        assert put.status == 200
+        with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+            await http.ws_connect(socket_url(proxy), headers=HEADERS)
+        assert caught.value.status == 429
+        async with http.get(f"{proxy.url}/v1/realtime?model=gpt-realtime", headers={
+                **HEADERS, "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as response:
+            assert response.status == 429 and response.headers["x-should-retry"] == "false"
+            assert (await response.json())["error"]["code"] == "budget_exceeded"
+    assert fake.requests == []
+
+
+async def test_past_the_limit_mid_session_a_response_create_gets_an_error_event_and_the_socket_stays(
+        proxy, fake):
+    async with aiohttp.ClientSession() as http:
+        limit = str(expected_cost("gpt-realtime") / 2)
+        put = await http.put(f"{proxy.url}/costs/campaigns/c1/budget",
+                             json={"warning_usd": "0", "limit_usd": limit})
+        assert put.status == 200
+        async with http.ws_connect(socket_url(proxy), headers=HEADERS) as ws:
+            await events_until(ws, "session.created")
+            await ws.send_str('{"type":"response.create"}')
+            await events_until(ws, "response.done")  # admitted under the limit, billed past it
+            await ws.send_str('{"type":"response.create","event_id":"evt_2"}')
+            [error] = await events_until(ws, "error")
+            assert error["error"]["code"] == "budget_exceeded"
+            assert error["error"]["event_id"] == "evt_2" and "c1" in error["error"]["message"]
+            await ws.send_str('{"type":"session.update","session":{}}')  # still open, still relayed
+            await events_until(ws, "session.updated")
+    creates = [f for f in fake.realtime_received if isinstance(f, str) and "response.create" in f]
+    assert len(creates) == 1
+    await proxy.flush()
+    assert len(await ledger_rows(proxy.engine)) == 1
+
+
+async def test_a_response_the_upstream_starts_at_the_limit_is_cancelled(proxy, fake):
+    """Server VAD: the upstream starts responses by itself; at the limit they are cancelled."""
+    hold = fake.behaviour.realtime_hold = asyncio.Event()
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(socket_url(proxy), headers=HEADERS) as ws:
+            await events_until(ws, "session.created")
+            await ws.send_str('{"type":"response.create"}')  # admitted: the campaign is under it
+            await events_until(ws, "response.created")
+            put = await http.put(f"{proxy.url}/costs/campaigns/c1/budget",
+                                 json={"warning_usd": "0", "limit_usd": "0"})
+            assert put.status == 200
+            hold.set()
+            await events_until(ws, "response.done")
+            fake.behaviour.realtime_hold = asyncio.Event()
+            # As server VAD would: the upstream starts a response the client never asked for.
+            await ws.send_str('{"type":"fake.vad"}')
+            events = await events_until(ws, "response.done")
+    assert [e["error"]["code"] for e in events if e["type"] == "error"] == ["budget_exceeded"]
+    assert events[-1]["response"]["status"] == "cancelled"
+    assert any(isinstance(f, str) and '"response.cancel"' in f for f in fake.realtime_received)
+
+
+async def test_the_client_key_never_reaches_the_upstream(start_proxy, fake):
+    proxy = await start_proxy(proxy_api_keys=CLIENT_KEY, openai_api_key=SERVER_KEY)
+    protocols = ("realtime", f"openai-insecure-api-key.{CLIENT_KEY}", "openai-beta.realtime-v1")
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(socket_url(proxy), headers={
+                **HEADERS, "Authorization": f"Bearer {CLIENT_KEY}"}) as ws:
+            await events_until(ws, "session.created")
+        async with http.ws_connect(socket_url(proxy), headers=HEADERS, protocols=protocols) as ws:
+            assert ws.protocol == "realtime"  # a browser: the key in a subprotocol
+            await events_until(ws, "session.created")
+        for bad in ((f"openai-insecure-api-key.{CLIENT_KEY}x",), ()):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+                await http.ws_connect(socket_url(proxy), headers=HEADERS, protocols=bad)
+            assert caught.value.status == 401
+    assert len(fake.requests) == 2
+    for seen in fake.requests:
+        assert seen.headers["Authorization"] == f"Bearer {SERVER_KEY}"
+        assert CLIENT_KEY not in str(seen.headers)
+    assert "openai-beta.realtime-v1" in fake.requests[1].headers["Sec-WebSocket-Protocol"]
+
+
+async def test_without_proxy_keys_a_browsers_key_goes_upstream_as_sent(start_proxy, fake):
+    proxy = await start_proxy(openai_api_key=SERVER_KEY)
+    protocols = ("realtime", "openai-insecure-api-key.sk-user-key")
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            socket_url(proxy), headers=HEADERS, protocols=protocols) as ws:
+        await events_until(ws, "session.created")
+    [seen] = fake.requests
+    assert "openai-insecure-api-key.sk-user-key" in seen.headers["Sec-WebSocket-Protocol"]
+    assert "Authorization" not in seen.headers  # the client's own key, not the server's beside it
+
+
+async def test_a_client_leaving_mid_response_cancels_it_and_its_usage_is_recorded(proxy, fake):
+    fake.behaviour.realtime_hold = asyncio.Event()
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(socket_url(proxy), headers=HEADERS)
+        await events_until(ws, "session.created")
+        await ws.send_str('{"type":"response.create"}')
+        await events_until(ws, "response.output_text.delta")
+        await ws.close(code=4001, message=b"table closed")
+    await asyncio.wait_for(fake.realtime_closed.wait(), 10)
+    assert any(isinstance(f, str) and '"response.cancel"' in f for f in fake.realtime_received)
+    assert fake.realtime_closes == [(4001, "table closed")]
+    await no_realtime_tasks_left()
+    await proxy.flush()
+    [row] = await ledger_rows(proxy.engine)
+    assert (row.input_tokens, row.output_tokens, row.response_id) == (3, 1, "resp_1")
+    assert row.cost_usd == expected_cost("gpt-realtime", text_in=3, audio_in=0, cached_text=0,
+                                         cached_audio=0, text_out=1, audio_out=0)
+
+
+async def test_the_upstream_closing_closes_the_client_with_its_code(proxy, fake):
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(socket_url(proxy), headers=HEADERS)
+        await events_until(ws, "session.created")
+        await ws.send_str('{"type":"response.create"}')
+        await events_until(ws, "response.done")
+        await ws.send_str('{"type":"fake.close","code":4000,"reason":"session expired"}')
+        message = await asyncio.wait_for(ws.receive(), 10)
+        assert message.type is aiohttp.WSMsgType.CLOSE
+        assert (message.data, message.extra) == (4000, "session expired")
+        await ws.close()
+    await no_realtime_tasks_left()
+    await proxy.flush()
+    assert len(await ledger_rows(proxy.engine)) == 1
+
+
+def test_realtime_usage_counts_cached_audio_once():
+    from costing.usage import realtime_usage as parse
+
+    usage = parse(realtime_usage())
+    assert usage is not None
+    assert (usage.input_tokens, usage.cached_input_tokens, usage.audio_input_tokens) == (50, 15, 20)
+    assert (usage.output_tokens, usage.audio_output_tokens) == (47, 40)
+    assert parse(None) is None
+
+
+async def test_each_response_done_is_a_span_in_the_callers_trace(start_proxy, fake):
+    from otlpreceiver import OTLPReceiver
+
+    trace, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with OTLPReceiver() as receiver:
+        proxy = await start_proxy(otel_exporter_otlp_endpoint=receiver.url, otel_bsp_schedule_delay=20)
+        async with aiohttp.ClientSession() as http, http.ws_connect(socket_url(proxy), headers={
+                **HEADERS, "traceparent": f"00-{trace}-{parent}-01"}) as ws:
+            for _ in range(2):
+                await ws.send_str('{"type":"response.create"}')
+                await events_until(ws, "response.done")
+        spans = await receiver.wait_for(2)
+    assert "traceparent" not in fake.requests[0].headers  # the caller's never goes upstream
+    for got in spans:
+        assert got.span.name == "chat gpt-realtime"
+        assert (got.span.trace_id.hex(), got.span.parent_span_id.hex()) == (trace, parent)
+        attrs = got.attributes
+        assert attrs["openai.api.type"] == "realtime"
+        assert attrs["gen_ai.response.finish_reasons"] == ["completed"]
+        assert (attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.output_tokens"]) == (50, 47)
+        assert attrs["llm_proxy.cost.usd"] == pytest.approx(float(expected_cost("gpt-realtime")))
+    assert {got.attributes["gen_ai.response.id"] for got in spans} == {"resp_1", "resp_2"}
