@@ -284,8 +284,13 @@ class Spool:
         self._probed_at = now
         try:
             segment = self._segment if self._segment is not None else self._rotate()
-            os.write(segment.fd, PROBE)
-            os.ftruncate(segment.fd, segment.size)
+            try:
+                # A short write is a full disk too: a page's last free bytes take part of the
+                # probe without an error, and the next record would not fit.
+                if os.write(segment.fd, PROBE) != len(PROBE):
+                    raise OSError(errno.ENOSPC, "short write: the disk is full")
+            finally:
+                os.ftruncate(segment.fd, segment.size)
         except OSError as exc:
             self.last_error = f"{exc.strerror or exc}"
             return False

@@ -35,7 +35,10 @@ from sqlalchemy import func, select
 
 from costing.db import create_engine
 from costing.models import UsageRecord
+from costing.records import UsageEntry, new_id
 from costing.settings import parse_database_url
+from costing.spool import Spool
+from costing.usage import Usage
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -244,6 +247,37 @@ def fill(directory: Path) -> Path:
             while True:
                 file.write(b"x")
     return filler
+
+
+def test_a_probe_that_fits_only_partly_finds_the_disk_still_full(tmp_path):
+    """A full disk's last page may still take a few bytes of the probe without an error: that is
+    no room for a record, and the spool stays refused (else every half second one more call is
+    answered whose record cannot be spooled)."""
+    with tmpfs(tmp_path / "disk", "size=64k") as mount:
+        spool = Spool(mount / "spool")
+        spool.open()
+        spool.append(spool_entry(0))  # the open segment: one page, partly used
+        filler = fill(mount)
+        with pytest.raises(OSError):
+            for i in range(1, 100):  # the page fills up until a record no longer fits
+                spool.append(spool_entry(i))
+        assert not spool.healthy
+        assert spool.directory is not None
+        segment = next(spool.directory.glob("*.spool"))
+        size = segment.stat().st_size
+        spool._probed_at = 0.0  # the next probe is due
+        assert not spool.usable()
+        assert segment.stat().st_size == size  # the probe's bytes are gone again
+        filler.unlink()
+        spool._probed_at = 0.0
+        assert spool.usable()
+        spool.close()
+
+
+def spool_entry(i: int) -> UsageEntry:
+    return UsageEntry("c1", f"s{i}", "chat.completions", "gpt-4o-mini", "gpt-4o-mini-2024-07-18",
+                      Usage(120, 0, 48), 4_512_000, False, False, True, 200, 350,
+                      1_764_550_000_000_000 + i, f"chatcmpl-{i}", None, None, id=new_id())
 
 
 async def test_a_full_disk_refuses_metered_requests_and_loses_nothing(database_url, fake, tmp_path):
