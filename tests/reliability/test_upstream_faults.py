@@ -31,7 +31,7 @@ from sqlalchemy import inspect, text
 
 CHAT: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 TAGS = {"X-Campaign-Id": "c1", "X-Session-Id": "s1"}
-CLOSE = b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+CLOSE = b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 # The HTTP edge does not touch the database: one backend is enough for those tests.
 sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])
 
@@ -399,8 +399,8 @@ async def test_client_disconnect_during_an_upstream_pause_closes_the_upstream_pr
 ], ids=["cl-te", "te-cl", "two-cl", "te-obfuscated", "te-not-last-chunked"])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/files"])
 async def test_request_smuggling_shapes_are_refused_and_never_forwarded(proxy, fake, head, path):
-    body = b"0\r\n\r\nPOST /v1/smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
-    status, _, _ = await raw_http(proxy.port, b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+    body = b"0\r\n\r\nPOST /v1/smuggled HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}"
+    status, _, _ = await raw_http(proxy.port, b"POST " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\n"
                                   + head + b"\r\n" + body)
     assert status == 400
     assert fake.requests == []
@@ -414,7 +414,7 @@ async def test_request_smuggling_shapes_are_refused_and_never_forwarded(proxy, f
     b"".join(b"X-H%d: v\r\n" % i for i in range(200)),
 ], ids=["one-huge-header", "too-many-headers"])
 async def test_oversized_headers_are_refused(proxy, fake, extra):
-    status, _, _ = await raw_http(proxy.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    status, _, _ = await raw_http(proxy.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                                   b"Content-Length: 2\r\n" + extra + b"\r\n{}")
     assert status in (400, 431)
     assert fake.requests == []
@@ -435,8 +435,9 @@ async def test_a_body_over_max_request_body_bytes_is_a_413_and_not_forwarded(sta
         head = b"Transfer-Encoding: chunked\r\n"
     else:
         framed, head = payload, b"Content-Length: %d\r\n" % len(payload)
-    status, _, body = await raw_http(proxy.port, b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
-                                     b"Content-Type: application/json\r\n" + head + b"\r\n" + framed)
+    status, _, body = await raw_http(proxy.port, b"POST " + path.encode() + b" HTTP/1.1\r\n"
+                                     b"Host: localhost\r\nContent-Type: application/json\r\n"
+                                     + head + b"\r\n" + framed)
     assert status == 413
     assert_error_shape(orjson.loads(body), "request_too_large")
     assert fake.requests == []
@@ -455,7 +456,7 @@ async def test_a_chunked_body_over_the_limit_on_a_billable_path_is_a_413_and_no_
     whole, nothing is billed, so no ledger row; the budget's reservation is released."""
     proxy = await start_proxy(max_request_body_bytes=4096)
     framed = b"".join(b"400\r\n" + b"a" * 1024 + b"\r\n" for _ in range(8)) + b"0\r\n\r\n"
-    status, _, body = await raw_http(proxy.port, b"POST /v1/files HTTP/1.1\r\nHost: x\r\n"
+    status, _, body = await raw_http(proxy.port, b"POST /v1/files HTTP/1.1\r\nHost: localhost\r\n"
                                      b"Transfer-Encoding: chunked\r\n\r\n" + framed)
     assert fake.requests == []
     assert status == 413
@@ -488,7 +489,7 @@ async def test_dot_segments_cannot_escape_v1(proxy, fake, target):
 @sqlite_only
 async def test_an_absolute_form_target_is_not_a_500_and_goes_only_to_the_upstream(proxy, fake):
     status, _, body = await raw_http(proxy.port, b"GET http://evil.example/v1/models HTTP/1.1\r\n"
-                                     b"Host: evil.example\r\nConnection: close\r\n\r\n")
+                                     b"Host: localhost\r\nConnection: close\r\n\r\n")
     assert status < 500, body
     assert all(r.path == "/v1/models" for r in fake.requests)
 
