@@ -124,5 +124,5 @@ def _classify_other(method: str, path: str) -> Endpoint:
     if _FREE.fullmatch(path):
         return _PASS
     # Unknown: gated and recorded; named by its first segment (the ledger column holds 32).
-    first = path.removeprefix("/v1/").split("/", 1)[0]
+    first = path.removeprefix("/v1/").split("/", 1)[0].replace("\x00", "\ufffd")  # (see usage._str)
     return Endpoint(Kind.BILLABLE, (first or "unknown")[:32])

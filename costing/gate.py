@@ -249,10 +249,17 @@ class BudgetGate:
 
     def on_flushed(self, batch: Sequence[UsageEntry], inserted: Sequence[UsageEntry],
                    _seconds: float) -> None:
+        # A view may be gone: a campaign whose only unwritten records cost nothing is idle, and
+        # its view is forgotten after IDLE_VIEW_SECONDS, however long the database was away.
+        views = self.views
         for entry in batch:
-            self.views[entry.campaign_id].pending -= entry.cost_units
+            view = views.get(entry.campaign_id)
+            if view is not None:
+                view.pending -= entry.cost_units
         for entry in inserted:
-            view = self.views[entry.campaign_id]
+            view = views.get(entry.campaign_id)
+            if view is None:
+                continue
             view.spent += entry.cost_units
             view.lease = max(view.lease - entry.cost_units, 0)
             view.flushed += entry.cost_units

@@ -187,18 +187,29 @@ class Ledger:
                     self._buffer.popleft()
             if self.spool is not None:
                 self.spool.release(entries)
-            for listener in self.listeners:
+            self._tell(entries, inserted, elapsed)
+
+    def _tell(self, entries: Sequence[UsageEntry], inserted: Sequence[UsageEntry],
+              elapsed: float) -> None:
+        """Run every listener, whatever one of them raises: the batch is committed (a failing
+        listener must not make the writer take it for a failed write), and the others' books
+        (the budget's pending cost, metrics, session totals, the feed) must still move."""
+        for listener in self.listeners:
+            try:
                 listener(entries, inserted, elapsed)
+            except Exception:
+                log.exception("a ledger listener failed")
 
     async def _write_apart(self) -> bool:
         """After a failed batch, tell a bad record from a database that is away.
 
-        The batch is written record by record. A record is dropped (logged, counted) only when
-        the database refused its values twice (a data error, not a connection or server state
-        error) while other records of the batch went in: one value the database cannot store
-        must not stop every other record. Anything else stays in the buffer, in order. False
-        when nothing went in, so the writer backs off and retries (an outage, a full disk, a
-        read-only standby).
+        The batch is written record by record. A record is dropped (logged, counted) when the
+        database refused its values twice (a data error or a constraint, SQLSTATE classes 22 and
+        23; not a connection or server state error): one value the database cannot store must
+        not stop every other record, nor, alone in the buffer, the writer (a shutdown would wait
+        on it, and fail-closed refuse every call until a good record came). Anything else stays
+        in the buffer, in order. False when nothing went in or was dropped, so the writer backs
+        off and retries (an outage, a full disk, a read-only standby).
         """
         batch = list(islice(self._buffer, self.batch_size))
         kept: list[UsageEntry] = []
@@ -213,7 +224,7 @@ class Ledger:
                 bad.append((entry, error))
             else:
                 kept.append(entry)
-        if not written:
+        if not written and not bad:
             return False
         for _ in batch:
             self._buffer.popleft()
@@ -227,8 +238,7 @@ class Ledger:
         log.error("usage record %s refused by the database, dropped: %s", entry.id, error)
         if self.spool is not None:
             self.spool.release([entry])  # replaying it would only be refused again
-        for listener in self.listeners:
-            listener([entry], [], 0.0)  # releases what the gate counted as pending
+        self._tell([entry], [], 0.0)  # releases what the gate counted as pending
         for on_drop in self.drop_listeners:
             on_drop(entry)
 

@@ -157,7 +157,13 @@ def web_search_calls(output: Any) -> int:
 
 
 def _str(value: Any, limit: int) -> str | None:
-    return value[:limit] if isinstance(value, str) and value else None
+    """A model name or id as the ledger stores it: cut to its column, and without NUL characters
+    (PostgreSQL text cannot hold one: a client's `"model": "a\u0000b"` would be a record the
+    database refuses)."""
+    if not isinstance(value, str) or not value:
+        return None
+    value = value[:limit]
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
 def from_body(body: Any) -> Reported:
