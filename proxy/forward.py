@@ -307,11 +307,21 @@ async def _billable(request: web.Request, app: web.Application, headers: Headers
                     length: int | None, endpoint: Endpoint, campaign_id: str, session_id: str,
                     timing: Timing) -> web.StreamResponse:
     """A billable call the proxy cannot price: gated by the budget, forwarded untouched (the
-    body streamed: uploads can be large), recorded at cost 0 so the ledger shows it."""
+    body streamed: uploads can be large), recorded at cost 0 so the ledger shows it, and traced
+    as its row says (the upstream gets the proxy's span id, never the caller's)."""
     meter = app[METER]
-    ticket = await _admit(app, campaign_id, session_id, endpoint.operation, UNPRICED,
-                          request.headers.get("Authorization"))
+    tracer = app[TRACER]
+    span = (tracer.start(request.headers, headers, endpoint.operation, campaign_id, session_id,
+                         UNPRICED, {}, timing.started) if tracer is not None else None)
+    try:
+        ticket = await _admit(app, campaign_id, session_id, endpoint.operation, UNPRICED,
+                              request.headers.get("Authorization"))
+    except BudgetExceeded:
+        if span is not None:
+            span.tracer.end(span, 429, "budget_exceeded", None, None)
+        raise
     outcome = Outcome()
+    entry: UsageEntry | None = None
     try:
         return await _pass_through(request, app, headers, length, timing, outcome,
                                    campaign_headers(meter, campaign_id))
@@ -322,7 +332,10 @@ async def _billable(request: web.Request, app: web.Application, headers: Headers
         if outcome.failure == "request_too_large":
             meter.release(ticket)
         else:
-            meter.record_unpriced(ticket, status=outcome.status)
+            entry = meter.record_unpriced(ticket, status=outcome.status)
+        if span is not None:
+            span.tracer.end(span, outcome.status, error_type(outcome.status, outcome.failure), entry,
+                            None)
 
 
 async def _admit(app: web.Application, campaign_id: str, session_id: str, operation: str,

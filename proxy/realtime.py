@@ -170,6 +170,7 @@ class Session:
 async def relay(request: web.Request, path: str) -> web.StreamResponse:
     """Handle a WebSocket upgrade under /v1/: checks as for HTTP (keys, tags, budget), then the
     upstream socket, then the client's; errors before the upgrade are plain HTTP answers."""
+    received = time.perf_counter()
     app = request.app
     settings = app[SETTINGS]
     protocols = offered_protocols(request.headers)
@@ -182,7 +183,11 @@ async def relay(request: web.Request, path: str) -> web.StreamResponse:
     model = request.query.get("model", "")[:MAX_MODEL_LENGTH] or None
     authorization = checked.get(hdrs.AUTHORIZATION)
     facts = RequestFacts(model, True, False, 0, 0)  # nothing reserved: refused only at the limit
-    ticket = await _admit(app, campaign_id, session_id, WEBSOCKET.operation, facts, authorization)
+    try:
+        ticket = await _admit(app, campaign_id, session_id, WEBSOCKET.operation, facts, authorization)
+    except BudgetExceeded:
+        _refused_span(app, request, campaign_id, session_id, facts, received)
+        raise
     app[METER].release(ticket)  # a gate check: each response.done is charged as it comes
     headers = socket_headers(request, settings, key)
     if app[TRACER] is not None:  # spans are per response; the caller's context is not passed on
@@ -312,6 +317,8 @@ async def _refusal(session: Session) -> BudgetExceeded | None:
         admitted = await _admit(session.app, ticket.campaign_id, ticket.session_id, ticket.operation,
                                 ticket.facts, None)
     except BudgetExceeded as exc:
+        _refused_span(session.app, session.request, ticket.campaign_id, ticket.session_id,
+                      RequestFacts(session.model, True, False, 0, 0), time.perf_counter())
         return exc
     session.meter.release(admitted)
     return None
@@ -404,3 +411,11 @@ async def _record(session: Session, response: Any) -> None:
             status = response.get("status") if isinstance(response, dict) else None
             span.finish = [status] if isinstance(status, str) else None
             tracer.end(span, 200, None, entry, reported)
+
+
+def _refused_span(app: web.Application, request: web.Request, campaign_id: str, session_id: str,
+                  facts: RequestFacts, received: float) -> None:
+    """A socket or a response the budget refused: its span, as for any refused call."""
+    tracer = app[TRACER]
+    if tracer is not None:
+        tracer.refused(request.headers, "realtime", campaign_id, session_id, facts, received)

@@ -67,6 +67,14 @@ class Tracer:
                     self.epoch_offset_ns + int(received * 1e9), operation,
                     campaign_id, session_id, facts, spans.max_tokens(body), content)
 
+    def refused(self, request_headers: CIMultiDictProxy[str], operation: str, campaign_id: str,
+                session_id: str, facts: RequestFacts, received: float) -> None:
+        """A call the budget gate refused before anything went upstream: its span, ended at once
+        with `error.type` budget_exceeded."""
+        span = self.start(request_headers, [], operation, campaign_id, session_id, facts, {}, received)
+        if span is not None:
+            self.end(span, 429, "budget_exceeded", None, None)
+
     def answered(self, span: Span, body: Any) -> None:
         """A non-streamed answer's finish reasons (and output, when captured), from its decoded body."""
         reasons, output = spans.body_outcome(span.operation, body, self.capture_content)

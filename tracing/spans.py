@@ -32,6 +32,15 @@ OPERATION_NAMES = {
     # One span per response of a Realtime WebSocket session (see proxy.realtime).
     "realtime": ("chat", "realtime"),
 }
+
+
+def operation_names(operation: str) -> tuple[str, str | None]:
+    """gen_ai.operation.name and openai.api.type of one of the proxy's operations; a billable
+    call it cannot price (`images.generations`, `audio.speech`...) is named as the ledger names
+    it, the conventions having no name for it."""
+    return OPERATION_NAMES.get(operation) or (operation, None)
+
+
 PROVIDER = "openai"
 UNTAGGED = "_untagged"
 CONTENT_LIMIT = 16 * 1024  # characters per captured-content attribute; longer JSON is cut
@@ -82,7 +91,7 @@ class Span:
 
     @property
     def name(self) -> str:
-        operation = OPERATION_NAMES[self.operation][0]
+        operation = operation_names(self.operation)[0]
         model = self.facts.model
         return f"{operation} {model}" if model else operation
 
@@ -219,11 +228,14 @@ def repeating_attributes(values: Shape) -> Attributes:
     """The attributes of a span's `shape`, typed as the conventions say."""
     (operation_key, model, stream, max_tokens, response_model, campaign_id, session_id, status,
      error_type, reasons, estimated, priced_by_default, budget, server) = values
-    operation, api_type = OPERATION_NAMES[operation_key]
+    operation, api_type = operation_names(operation_key)
     attrs: Attributes = [
         ("gen_ai.operation.name", operation),
         ("gen_ai.provider.name", PROVIDER),
-        ("openai.api.type", api_type),
+    ]
+    if api_type is not None:
+        attrs.append(("openai.api.type", api_type))
+    attrs += [
         ("server.address", server[0]),
         ("server.port", server[1]),
         ("llm_proxy.campaign.id", campaign_id),

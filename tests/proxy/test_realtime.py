@@ -295,3 +295,27 @@ async def test_each_response_done_is_a_span_in_the_callers_trace(start_proxy, fa
         assert (attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.output_tokens"]) == (50, 47)
         assert attrs["llm_proxy.cost.usd"] == pytest.approx(float(expected_cost("gpt-realtime")))
     assert {got.attributes["gen_ai.response.id"] for got in spans} == {"resp_1", "resp_2"}
+
+
+async def test_refusals_at_the_upgrade_and_in_the_socket_are_spans_too(start_proxy, fake):
+    from otlpreceiver import OTLPReceiver
+
+    async with OTLPReceiver() as receiver, aiohttp.ClientSession() as http:
+        proxy = await start_proxy(otel_exporter_otlp_endpoint=receiver.url, otel_bsp_schedule_delay=20)
+        limit = str(expected_cost("gpt-realtime") / 2)
+        await http.put(f"{proxy.url}/costs/campaigns/c1/budget",
+                       json={"warning_usd": "0", "limit_usd": limit})
+        async with http.ws_connect(socket_url(proxy), headers=HEADERS) as ws:
+            await ws.send_str('{"type":"response.create"}')
+            await events_until(ws, "response.done")  # billed past the limit
+            await ws.send_str('{"type":"response.create"}')
+            await events_until(ws, "error")  # refused in the socket
+        with pytest.raises(aiohttp.WSServerHandshakeError):  # refused at the upgrade
+            await http.ws_connect(socket_url(proxy), headers=HEADERS)
+        spans = await receiver.wait_for(3)
+    refused = [got for got in spans if got.attributes.get("error.type") == "budget_exceeded"]
+    assert len(refused) == 2
+    for got in refused:
+        assert got.span.name == "chat gpt-realtime"
+        assert got.attributes["http.response.status_code"] == 429
+        assert got.attributes["llm_proxy.campaign.id"] == "c1"

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from ledger_check import ledger_rows
@@ -148,6 +149,32 @@ async def test_upstream_errors_and_refusals_carry_error_type(traced, receiver, f
     assert got.attributes["http.response.status_code"] == 429
     assert got.attributes["llm_proxy.budget.status"] == "exceeded"
     assert got.span.status.code == Status.StatusCode.STATUS_CODE_ERROR
+
+
+async def test_a_billable_call_it_cannot_price_is_a_span_as_its_row_says(traced, receiver, fake):
+    """Its row's figures (cost 0, priced by default) and its operation's name; the upstream gets
+    the proxy's span id, never the caller's; refused by the budget, a span all the same."""
+    proxy = await traced()
+    async with aiohttp.ClientSession() as http:
+        await http.post(f"{proxy.url}/v1/images/generations", json={"prompt": "a goblin king"},
+                        headers={"X-Campaign-Id": "c1", "traceparent": traceparent()})
+        (got,) = await receiver.wait_for(1)
+        assert got.span.name == "images.generations"
+        assert got.span.parent_span_id.hex() == CALLER_SPAN
+        assert upstream_traceparent(fake) == f"00-{CALLER_TRACE}-{got.span.span_id.hex()}-01"
+        attrs = got.attributes
+        assert attrs["gen_ai.operation.name"] == "images.generations"
+        assert "openai.api.type" not in attrs
+        assert attrs["llm_proxy.cost.usd"] == 0.0 and attrs["llm_proxy.priced_by_default"] is True
+        await http.put(f"{proxy.url}/costs/campaigns/c1/budget", json={"warning_usd": "0",
+                                                                       "limit_usd": "0"})
+        refused = await http.post(f"{proxy.url}/v1/images/generations", json={"prompt": "x"},
+                                  headers={"X-Campaign-Id": "c1"})
+        assert refused.status == 429
+        _, got = await receiver.wait_for(2)
+        assert got.attributes["error.type"] == "budget_exceeded"
+    await proxy.flush()
+    assert len(await ledger_rows(proxy.engine)) == 1
 
 
 async def test_an_upstream_failure_is_the_status_as_a_string(traced, receiver, fake):
