@@ -106,7 +106,8 @@ def worst_case_units(quote: Quote, facts: RequestFacts, default_max_output: int)
         max_output = min(per_choice * facts.candidates, MAX_TOKENS)
     price = quote.price
     audio_dearer = price.audio_output is not None and price.audio_output > price.output
-    return cost_units(price, Usage(prompt, 0, max_output, 0, 0, max_output if audio_dearer else 0))
+    return cost_units(price, Usage(prompt, 0, max_output, 0, 0, max_output if audio_dearer else 0,
+                                   1 if price.search_every_call else 0))
 
 
 def admits(spent: Decimal, outstanding: Decimal, reservation: Decimal, budget: Budget) -> bool:

@@ -181,8 +181,10 @@ class Meter:
         response_model = reported.model if reported else None
         tier = (reported.service_tier if reported else None) or ticket.facts.service_tier
         price, by_default = self._price(response_model, ticket, tier)
-        if price.search_every_call and usage.web_search_calls < 1 and 200 <= status < 300:
-            usage.web_search_calls = 1  # billed per call: the ledger shows the search
+        if price.search_every_call and usage.web_search_calls < 1 and (estimated or 200 <= status < 300):
+            # Billed per call, when the call is billed at all (answered, or work the upstream
+            # did for a client that left): the ledger shows the search.
+            usage.web_search_calls = 1
         entry = self._entry(ticket.campaign_id, ticket.session_id, ticket.operation,
                             ticket.facts.model, reported if 200 <= status < 300 else None, usage,
                             price, by_default, tier, estimated, streamed, status, ticket.started,

@@ -153,9 +153,8 @@ def cost_units(price: Price, usage: Usage) -> int:
     text_out = usage.output_tokens - audio_out
     if text_out < 0:
         text_out = 0
-    searches = usage.web_search_calls
-    if price.search_every_call and searches < 1:
-        searches = 1
+    searches = usage.web_search_calls  # a search model's per-call search: set by the meter on
+    # answered calls only (OpenAI bills no failed request), and by the reservation
     units = price.units
     if units is not None:  # the same value as below, without Decimal division and rounding
         return (text_in * units[0] + cached * units[1] + text_out * units[2] + audio_in * units[3]

@@ -84,7 +84,8 @@ def test_our_cost_is_the_library_price_to_the_last_quantum(model, shape, tier, w
     assert not quote.priced_by_default
     expected = library.total_price.quantize(QUANTUM, rounding=ROUND_HALF_EVEN)
     if model == "gpt-4o-search-preview":  # override: $25 per 1k searches, one per call at least
-        searches = max(ours.web_search_calls, 1)
+        # (the meter counts that search on a billed call; see the proxy's search-model test)
+        ours.web_search_calls = searches = max(ours.web_search_calls, 1)
         expected = (library.total_price - theirs.web_searches * Decimal(10) / 1000
                     + searches * Decimal(25) / 1000).quantize(QUANTUM)
     assert cost(quote.price, ours) == expected
@@ -98,9 +99,10 @@ OVERRIDDEN = [
     ("gpt-4o-audio-preview-2024-10-01", Usage(1000, 0, 1000, 0, 1000, 1000), (1000 * 100 + 1000 * 200) / M),
     ("gpt-4o-mini-audio-preview", Usage(2000, 0, 1000, 0, 1000, 500),
      (1000 * Decimal("0.15") + 1000 * 10 + 500 * Decimal("0.60") + 500 * 20) / M),
-    # gpt-4o-mini-search-preview: $25 per 1k searches, every call searches; cached not discounted.
-    ("gpt-4o-mini-search-preview", Usage(1000, 0, 300), Decimal("0.02533")),
-    ("gpt-4o-mini-search-preview-2025-03-11", Usage(1000, 500, 300),
+    # gpt-4o-mini-search-preview: $25 per 1k searches, every call searches (the meter counts one
+    # on every billed call); cached not discounted.
+    ("gpt-4o-mini-search-preview", Usage(1000, 0, 300, 0, 0, 0, 1), Decimal("0.02533")),
+    ("gpt-4o-mini-search-preview-2025-03-11", Usage(1000, 500, 300, 0, 0, 0, 1),
      (1000 * Decimal("0.15") + 300 * Decimal("0.60")) / M + Decimal("0.025")),
     # Fine-tunes: cached input $0.15 (gpt-4o-mini) and $1.875 (gpt-4o); gpt-4.1 family and o4-mini.
     ("ft:gpt-4o-mini-2024-07-18:org::id", Usage(1000, 400, 1000),

@@ -164,3 +164,17 @@ async def test_a_reservation_prices_the_requested_tier(start_proxy, fake):
     assert fake.hits("/chat/completions") == 0
     await client.chat.completions.create(**body)
     assert fake.hits("/chat/completions") == 1
+
+
+async def test_a_search_model_call_the_upstream_refuses_costs_nothing(start_proxy, fake):
+    """A search model's per-call search is billed on answered calls: OpenAI bills no failed
+    request (a 429 retry storm must not eat the budget at $25 per thousand)."""
+    proxy = await start_proxy()
+    client = proxy.client(campaign="search-refused")
+    fake.behaviour.status = 429
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model="gpt-4o-mini-search-preview",
+                                             messages=[{"role": "user", "content": "news?"}])
+    await proxy.flush()
+    [row] = await ledger_rows(proxy.engine)
+    assert (row.status_code, row.cost_usd, row.web_search_calls) == (429, 0, 0)
