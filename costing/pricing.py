@@ -47,10 +47,13 @@ MAX_CONTEXT_WINDOW = 10**8
 # tables know (see Quote.context_window): the largest of current OpenAI models (gpt-5.4,
 # 1,050,000 tokens), so that such a reservation errs on the large side.
 DEFAULT_CONTEXT_WINDOW = 1_050_000
-SERVICE_TIERS = ("flex", "priority", "batch")
+SERVICE_TIERS = ("flex", "priority", "fast", "batch")
 # What genai-prices calls a tier: request context for its price variants.
 _LIBRARY_CONTEXT = {"flex": {"service_tier": "flex"}, "priority": {"service_tier": "priority"},
-                    "batch": {"processing": "batch"}}
+                    "fast": {"service_tier": "fast"}, "batch": {"processing": "batch"}}
+# OpenAI renamed priority processing `fast` (2x the standard price): a response may name either,
+# and a model whose prices name only one is billed at it for both.
+_SAME_TIER = {"fast": "priority", "priority": "fast"}
 _LIBRARY_KEYS = {"input_mtok": "input", "cache_read_mtok": "cached_input", "output_mtok": "output",
                  "input_audio_mtok": "audio_input", "output_audio_mtok": "audio_output",
                  "web_searches_kcount": "web_search"}
@@ -63,8 +66,8 @@ DEFAULT = "default (OPENAI_PRICE_PER_1K_*)"
 
 
 def service_tier_key(tier: str | None) -> str | None:
-    """The tier a price is resolved for: flex, priority or batch; None is the standard price
-    (`default`, `auto`, `scale`, absent or anything unknown)."""
+    """The tier a price is resolved for: flex, priority, fast or batch; None is the standard
+    price (`default`, `auto`, `scale`, absent or anything unknown)."""
     if tier is None:
         return None
     tier = tier.lower()
@@ -484,6 +487,10 @@ class PriceTable:
         library_label = f"{LIBRARY} {library_version()}"
         if info is not None:
             fields, bands, tiered = _library_fields(info, tier, when)
+            if not tiered and tier in _SAME_TIER:
+                same = _library_fields(info, _SAME_TIER[tier], when)
+                if same[2]:
+                    fields, bands, tiered = same
             origin = dict.fromkeys(fields, library_label)
         for label, entry in layers:
             if entry is None:
@@ -497,9 +504,12 @@ class PriceTable:
             if entry.max_output_tokens is not None:
                 max_output = entry.max_output_tokens
         for label, entry in layers:  # a tier's price is more specific than any standard price
-            if entry is not None and tier is not None and tier in entry.service_tiers:
-                _apply(fields, entry.service_tiers[tier])
-                origin.update(dict.fromkeys(_apply({}, entry.service_tiers[tier]), f"{label} ({tier})"))
+            if entry is None or tier is None:
+                continue
+            named = tier if tier in entry.service_tiers else _SAME_TIER.get(tier)
+            if named is not None and named in entry.service_tiers:
+                _apply(fields, entry.service_tiers[named])
+                origin.update(dict.fromkeys(_apply({}, entry.service_tiers[named]), f"{label} ({named})"))
                 tiered = True
         if tier == "batch" and not tiered:
             for key in TOKEN_FIELDS:

@@ -37,13 +37,14 @@ PLAIN = ["gpt-4.1-nano", "o1", "o3-mini", "o1-pro", "gpt-4-32k", "gpt-5-codex", 
 def _cases() -> list[tuple[str, str, str | None, datetime]]:
     cases = [(m, s, None, NOW) for m, s in itertools.product(PLAIN, ("plain", "cached"))]
     cases += [(m, s, t, NOW) for m, s, t in itertools.product(
-        TIERED, ("cached", "reasoning", "search"), (None, "priority", "flex", "batch"))]
+        TIERED, ("cached", "reasoning", "search"), (None, "priority", "fast", "flex", "batch"))]
     cases += [
         ("gpt-audio", "audio", None, NOW),
         ("gpt-audio-mini", "audio", None, NOW),
         ("gpt-5.4", "long", None, NOW),  # above 272k input tokens: the long-context price
         ("gpt-5.4", "plain", "flex", NOW),
         ("gpt-5.4", "long", "priority", NOW),
+        ("gpt-5.4", "plain", "fast", NOW),  # OpenAI's new name of priority processing
         ("o3", "plain", None, datetime(2025, 6, 1, tzinfo=UTC)),  # before the o3 price cut
         ("o3", "plain", None, datetime(2025, 6, 10, tzinfo=UTC)),  # its first day
         ("gpt-5", "cached", "priority", datetime(2026, 10, 1, tzinfo=UTC)),  # before tier prices

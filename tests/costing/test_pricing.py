@@ -410,3 +410,20 @@ def test_prices_file_sets_context_windows_by_prefix(tmp_path: Path) -> None:
         parse_price_file({"models": {}, "context_window": {"x": -1}})
     with pytest.raises(PriceTableError, match="context_window"):
         parse_price_file({"models": {}, "context_window": [1]})
+
+
+@pytest.mark.parametrize("model", ["gpt-5", "gpt-4o", "gpt-5.1-codex"])
+def test_the_fast_tier_is_priority_processing_under_its_new_name(table: PriceTable, model: str) -> None:
+    """OpenAI renamed priority processing `fast`; a response may say either. Library models
+    and models whose prices name only `priority` (the shipped overrides) bill both alike."""
+    fast, priority = table.quote(model, "fast").price, table.quote(model, "priority").price
+    assert tokens(fast) == tokens(priority) != tokens(table.quote(model).price)
+
+
+def test_a_prices_file_may_name_the_fast_tier(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text('{"models": {"house-model": {"input": 1, "output": 2, '
+                    '"service_tiers": {"fast": {"input": 3, "output": 6}}}}}')
+    table = load(path)
+    assert tokens(table.quote("house-model", "fast").price)[::2] == (Decimal(3), Decimal(6))
+    assert tokens(table.quote("house-model", "priority").price)[::2] == (Decimal(3), Decimal(6))
