@@ -34,8 +34,10 @@ TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1, 4, 16, ... 67108864
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                     40.96, 81.92)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+# The GenAI operations (named as their spans are); the billable calls the proxy cannot price
+# report no tokens, so they are not in the GenAI histograms.
 GEN_AI_OPERATION = {"chat.completions": "chat", "completions": "text_completion",
-                    "embeddings": "embeddings", "responses": "chat"}
+                    "embeddings": "embeddings", "responses": "chat", "realtime": "chat"}
 TOKEN_TYPES = ("input", "cached_input", "output", "reasoning", "audio_input", "audio_output")
 
 
@@ -221,8 +223,9 @@ class Metrics:
                                    strict=True):
                 if count:
                     tokens[(campaign, model, kind)] += count
-            if e.status_code < 400:
-                names = (GEN_AI_OPERATION.get(operation, operation), PROVIDER,
+            gen_ai_operation = GEN_AI_OPERATION.get(operation)
+            if e.status_code < 400 and gen_ai_operation is not None:
+                names = (gen_ai_operation, PROVIDER,
                          self.model(e.request_model or "unknown"),
                          self.model(e.response_model or "unknown"))
                 self.token_usage.observe(usage.input_tokens, ("input", *names))
