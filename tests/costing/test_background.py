@@ -26,8 +26,8 @@ def test_reading_the_final_state_releases_the_hold_once_and_names_the_creator():
     admission = Admission("c1", 48_000_000)
     background.remember("resp_1", "c1", "s1", admission)
     assert released == []
-    assert background.owner("resp_1", "reader", "r") == ("c1", "s1")
-    assert background.owner("resp_1", "reader", "r") == ("reader", "r")  # popped: read elsewhere
+    assert background.owner("resp_1") == ("c1", "s1")
+    assert background.owner("resp_1") is None  # popped: the database is asked next
     assert released == [admission]
 
 
@@ -43,7 +43,7 @@ def test_holds_expire_oldest_first_after_hold_seconds():
     clock.now = 15.0
     background.expire()
     assert released == [first, second] and not background.holds
-    assert background.owner("resp_1", "x", "y") == ("c1", "s1")  # the creator is still known
+    assert background.owner("resp_1") == ("c1", "s1")  # the creator is still known
     assert released == [first, second]
 
 
