@@ -381,6 +381,8 @@ class SeenIds:
 
 class MeterListener:
     """The Meter listener for this replica's calls: does nothing at all while nobody listens.
+    Called when a call is recorded; for a background final state, once this process's ledger
+    inserted it (several processes may meter one; the one whose row landed tells it).
 
     A call's event carries its session's total, which needs the session's stored cost; for the
     first call of a session that read may still be running (it starts at admission, alongside
@@ -438,8 +440,9 @@ class LedgerWatcher:
     reads the rest in full with their campaign's and session's stored totals. A row committed
     more than `lag_seconds` after it was made (a writer that could not reach the database for
     that long) is missed by the feed, never by /costs; so is a background response's final state
-    metered by another process (its id derives from the response, not the time: the range is
-    bounded above, so such ids, which look like any moment, are never taken for recent calls).
+    written by another process (its id derives from the response, not the time: the range is
+    bounded above, so such ids, which look like any moment, are never taken for recent calls);
+    the process whose insert landed publishes it (see Meter.on_flushed).
     """
 
     def __init__(self, store: Store, feed: Feed, *, lag_seconds: float, max_rows: int = 10_000,

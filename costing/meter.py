@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -53,15 +53,25 @@ class Ticket:
     api_key_hash: str | None
     started: float = field(default_factory=time.perf_counter)
     settled: bool = False
+    # A background response whose final state came in its own answer (a stream): resolved as
+    # for FinalState.written. None for every other call.
+    written: asyncio.Future[bool] | None = None
 
 
 @dataclass(slots=True)
 class FinalState:
-    """A background response's final state, metered: submitted, or `pending` its campaign view."""
+    """A background response's final state, metered: submitted, or `pending` its creator (when
+    this process did not see the creation) or its campaign view."""
 
     entry: UsageEntry
     pending: bool
     reported: Reported  # what the final state said (the call's span tells it)
+    # True once this process's ledger inserted the row, False when the row was in the ledger
+    # already (another process read the final state first) or was dropped: only the process
+    # whose insert landed reports the call (its span, its feed event).
+    written: asyncio.Future[bool]
+    owner_unknown: bool = False  # the creator is looked up in the database first
+    settling: asyncio.Future[None] | None = None  # the pending step, once started
 
 
 class Meter:
@@ -75,8 +85,11 @@ class Meter:
         self.default_max_output_tokens = default_max_output_tokens
         self.background = BackgroundResponses(gate.release, hold_seconds=background_hold_seconds)
         gate.on_refresh.append(self.background.expire)  # every second: off the request path
-        # Called with each entry once the ledger has it (the live feed): must not block.
+        # Called with each entry once the ledger has it (the live feed): must not block. A
+        # background final state's, once its insert landed (see `on_flushed`).
         self.listeners: list[Callable[[UsageEntry], None]] = []
+        # Background final states submitted and not yet written, by record id.
+        self._unreported: dict[int, asyncio.Future[bool]] = {}
         self._unknown_models: set[str] = set()
 
     def admit_now(self, campaign_id: str, session_id: str, operation: str,
@@ -207,6 +220,15 @@ class Meter:
             if not self.background.first(entry):
                 self._settle(ticket, 0)  # this process metered that final state already
                 return entry
+            if reported is not None and reported.background_at is not None:
+                # Its final state, in the creating answer (a stream): metered here, and the
+                # creator stored, as other processes may read it too; reported once written.
+                if reported.response_id:
+                    self.background.remember(reported.response_id, ticket.campaign_id,
+                                             ticket.session_id)
+                self._settle(ticket, entry.cost_units)
+                ticket.written = self._submit_final(entry)
+                return entry
         self._settle(ticket, entry.cost_units)
         self._submit(entry)
         return entry
@@ -264,17 +286,20 @@ class Meter:
         """Meter a background response whose final state was read (a retrieval, its stream or
         its cancellation), once: its record id derives from the response, so any number of
         reads, here or on other replicas, make one ledger row. Recorded under the campaign and
-        session that created it when this process saw that, else under the reader's tags.
-        Never refused: the work is done and billed.
+        session that created it: this process's memory when it saw the creation, else the
+        database (`background_responses`, written by the creating process); the reader's tags
+        only when neither knows it. Never refused: the work is done and billed. Reported (span,
+        feed) only by the process whose ledger insert lands: see `FinalState.written`.
 
         Synchronous, so a stream's record is spooled before its last event goes out: the entry
-        is submitted at once when the campaign's budget view is in memory (the creator's, as a
-        rule); else `FinalState.pending` and `settle_final_state` must be awaited to load it."""
+        is submitted at once when this process saw the creation and the campaign's budget view
+        is in memory (as a rule); else `FinalState.pending` and `settle_final_state` must be
+        awaited to look the creator up and load the view."""
         if reported.background_at is None or reported.usage is None or not 200 <= status < 300:
             return None
-        if reported.response_id:
-            campaign_id, session_id = self.background.owner(reported.response_id,
-                                                            campaign_id, session_id)
+        owner = self.background.owner(reported.response_id) if reported.response_id else None
+        if owner is not None:
+            campaign_id, session_id = owner
         quote = self.prices.quote(reported.model, reported.service_tier)
         entry = self._entry(campaign_id, session_id, Operation.RESPONSES.value, None, reported,
                             reported.usage, quote.price.with_tools(reported.search_preview),
@@ -282,22 +307,87 @@ class Meter:
                             started, key_hash(authorization))
         if not self.background.first(entry):
             return None
+        written: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if owner is None and reported.response_id:
+            return FinalState(entry, True, reported, written, owner_unknown=True)
         if not self.gate.charge_now(campaign_id, entry.cost_units):
-            return FinalState(entry, True, reported)
-        self._submit_final_state(entry)
-        return FinalState(entry, False, reported)
+            return FinalState(entry, True, reported, written)
+        self._submit_final_state(entry, written)
+        return FinalState(entry, False, reported, written)
 
     async def settle_final_state(self, state: FinalState) -> None:
-        """Submit a final state whose campaign view had to be loaded first."""
-        if state.pending:
-            state.pending = False
-            await self.gate.charge(state.entry.campaign_id, state.entry.cost_units)
-            self._submit_final_state(state.entry)
+        """Submit a final state whose creator had to be looked up or whose campaign view had to
+        be loaded first. Idempotent: a second call (the handler's `finally` after its client
+        left) waits for the same step, so the entry's tags are final when it returns."""
+        if state.settling is None:
+            if not state.pending:
+                return
+            state.settling = asyncio.ensure_future(self._settle_final_state(state))
+            state.settling.add_done_callback(_seen)
+        await asyncio.shield(state.settling)
 
-    def _submit_final_state(self, entry: UsageEntry) -> None:
+    async def _settle_final_state(self, state: FinalState) -> None:
+        state.pending = False
+        entry = state.entry
+        try:
+            if state.owner_unknown and entry.response_id:
+                owner = await self._stored_owner(entry.response_id)
+                if owner is not None:
+                    entry.campaign_id, entry.session_id = owner
+            await self.gate.charge(entry.campaign_id, entry.cost_units)
+        except BaseException:
+            if not state.written.done():
+                state.written.set_result(False)
+            raise
+        self._submit_final_state(entry, state.written)
+
+    async def _stored_owner(self, response_id: str) -> tuple[str, str] | None:
+        """The creator another process stored; None (the reader's tags) when none is stored or
+        the database does not answer in time."""
+        try:
+            async with asyncio.timeout(self.gate.db_timeout):
+                return await uninterrupted(self.ledger.store.background_owner(response_id))
+        except DB_ERRORS:
+            log.warning("creator of background response %r unknown (database unavailable): "
+                        "its final state is charged to the reader's campaign", response_id)
+            return None
+
+    def _submit_final_state(self, entry: UsageEntry, written: asyncio.Future[bool]) -> None:
         self.sessions.touch(entry.campaign_id, entry.session_id)
         self.sessions.add(entry.campaign_id, entry.session_id, entry.cost_units)
-        self._submit(entry)
+        self._submit_final(entry, written)
+
+    def _submit_final(self, entry: UsageEntry,
+                      written: asyncio.Future[bool] | None = None) -> asyncio.Future[bool]:
+        """Hand a background final state to the ledger. Several processes may meter it; the
+        ledger keeps the first insert (the id derives from the response), so listeners hear of
+        it only once this process's insert landed (`on_flushed`), never at submission."""
+        if written is None:
+            written = asyncio.get_running_loop().create_future()
+        self.ledger.submit(entry)
+        self._unreported[entry.id] = written
+        return written
+
+    def on_flushed(self, batch: Sequence[UsageEntry], inserted: Sequence[UsageEntry],
+                   _seconds: float) -> None:
+        """Ledger listener: background final states this process inserted are told to the
+        listeners now and resolve True; those another process had inserted first (in `batch`
+        but not in `inserted`), or dropped, resolve False and are told to nobody. Nothing to do
+        (one test) for batches without them."""
+        unreported = self._unreported
+        if not unreported:
+            return
+        for entry in inserted:
+            written = unreported.pop(entry.id, None)
+            if written is not None:
+                self._tell(entry)
+                if not written.done():
+                    written.set_result(True)
+        if unreported:
+            for entry in batch:
+                written = unreported.pop(entry.id, None)
+                if written is not None and not written.done():
+                    written.set_result(False)
 
     def _entry(self, campaign_id: str, session_id: str, operation: str, request_model: str | None,
                reported: Reported | None, usage: Usage, price: Price, priced_by_default: bool,
@@ -330,6 +420,13 @@ class Meter:
             except Exception:  # a listener's bug must not fail the call it heard about
                 log.exception("usage listener failed")
 
+    def _tell(self, entry: UsageEntry) -> None:
+        for listener in self.listeners:
+            try:
+                listener(entry)
+            except Exception:  # a listener's bug must not fail the call it heard about
+                log.exception("usage listener failed")
+
     def _unknown_model(self, model: str | None) -> None:
         """Log the first call priced with the default prices, per model (bounded)."""
         if model is None:  # a billable path without a model (an upload): nothing to add
@@ -355,6 +452,12 @@ class Meter:
     def session_total_now(self, campaign_id: str, session_id: str) -> int | None:
         """`session_total` when the stored part has been read already (nearly always), else None."""
         return self.sessions.total_now(campaign_id, session_id)
+
+
+def _seen(task: asyncio.Future[None]) -> None:
+    """A step whose waiter left: its error, logged by the step itself, is not reported again."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _explained(exc: BudgetExceeded, facts: RequestFacts, quote: Quote, default_max_output: int

@@ -185,3 +185,19 @@ class BudgetLease(Base):
     holder_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     amount_usd: Mapped[Decimal] = mapped_column(Money, default=ZERO)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class BackgroundResponse(Base):
+    """Who created a background response (`background: true`): its final state, read later by
+    any process (a replica, a `serve --workers N` worker), is charged to this campaign and
+    session. Written off the request path when the creation is seen; rows older than
+    `costing.background.OWNER_KEEP_SECONDS` are pruned."""
+
+    __tablename__ = "background_responses"
+
+    response_id: Mapped[str] = mapped_column(String(MAX_ID_LENGTH), primary_key=True)
+    campaign_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    session_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_background_responses_created_at", "created_at"),)

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from costing.budget import Budget, effective, lease_amount
 from costing.models import (
+    BackgroundResponse,
     BudgetLease,
     CampaignCostAggregate,
     CampaignDailyCost,
@@ -51,6 +52,7 @@ SESSIONS: Table = SessionCostSnapshot.__table__  # type: ignore[assignment]
 CAMPAIGNS: Table = CampaignCostAggregate.__table__  # type: ignore[assignment]
 DAILY: Table = CampaignDailyCost.__table__  # type: ignore[assignment]
 LEASES: Table = BudgetLease.__table__  # type: ignore[assignment]
+BACKGROUND: Table = BackgroundResponse.__table__  # type: ignore[assignment]
 
 TOTAL_COLUMNS = ("cost_usd", "requests", "input_tokens", "cached_input_tokens", "output_tokens",
                  "reasoning_tokens", "audio_input_tokens", "audio_output_tokens")
@@ -276,6 +278,34 @@ class Store:
     async def purge_expired_leases(self, before: datetime) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(LEASES.delete().where(LEASES.c.expires_at < before))
+
+    # -- background responses --------------------------------------------------------------------
+
+    async def save_background_owners(self, owners: Sequence[tuple[str, str, str, int]]) -> None:
+        """Store who created background responses: (response id, campaign, session, epoch
+        microseconds). The first creator stored wins (an id seen again changes nothing)."""
+        if not owners:
+            return
+        rows = [{"response_id": r, "campaign_id": c, "session_id": s, "created_at": from_epoch_us(us)}
+                for r, c, s, us in {o[0]: o for o in owners}.values()]
+        async with self.engine.begin() as conn:
+            await conn.execute(self._insert(BACKGROUND).on_conflict_do_nothing(
+                index_elements=["response_id"]), rows)
+
+    async def background_owner(self, response_id: str) -> tuple[str, str] | None:
+        """The campaign and session that created a background response, if stored: one read of
+        the primary key."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(
+                select(BACKGROUND.c.campaign_id, BACKGROUND.c.session_id)
+                .where(BACKGROUND.c.response_id == response_id))).first()
+        return (row.campaign_id, row.session_id) if row is not None else None
+
+    async def prune_background_owners(self, before: datetime) -> int:
+        """Forget creators stored before `before` (its index on created_at); how many went."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(BACKGROUND.delete().where(BACKGROUND.c.created_at < before))
+        return int(result.rowcount or 0)
 
     # -- budgets -----------------------------------------------------------------------------------
 

@@ -188,13 +188,18 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     app[GATE] = gate
     sessions = SessionCosts(store)
     ledger.listeners.append(sessions.on_flushed)
-    app[METER] = Meter(prices, gate, ledger, sessions,
-                       default_max_output_tokens=settings.budget_default_max_output_tokens,
-                       background_hold_seconds=settings.background_hold_seconds)
+    meter = app[METER] = Meter(prices, gate, ledger, sessions,
+                               default_max_output_tokens=settings.budget_default_max_output_tokens,
+                               background_hold_seconds=settings.background_hold_seconds)
+    # After the gate's and the sessions' books: a background final state is reported (the live
+    # feed) once written, with the totals that include it.
+    ledger.listeners.append(meter.on_flushed)
     ledger.start()
     stop = asyncio.Event()
     tasks = [asyncio.create_task(gate.run(BUDGET_REFRESH_SECONDS, stop), name="budget-refresh"),
-             asyncio.create_task(_refresh_gauges(app, stop), name="budget-gauges")]
+             asyncio.create_task(_refresh_gauges(app, stop), name="budget-gauges"),
+             asyncio.create_task(meter.background.keep_saved(store, stop),
+                                 name="background-creators")]
     yield
     stop.set()
     await finish(tasks, grace_seconds=2 * gate.db_timeout)

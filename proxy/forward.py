@@ -409,11 +409,13 @@ async def _retrieval(request: web.Request, app: web.Application, headers: Header
 
 def _end_final_state_span(span: Span, state: FinalState) -> None:
     """The span of a background response's call: the read that metered its final state, named
-    and tagged as the call (its model, its creator's campaign and session)."""
+    and tagged as the call (its model, its creator's campaign and session). Queued once the
+    ledger has the row, and only by the process whose insert landed: when several processes
+    read the final state, one span carries its cost."""
     entry = state.entry
     span.facts = RequestFacts(entry.response_model, entry.streamed, False, 0, None)
     span.campaign_id, span.session_id = entry.campaign_id, entry.session_id
-    span.tracer.end(span, entry.status_code, None, entry, state.reported)
+    span.tracer.end(span, entry.status_code, None, entry, state.reported, written=state.written)
 
 
 async def _stream_back(request: web.Request, upstream: aiohttp.ClientResponse, reply_headers: Headers,
@@ -594,8 +596,10 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
                 gave_up.headers[REQUEST_COST] = format_units(entry.cost_units)
         _observe(app[METRICS], ticket, reported, outcome.status, timing)
         if span is not None:
+            # ticket.written: a background response's final state in its own stream, reported
+            # by whichever process's insert lands (see Tracer.end)
             span.tracer.end(span, outcome.status, error_type(outcome.status, outcome.failure), entry,
-                            reported, tap.ends if tap is not None else None)
+                            reported, tap.ends if tap is not None else None, ticket.written, True)
 
 
 def _decoded(body: bytes) -> Any:

@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry
 from costing import schema
 from costing.settings import Settings
 from proxy.app import create_app, server_options
-from proxy.state import ENGINE, GATE, LEDGER, METRICS, STORE
+from proxy.state import ENGINE, GATE, LEDGER, METER, METRICS, STORE
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
@@ -330,7 +330,8 @@ class Proxy:
     async def flush(self, within: float = 10.0) -> None:
         """Wait until every record handed to the ledger is committed."""
         deadline = time.monotonic() + within
-        while len(self.ledger) or self.gate.in_flight_requests:
+        background = self.app[METER].background  # creators of background responses stored too
+        while len(self.ledger) or self.gate.in_flight_requests or background.unsaved or background.saving:
             if time.monotonic() > deadline:
                 raise AssertionError(f"ledger still holds {len(self.ledger)} records")
             await asyncio.sleep(0.02)

@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from multidict import CIMultiDictProxy
 
 from costing.budget import Budget
 from costing.records import UsageEntry
-from costing.usage import Reported, RequestFacts
+from costing.usage import Reported, RequestFacts, Usage
 from tracing import spans
 from tracing.context import format_traceparent, new_ids, new_span_id, parse_traceparent
 from tracing.sampler import Sampler
@@ -83,8 +85,14 @@ class Tracer:
             span.content = (span.content[0], output)
 
     def end(self, span: Span, status: int, error_type: str | None, entry: UsageEntry | None,
-            reported: Reported | None, finish: list[bytes] | None = None) -> None:
-        """The call is over (answered, failed or abandoned): queue its span."""
+            reported: Reported | None, finish: list[bytes] | None = None,
+            written: asyncio.Future[bool] | None = None, creation: bool = False) -> None:
+        """The call is over (answered, failed or abandoned): queue its span.
+
+        `written` (a background response's final state, which several processes may meter):
+        the span keeps this moment as its end but is queued only once the ledger says whether
+        this process's insert landed; when another process's did, that one reports the call,
+        and this span is dropped, or, for the call's `creation`, queued with nothing billed."""
         span.end_ns = self.epoch_offset_ns + time.perf_counter_ns()
         span.status = status
         span.error_type = error_type
@@ -94,12 +102,33 @@ class Tracer:
             span.finish = finish
         if self.standing is not None:
             span.spent_budget = self.standing(span.campaign_id)
+        if written is not None:
+            if written.done():
+                self._written(span, creation, written)
+            else:
+                written.add_done_callback(partial(self._written, span, creation))
+            return
         queue = self.queue
         if len(queue) >= self.max_queue:
             self.on_drop(1)
             return
         queue.append(span)
         if len(queue) == self.batch_size:
+            self.full.set()
+
+    def _written(self, span: Span, creation: bool, written: asyncio.Future[bool]) -> None:
+        """Queue a span held for its ledger insert (see `end`)."""
+        if written.cancelled() or not written.result():
+            if not creation:
+                return
+            if span.entry is not None:  # metered and reported by another process
+                span.entry = replace(span.entry, usage=Usage(), cost_units=0, estimated=False)
+        queue = self.queue
+        if len(queue) >= self.max_queue:
+            self.on_drop(1)
+            return
+        queue.append(span)
+        if len(queue) >= self.batch_size:
             self.full.set()
 
     def take(self, limit: int) -> list[Span]:
