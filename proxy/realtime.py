@@ -10,8 +10,9 @@ its limit is cancelled. Every `response.done` is a ledger row of its own, spoole
 event is relayed. A client that leaves mid-response has its responses cancelled upstream and
 their `response.done` (OpenAI bills the part generated) waited for, briefly, and recorded.
 
-Frames are relayed unchanged; only events whose text names one of the few watched types are
-decoded. Each send is awaited before the next frame is read (backpressure, no queue).
+Frames are relayed unchanged; only events that may be one of the few watched types are decoded
+(a client's frame with a backslash too: a JSON escape can spell any name). Each send is awaited
+before the next frame is read (backpressure, no queue).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ DRAIN_SECONDS = 5.0
 UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
 # Events decoded: a cheap substring test first (audio deltas are most of the traffic).
 WATCHED_SERVER = ('"response.done"', '"response.created"', '"session.created"', '"session.updated"')
+# A client event that may be a response.create: its name in plain text, or any JSON escape.
+CREATE_TEXT, CREATE_BYTES = '"response.create"', b'"response.create"'
 BUDGET_EXCEEDED = "budget_exceeded"
 ENDED = (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 MAX_REASON = 123  # bytes a close frame's reason may hold
@@ -108,7 +111,7 @@ def _close_code(code: int | None) -> int:
     return UNSENDABLE.get(code, code)
 
 
-def _decode(data: str) -> dict[str, Any] | None:
+def _decode(data: str | bytes) -> dict[str, Any] | None:
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -281,13 +284,11 @@ async def _from_client(session: Session) -> tuple[int | None, bytes]:
     client = session.client
     while True:
         message = await client.receive()
-        if message.type is WSMsgType.TEXT:
-            data: str = message.data
-            if '"response.create"' in data and not await _response_allowed(session, data):
+        if message.type is WSMsgType.TEXT or message.type is WSMsgType.BINARY:
+            data: str | bytes = message.data
+            if _may_create(data) and not await _response_allowed(session, data):
                 continue
             await session.to_upstream(data)
-        elif message.type is WSMsgType.BINARY:
-            await session.to_upstream(message.data)
         elif message.type is WSMsgType.CLOSE:
             return message.data, _reason(message.extra)
         elif message.type in ENDED:
@@ -298,15 +299,28 @@ def _reason(extra: Any) -> bytes:
     return extra.encode()[:MAX_REASON] if isinstance(extra, str) else b""
 
 
-async def _response_allowed(session: Session, data: str) -> bool:
-    """Ask the gate for a client's `response.create`; refused: an `error` event instead."""
+def _may_create(data: str | bytes) -> bool:
+    """Whether a client frame may be a `response.create` (then decoded): without its name in
+    plain text nor any backslash, no JSON spells that type. The test is two scans, no decode:
+    the large frames, `input_audio_buffer.append` with base64 audio, have neither. Binary frames
+    alike: one holding a UTF-8 JSON event may be read as the text one."""
+    if isinstance(data, str):
+        return "\\" in data or CREATE_TEXT in data
+    return b"\\" in data or CREATE_BYTES in data
+
+
+async def _response_allowed(session: Session, data: str | bytes) -> bool:
+    """Ask the gate for a client's `response.create`; refused: an `error` event instead. A frame
+    that may be one but is no JSON object orjson reads is asked for too (a laxer parser upstream
+    may read it as one); under the limit it goes on unchanged as any frame."""
     event = _decode(data)
-    if event is None or event.get("type") != "response.create":
+    if event is not None and event.get("type") != "response.create":
         return True
     refused = await _refusal(session)
     if refused is None:
         return True
-    await session.to_client(_error_event(str(refused), BUDGET_EXCEEDED, event.get("event_id")))
+    event_id = event.get("event_id") if event is not None else None
+    await session.to_client(_error_event(str(refused), BUDGET_EXCEEDED, event_id))
     return False
 
 

@@ -174,6 +174,49 @@ async def test_past_the_limit_mid_session_a_response_create_gets_an_error_event_
     assert len(await ledger_rows(proxy.engine)) == 1
 
 
+ESCAPED_CREATES: list[str | bytes] = [
+    '{"type":"response\\u002ecreate","event_id":"evt_dot"}',
+    '{"type":"\\u0072esponse.create","event_id":"evt_r"}',
+    '{"type":"response.creat\\u0065","event_id":"evt_e","response":{"instructions":"a\\/b"}}',
+    '{"\\u0074ype":"response.create","event_id":"evt_key"}',
+    b'{"type":"response.create","event_id":"evt_binary"}',
+    b'{"type":"response\\u002ecreate","event_id":"evt_binary_escaped"}',
+    '\ufeff{"type":"response\\u002ecreate"}',  # no JSON orjson reads: a laxer parser might
+]
+
+
+async def test_at_the_limit_a_response_create_in_any_encoding_is_refused(proxy, fake):
+    """JSON escapes spell `response.create` without its plain text, and a binary frame may hold
+    the same event: each is refused at the limit, and never reaches the upstream."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(socket_url(proxy), headers=HEADERS) as ws:
+        await events_until(ws, "session.created")
+        put = await http.put(f"{proxy.url}/costs/campaigns/c1/budget",
+                             json={"warning_usd": "0", "limit_usd": "0"})
+        assert put.status == 200
+        for frame in ESCAPED_CREATES:
+            await (ws.send_str(frame) if isinstance(frame, str) else ws.send_bytes(frame))
+        # Escapes in other events cost a decode, nothing more: relayed unchanged.
+        update = '{"type":"session.update","session":{"instructions":"line\\none \\u00e9"}}'
+        await ws.send_str(update)
+        events = await events_until(ws, "session.updated")
+    errors = [e["error"] for e in events if e["type"] == "error"]
+    assert [e["code"] for e in errors] == ["budget_exceeded"] * len(ESCAPED_CREATES)
+    assert [e["event_id"] for e in errors] == ["evt_dot", "evt_r", "evt_e", "evt_key", "evt_binary",
+                                               "evt_binary_escaped", None]
+    assert fake.realtime_received == [update]
+    assert not [e for e in events if e["type"].startswith("response.")]
+
+
+async def test_under_the_limit_escaped_and_binary_frames_go_on_unchanged(proxy, fake):
+    async with aiohttp.ClientSession() as http, http.ws_connect(socket_url(proxy), headers=HEADERS) as ws:
+        await events_until(ws, "session.created")
+        await ws.send_str(ESCAPED_CREATES[0])
+        await events_until(ws, "response.done")
+        await ws.send_bytes(ESCAPED_CREATES[4])
+        await asyncio.wait_for(ws.receive(), 10)  # the fake echoes binary frames
+    assert fake.realtime_received == ESCAPED_CREATES[0:1] + ESCAPED_CREATES[4:5]
+
+
 async def test_a_response_the_upstream_starts_at_the_limit_is_cancelled(proxy, fake):
     """Server VAD: the upstream starts responses by itself; at the limit they are cancelled."""
     hold = fake.behaviour.realtime_hold = asyncio.Event()
