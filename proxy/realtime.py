@@ -10,6 +10,9 @@ its limit is cancelled. Every `response.done` is a ledger row of its own, spoole
 event is relayed. A client that leaves mid-response has its responses cancelled upstream and
 their `response.done` (OpenAI bills the part generated) waited for, briefly, and recorded.
 
+An upstream that stops reading ends the relay: each send to it is bounded (SEND_SECONDS), its
+connection pinged (HEARTBEAT_SECONDS), and past either it is dropped, the client closed with 1011.
+
 Frames are relayed unchanged; only events that may be one of the few watched types are decoded
 (a client's frame with a backslash too: a JSON escape can spell any name). Each send is awaited
 before the next frame is read (backpressure, no queue).
@@ -50,6 +53,17 @@ HANDSHAKE_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-version", "se
 TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 # How long a client's departure waits for the upstream to report its cancelled responses' usage.
 DRAIN_SECONDS = 5.0
+SEND_SECONDS = 30.0
+"""How long one frame may take to go upstream. An upstream that stops reading would otherwise
+block the relay for good: the client's side is not read meanwhile, so its departure goes
+unnoticed too. Past it the upstream's connection is dropped and the client closed with 1011."""
+HEARTBEAT_SECONDS = 30.0
+"""The upstream is pinged after this long without a frame from it, and dropped without a pong
+within half of it: a dead upstream connection ends a quiet session instead of holding it open."""
+CLOSE_SECONDS = 2.0
+"""How long a close handshake may take; then the connection is dropped (a graceful close waits
+for unsent data, which a peer that stopped reading never takes)."""
+UPSTREAM_STALLED = 1011
 # Close codes a close frame may not carry (RFC 6455 7.4.1): what is sent instead.
 UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
 # Events decoded: a cheap substring test first (audio deltas are most of the traffic).
@@ -126,7 +140,7 @@ def _error_event(message: str, code: str, client_event_id: Any) -> str:
                                    "param": None, "event_id": client_event_id}}).decode()
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Session:
     """One relayed socket: its admission (tags, key hash), model, and responses in progress."""
 
@@ -141,6 +155,8 @@ class Session:
     send_client: asyncio.Lock = field(default_factory=asyncio.Lock)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     leaving: bool = False  # the client left: responses still running are drained, not relayed
+    transport: asyncio.Transport | None = None  # the upstream's, to drop it (see _transport)
+    stalled: bool = False  # a send to the upstream timed out: its connection was dropped
 
     @property
     def meter(self) -> Meter:
@@ -160,14 +176,26 @@ class Session:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             self.leaving = True
 
-    async def to_upstream(self, data: str | bytes) -> None:
-        if self.upstream.closed:
+    async def to_upstream(self, data: str | bytes, seconds: float | None = None) -> None:
+        """Send within `seconds` (SEND_SECONDS); past it the upstream is dropped (`stalled`: a
+        frame cut short leaves its stream unusable anyway) and the relay ends."""
+        if self.upstream.closed or self.stalled:
             return
-        async with self.send_upstream:
-            if isinstance(data, str):
-                await self.upstream.send_str(data)
-            else:
-                await self.upstream.send_bytes(data)
+        try:
+            async with asyncio.timeout(SEND_SECONDS if seconds is None else seconds), self.send_upstream:
+                if isinstance(data, str):
+                    await self.upstream.send_str(data)
+                else:
+                    await self.upstream.send_bytes(data)
+        except TimeoutError:
+            log.warning("the Realtime upstream stopped reading: its socket is dropped")
+            self.stalled = True
+            self.drop_upstream()
+
+    def drop_upstream(self) -> None:
+        """Cut the upstream's connection, unsent data and all: no close handshake."""
+        if self.transport is not None:
+            self.transport.abort()
 
 
 async def relay(request: web.Request, path: str) -> web.StreamResponse:
@@ -204,8 +232,16 @@ async def relay(request: web.Request, path: str) -> web.StreamResponse:
     except BaseException:
         await upstream.close()
         raise
-    await _run(Session(app, request, ticket, client, upstream, model))  # closes the upstream
+    session = Session(app, request, ticket, client, upstream, model, transport=_transport(upstream))
+    await _run(session)  # closes the upstream
     return client
+
+
+def _transport(upstream: aiohttp.ClientWebSocketResponse) -> asyncio.Transport | None:
+    """The upstream socket's transport: aiohttp's client WebSocket has no abort, and its close
+    (or heartbeat failure) closes the transport gracefully, which waits for unsent data."""
+    connection = upstream._conn
+    return connection.transport if connection is not None else None
 
 
 async def _connect(request: web.Request, app: web.Application, path: str, headers: Headers,
@@ -218,7 +254,7 @@ async def _connect(request: web.Request, app: web.Application, path: str, header
     try:
         return await upstream.client.ws_connect(
             url, protocols=protocols, headers=headers, autoping=True, compress=0,
-            max_msg_size=app[SETTINGS].max_request_body_bytes)
+            heartbeat=HEARTBEAT_SECONDS, max_msg_size=app[SETTINGS].max_request_body_bytes)
     except aiohttp.WSServerHandshakeError as exc:
         status = exc.status if exc.status >= 400 else 502
         raise ProxyError(status, f"The upstream API refused the WebSocket (HTTP {exc.status})",
@@ -250,11 +286,9 @@ async def _end(session: Session, from_upstream: asyncio.Task[None], code: int | 
     """The client's side is over: drain what runs, close the upstream with the client's code,
     and wait for the upstream's task (cancelled only past DRAIN_SECONDS)."""
     session.leaving = True
-    if session.running and not session.upstream.closed:
-        await _drain(session, from_upstream)
-    if not session.upstream.closed:
-        with contextlib.suppress(Exception):
-            await session.upstream.close(code=_close_code(code), message=reason)
+    if session.running and not session.upstream.closed and not session.stalled:
+        await _drain(session, from_upstream, DRAIN_SECONDS)
+    await _close_upstream(session, _close_code(code), reason)
     if not from_upstream.done():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(from_upstream), DRAIN_SECONDS)
@@ -263,16 +297,29 @@ async def _end(session: Session, from_upstream: asyncio.Task[None], code: int | 
         await from_upstream
 
 
-async def _drain(session: Session, from_upstream: asyncio.Task[None]) -> None:
-    """The client left mid-response: cancel what runs upstream and wait (DRAIN_SECONDS at most)
-    for its `response.done`, whose usage OpenAI bills."""
+async def _close_upstream(session: Session, code: int, reason: bytes) -> None:
+    """Close the upstream within CLOSE_SECONDS, then drop its connection whatever is left of it
+    (nothing after a completed handshake; unsent data when the upstream stopped reading)."""
+    if not session.upstream.closed and not session.stalled:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await session.upstream.close(code=code, message=reason)
+    session.drop_upstream()
+
+
+async def _drain(session: Session, from_upstream: asyncio.Task[None], seconds: float) -> None:
+    """The client left mid-response: cancel what runs upstream and wait for its `response.done`,
+    whose usage OpenAI bills; `seconds` in all, the cancels' sends included."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
     for response_id in list(session.running):
         with contextlib.suppress(Exception):
             await session.to_upstream(orjson.dumps(
-                {"type": "response.cancel", "response_id": response_id}).decode())
+                {"type": "response.cancel", "response_id": response_id}).decode(),
+                max(0.0, deadline - loop.time()))
     waiter = asyncio.ensure_future(session.drained.wait())
     try:
-        await asyncio.wait({from_upstream, waiter}, timeout=DRAIN_SECONDS,
+        await asyncio.wait({from_upstream, waiter}, timeout=max(0.0, deadline - loop.time()),
                            return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
@@ -289,6 +336,8 @@ async def _from_client(session: Session) -> tuple[int | None, bytes]:
             if _may_create(data) and not await _response_allowed(session, data):
                 continue
             await session.to_upstream(data)
+            if session.stalled:
+                return UPSTREAM_STALLED, b""
         elif message.type is WSMsgType.CLOSE:
             return message.data, _reason(message.extra)
         elif message.type in ENDED:
@@ -362,9 +411,19 @@ async def _from_upstream(session: Session) -> None:
         session.drained.set()
         if not session.client.closed:
             # No close code: the connection was lost, not closed (1006), sent as 1011.
-            with contextlib.suppress(Exception):
-                await session.client.close(code=_close_code(upstream.close_code or 1006),
-                                           message=reason)
+            await _close_client(session, _close_code(upstream.close_code or 1006), reason)
+
+
+async def _close_client(session: Session, code: int, reason: bytes) -> None:
+    """Close the client within CLOSE_SECONDS, else drop its connection (a client that stopped
+    reading never answers, and a graceful close would wait for its unsent data)."""
+    transport = session.request.transport
+    try:
+        async with asyncio.timeout(CLOSE_SECONDS):
+            await session.client.close(code=code, message=reason)
+    except Exception:
+        if transport is not None:
+            transport.abort()
 
 
 async def _watch(session: Session, data: str) -> None:

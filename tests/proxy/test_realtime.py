@@ -20,6 +20,7 @@ from ledger_check import assert_aggregates_match_ledger, ledger_rows
 
 from costing.money import to_units
 from costing.pricing import PriceTable
+from proxy import realtime
 
 HEADERS = {"X-Campaign-Id": "c1", "X-Session-Id": "s1"}
 SERVER_KEY = "sk-server-secret-0123"
@@ -304,6 +305,31 @@ async def test_the_upstream_closing_closes_the_client_with_its_code(proxy, fake)
     await no_realtime_tasks_left()
     await proxy.flush()
     assert len(await ledger_rows(proxy.engine)) == 1
+
+
+async def test_an_upstream_that_stops_reading_ends_the_relay(proxy, fake, monkeypatch):
+    """Sends to it block: past SEND_SECONDS its connection is dropped and the client closed with
+    1011, though the client, blocked too, never sends a close of its own."""
+    monkeypatch.setattr(realtime, "SEND_SECONDS", 0.5)
+    stall = fake.behaviour.realtime_stall = asyncio.Event()
+    append = orjson.dumps({"type": "input_audio_buffer.append", "audio": "A" * 256 * 1024}).decode()
+
+    async def pump(ws: aiohttp.ClientWebSocketResponse) -> None:
+        while True:
+            await ws.send_str(append)
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(socket_url(proxy), headers=HEADERS)
+            await events_until(ws, "session.created")
+            sending = asyncio.create_task(pump(ws))
+            message = await asyncio.wait_for(ws.receive(), 20)
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+            assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 1011)
+            await no_realtime_tasks_left()
+    finally:
+        stall.set()
 
 
 def test_realtime_usage_counts_cached_audio_once():
