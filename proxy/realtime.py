@@ -9,6 +9,8 @@ budget raise). A response the upstream starts on its own (server VAD) while the 
 its limit is cancelled. Every `response.done` is a ledger row of its own, spooled before the
 event is relayed. A client that leaves mid-response has its responses cancelled upstream and
 their `response.done` (OpenAI bills the part generated) waited for, briefly, and recorded.
+So does a shutdown, for every open socket (`going_away`, before aiohttp waits for handlers and
+closes the upstream client), which then closes both sides with 1001.
 
 An upstream that stops reading ends the relay: each send to it is bounded (SEND_SECONDS), its
 connection pinged (HEARTBEAT_SECONDS), and past either it is dropped, the client closed with 1011.
@@ -24,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +43,7 @@ from costing.tasks import uninterrupted
 from costing.usage import MAX_MODEL_LENGTH, RequestFacts, from_realtime_response
 from proxy.errors import ProxyError
 from proxy.forward import Headers, _admit, _upstream_url, upstream_headers
-from proxy.state import CLIENT_KEYS, METER, METRICS, SETTINGS, TRACER, UPSTREAM
+from proxy.state import CLIENT_KEYS, METER, METRICS, RELAYS, SETTINGS, TRACER, UPSTREAM
 from proxy.tags import tag_value
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,12 @@ within half of it: a dead upstream connection ends a quiet session instead of ho
 CLOSE_SECONDS = 2.0
 """How long a close handshake may take; then the connection is dropped (a graceful close waits
 for unsent data, which a peer that stopped reading never takes)."""
-UPSTREAM_STALLED = 1011
+UPSTREAM_STALLED = 1011  # the client's close code when the upstream stopped reading
+GOING_AWAY = 1001  # the server shuts down: clients may reconnect at once (to another replica)
+SHUTDOWN_DRAIN_SECONDS = 3.0
+"""How long a shutdown waits for the responses it cancelled to report their usage (at most
+SHUTDOWN_TIMEOUT_SECONDS): short, since the process is waited for, yet enough for OpenAI's
+`response.done` of a cancelled response, which it bills."""
 # Close codes a close frame may not carry (RFC 6455 7.4.1): what is sent instead.
 UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
 # Events decoded: a cheap substring test first (audio deltas are most of the traffic).
@@ -133,6 +141,10 @@ def _decode(data: str | bytes) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
+def _cancel_event(response_id: str) -> str:
+    return orjson.dumps({"type": "response.cancel", "response_id": response_id}).decode()
+
+
 def _error_event(message: str, code: str, client_event_id: Any) -> str:
     """A Realtime `error` event, as the SDKs surface it (`error.code`, `error.event_id`)."""
     return orjson.dumps({"type": "error", "event_id": f"event_proxy_{time.time_ns():x}",
@@ -140,7 +152,7 @@ def _error_event(message: str, code: str, client_event_id: Any) -> str:
                                    "param": None, "event_id": client_event_id}}).decode()
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False)  # compared by identity: kept in a set (RELAYS)
 class Session:
     """One relayed socket: its admission (tags, key hash), model, and responses in progress."""
 
@@ -157,6 +169,9 @@ class Session:
     leaving: bool = False  # the client left: responses still running are drained, not relayed
     transport: asyncio.Transport | None = None  # the upstream's, to drop it (see _transport)
     stalled: bool = False  # a send to the upstream timed out: its connection was dropped
+    stopping: bool = False  # the proxy shuts down: nothing more goes upstream but cancels
+    reading: asyncio.Task[None] | None = None  # the upstream's frames to the client
+    closing: asyncio.Future[None] | None = None  # the upstream's close, shared by who asks it
 
     @property
     def meter(self) -> Meter:
@@ -233,7 +248,12 @@ async def relay(request: web.Request, path: str) -> web.StreamResponse:
         await upstream.close()
         raise
     session = Session(app, request, ticket, client, upstream, model, transport=_transport(upstream))
-    await _run(session)  # closes the upstream
+    sessions = app[RELAYS]
+    sessions.add(session)
+    try:
+        await _run(session)  # closes the upstream
+    finally:
+        sessions.discard(session)
     return client
 
 
@@ -271,7 +291,8 @@ async def _connect(request: web.Request, app: web.Application, path: str, header
 async def _run(session: Session) -> None:
     """Both directions until either side closes; the client's side is read in the handler task
     (aiohttp's rule), the upstream's in a task of its own, never left behind."""
-    from_upstream = asyncio.create_task(_from_upstream(session), name="realtime-upstream")
+    from_upstream = session.reading = asyncio.create_task(_from_upstream(session),
+                                                          name="realtime-upstream")
     code, reason = None, b""
     try:
         code, reason = await _from_client(session)
@@ -286,9 +307,9 @@ async def _end(session: Session, from_upstream: asyncio.Task[None], code: int | 
     """The client's side is over: drain what runs, close the upstream with the client's code,
     and wait for the upstream's task (cancelled only past DRAIN_SECONDS)."""
     session.leaving = True
-    if session.running and not session.upstream.closed and not session.stalled:
+    if session.running and not session.upstream.closed and not (session.stalled or session.stopping):
         await _drain(session, from_upstream, DRAIN_SECONDS)
-    await _close_upstream(session, _close_code(code), reason)
+    await _close_upstream(session, GOING_AWAY if session.stopping else _close_code(code), reason)
     if not from_upstream.done():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(from_upstream), DRAIN_SECONDS)
@@ -298,6 +319,14 @@ async def _end(session: Session, from_upstream: asyncio.Task[None], code: int | 
 
 
 async def _close_upstream(session: Session, code: int, reason: bytes) -> None:
+    """Close the upstream once, whoever asks first (the handler, a shutdown): a second close
+    would find it closing and drop it mid-handshake."""
+    if session.closing is None:
+        session.closing = asyncio.ensure_future(_closed_upstream(session, code, reason))
+    await asyncio.shield(session.closing)
+
+
+async def _closed_upstream(session: Session, code: int, reason: bytes) -> None:
     """Close the upstream within CLOSE_SECONDS, then drop its connection whatever is left of it
     (nothing after a completed handshake; unsent data when the upstream stopped reading)."""
     if not session.upstream.closed and not session.stalled:
@@ -314,9 +343,7 @@ async def _drain(session: Session, from_upstream: asyncio.Task[None], seconds: f
     deadline = loop.time() + seconds
     for response_id in list(session.running):
         with contextlib.suppress(Exception):
-            await session.to_upstream(orjson.dumps(
-                {"type": "response.cancel", "response_id": response_id}).decode(),
-                max(0.0, deadline - loop.time()))
+            await session.to_upstream(_cancel_event(response_id), max(0.0, deadline - loop.time()))
     waiter = asyncio.ensure_future(session.drained.wait())
     try:
         await asyncio.wait({from_upstream, waiter}, timeout=max(0.0, deadline - loop.time()),
@@ -332,6 +359,8 @@ async def _from_client(session: Session) -> tuple[int | None, bytes]:
     while True:
         message = await client.receive()
         if message.type is WSMsgType.TEXT or message.type is WSMsgType.BINARY:
+            if session.stopping:
+                continue  # the socket closes in seconds: nothing new may start upstream
             data: str | bytes = message.data
             if _may_create(data) and not await _response_allowed(session, data):
                 continue
@@ -450,11 +479,15 @@ async def _watch(session: Session, data: str) -> None:
 
 async def _stop_if_over(session: Session, response_id: str) -> None:
     """A response started while the campaign is at its limit (the upstream's own, with server
-    VAD; the client's are asked before they are sent) is cancelled; the client is told."""
+    VAD; the client's are asked before they are sent) is cancelled; the client is told. So is
+    one started while the proxy shuts down (not told: its socket is closing)."""
+    if session.stopping:
+        await session.to_upstream(_cancel_event(response_id), CLOSE_SECONDS)
+        return
     refused = await _refusal(session)
     if refused is None:
         return
-    await session.to_upstream(orjson.dumps({"type": "response.cancel", "response_id": response_id}).decode())
+    await session.to_upstream(_cancel_event(response_id))
     await session.to_client(_error_event(f"{refused} (response {response_id} was cancelled)",
                                          BUDGET_EXCEEDED, None))
 
@@ -492,3 +525,42 @@ def _refused_span(app: web.Application, request: web.Request, campaign_id: str, 
     tracer = app[TRACER]
     if tracer is not None:
         tracer.refused(request.headers, "realtime", campaign_id, session_id, facts, received)
+
+
+def setup(app: web.Application) -> None:
+    """The open sockets' registry, and their end at shutdown (see `going_away`)."""
+    app.cleanup_ctx.append(_sessions)
+    app.on_shutdown.append(going_away)
+
+
+async def _sessions(app: web.Application) -> AsyncIterator[None]:
+    """The open sockets; any left at cleanup (a handler past the shutdown timeout) has its
+    upstream connection dropped before the upstream client is closed, which would wait for it."""
+    sessions: set[Session] = set()
+    app[RELAYS] = sessions
+    yield
+    for session in sessions:
+        session.drop_upstream()
+
+
+async def going_away(app: web.Application) -> None:
+    """At shutdown, before aiohttp waits for handlers, then cancels them, then closes the upstream
+    client: each open socket's responses cancelled and recorded, then its sides closed (1001)."""
+    sessions: list[Session] = [*app[RELAYS]] if RELAYS in app else []
+    if sessions:
+        seconds = min(SHUTDOWN_DRAIN_SECONDS, app[SETTINGS].shutdown_timeout_seconds)
+        await asyncio.gather(*(_go_away(session, seconds) for session in sessions),
+                             return_exceptions=True)
+
+
+async def _go_away(session: Session, seconds: float) -> None:
+    """One socket at shutdown: what runs is cancelled and its `response.done` (billed) waited for,
+    `seconds` at most, and recorded as it comes; then the client, then the upstream, closed with
+    1001. The client is closed first: it learns at once, and its handler stops relaying."""
+    session.stopping = True
+    reading = session.reading
+    if session.running and reading is not None and not session.upstream.closed and not session.stalled:
+        await _drain(session, reading, seconds)
+    if not session.client.closed:
+        await _close_client(session, GOING_AWAY, b"server shutting down")
+    await _close_upstream(session, GOING_AWAY, b"")

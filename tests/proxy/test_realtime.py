@@ -9,15 +9,19 @@ client keys kept from the upstream, and both sides' closes passed on without lea
 from __future__ import annotations
 
 import asyncio
+import time
 from decimal import Decimal
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from conftest import Proxy, free_port, make_settings
 from fakeupstream import realtime_usage
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
+from prometheus_client import CollectorRegistry
 
+from costing.db import create_engine
 from costing.money import to_units
 from costing.pricing import PriceTable
 from proxy import realtime
@@ -330,6 +334,51 @@ async def test_an_upstream_that_stops_reading_ends_the_relay(proxy, fake, monkey
             await no_realtime_tasks_left()
     finally:
         stall.set()
+
+
+async def until_closed(ws: aiohttp.ClientWebSocketResponse) -> tuple[list[dict[str, Any]], aiohttp.WSMessage]:
+    """The events received, then the message that ended the socket."""
+    events = []
+    while True:
+        message = await ws.receive()
+        if message.type is not aiohttp.WSMsgType.TEXT:
+            return events, message
+        events.append(orjson.loads(message.data))
+
+
+async def test_a_shutdown_records_running_responses_and_closes_sockets_with_1001(database_url, fake):
+    """Stopping the app: the response running is cancelled and its usage recorded, both sockets
+    closed with 1001 (going away) at once, not when the shutdown timeout cuts them (1006)."""
+    settings = make_settings(database_url=database_url, upstream_base_url=fake.url,
+                             proxy_port=free_port(), shutdown_timeout_seconds=10)
+    proxy = Proxy(settings, CollectorRegistry())
+    await proxy.start()
+    fake.behaviour.realtime_hold = asyncio.Event()
+    async with aiohttp.ClientSession() as http:
+        idle = await http.ws_connect(socket_url(proxy), headers=HEADERS)
+        busy = await http.ws_connect(socket_url(proxy), headers=HEADERS)
+        await events_until(idle, "session.created")
+        await events_until(busy, "session.created")
+        await busy.send_str('{"type":"response.create"}')
+        await events_until(busy, "response.output_text.delta")
+        started = time.monotonic()
+        stopping = asyncio.create_task(proxy.stop())
+        (_, idle_end), (events, busy_end) = await asyncio.wait_for(
+            asyncio.gather(until_closed(idle), until_closed(busy)), 20)
+        elapsed = time.monotonic() - started
+        await asyncio.wait_for(stopping, 20)
+    assert (idle_end.type, idle_end.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+    assert (busy_end.type, busy_end.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+    assert elapsed < 3, elapsed  # the runner's shutdown timeout is 5 s, the settings' 10 s
+    assert events[-1]["type"] == "response.done" and events[-1]["response"]["status"] == "cancelled"
+    assert sorted(fake.realtime_closes) == [(1001, ""), (1001, "")]
+    assert not realtime_tasks()
+    engine = create_engine(settings.database)
+    try:
+        [row] = await ledger_rows(engine)
+    finally:
+        await engine.dispose()
+    assert (row.response_id, row.input_tokens, row.output_tokens) == ("resp_1", 3, 1)
 
 
 def test_realtime_usage_counts_cached_audio_once():
