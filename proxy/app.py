@@ -32,7 +32,7 @@ from costing.settings import Settings
 from costing.spool import Spool
 from costing.store import Store
 from costing.tasks import finish, pause
-from proxy import costs_api, feed, health
+from proxy import costs_api, feed, health, realtime
 from proxy.browsers import BrowserRule
 from proxy.errors import add_fallback
 from proxy.forward import forward
@@ -279,6 +279,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None,
     if worker is not None:
         app[WORKER] = worker
         app.cleanup_ctx.append(_worker_metrics)
+    realtime.setup(app)  # after the upstream client: its sockets are ended before it is closed
     app.router.add_route("*", "/v1/{tail:.*}", forward)
     health.setup(app)
     feed.setup(app)

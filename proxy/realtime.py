@@ -9,9 +9,15 @@ budget raise). A response the upstream starts on its own (server VAD) while the 
 its limit is cancelled. Every `response.done` is a ledger row of its own, spooled before the
 event is relayed. A client that leaves mid-response has its responses cancelled upstream and
 their `response.done` (OpenAI bills the part generated) waited for, briefly, and recorded.
+So does a shutdown, for every open socket (`going_away`, before aiohttp waits for handlers and
+closes the upstream client), which then closes both sides with 1001.
 
-Frames are relayed unchanged; only events whose text names one of the few watched types are
-decoded. Each send is awaited before the next frame is read (backpressure, no queue).
+An upstream that stops reading ends the relay: each send to it is bounded (SEND_SECONDS), its
+connection pinged (HEARTBEAT_SECONDS), and past either it is dropped, the client closed with 1011.
+
+Frames are relayed unchanged; only events that may be one of the few watched types are decoded
+(a client's frame with a backslash too: a JSON escape can spell any name). Each send is awaited
+before the next frame is read (backpressure, no queue).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +43,7 @@ from costing.tasks import uninterrupted
 from costing.usage import MAX_MODEL_LENGTH, RequestFacts, from_realtime_response
 from proxy.errors import ProxyError
 from proxy.forward import Headers, _admit, _upstream_url, upstream_headers
-from proxy.state import CLIENT_KEYS, METER, METRICS, SETTINGS, TRACER, UPSTREAM
+from proxy.state import CLIENT_KEYS, METER, METRICS, RELAYS, SETTINGS, TRACER, UPSTREAM
 from proxy.tags import tag_value
 
 log = logging.getLogger(__name__)
@@ -49,10 +56,28 @@ HANDSHAKE_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-version", "se
 TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 # How long a client's departure waits for the upstream to report its cancelled responses' usage.
 DRAIN_SECONDS = 5.0
+SEND_SECONDS = 30.0
+"""How long one frame may take to go upstream. An upstream that stops reading would otherwise
+block the relay for good: the client's side is not read meanwhile, so its departure goes
+unnoticed too. Past it the upstream's connection is dropped and the client closed with 1011."""
+HEARTBEAT_SECONDS = 30.0
+"""The upstream is pinged after this long without a frame from it, and dropped without a pong
+within half of it: a dead upstream connection ends a quiet session instead of holding it open."""
+CLOSE_SECONDS = 2.0
+"""How long a close handshake may take; then the connection is dropped (a graceful close waits
+for unsent data, which a peer that stopped reading never takes)."""
+UPSTREAM_STALLED = 1011  # the client's close code when the upstream stopped reading
+GOING_AWAY = 1001  # the server shuts down: clients may reconnect at once (to another replica)
+SHUTDOWN_DRAIN_SECONDS = 3.0
+"""How long a shutdown waits for the responses it cancelled to report their usage (at most
+SHUTDOWN_TIMEOUT_SECONDS): short, since the process is waited for, yet enough for OpenAI's
+`response.done` of a cancelled response, which it bills."""
 # Close codes a close frame may not carry (RFC 6455 7.4.1): what is sent instead.
 UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
 # Events decoded: a cheap substring test first (audio deltas are most of the traffic).
 WATCHED_SERVER = ('"response.done"', '"response.created"', '"session.created"', '"session.updated"')
+# A client event that may be a response.create: its name in plain text, or any JSON escape.
+CREATE_TEXT, CREATE_BYTES = '"response.create"', b'"response.create"'
 BUDGET_EXCEEDED = "budget_exceeded"
 ENDED = (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 MAX_REASON = 123  # bytes a close frame's reason may hold
@@ -108,12 +133,16 @@ def _close_code(code: int | None) -> int:
     return UNSENDABLE.get(code, code)
 
 
-def _decode(data: str) -> dict[str, Any] | None:
+def _decode(data: str | bytes) -> dict[str, Any] | None:
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
     return event if isinstance(event, dict) else None
+
+
+def _cancel_event(response_id: str) -> str:
+    return orjson.dumps({"type": "response.cancel", "response_id": response_id}).decode()
 
 
 def _error_event(message: str, code: str, client_event_id: Any) -> str:
@@ -123,7 +152,7 @@ def _error_event(message: str, code: str, client_event_id: Any) -> str:
                                    "param": None, "event_id": client_event_id}}).decode()
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: kept in a set (RELAYS)
 class Session:
     """One relayed socket: its admission (tags, key hash), model, and responses in progress."""
 
@@ -138,6 +167,11 @@ class Session:
     send_client: asyncio.Lock = field(default_factory=asyncio.Lock)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     leaving: bool = False  # the client left: responses still running are drained, not relayed
+    transport: asyncio.Transport | None = None  # the upstream's, to drop it (see _transport)
+    stalled: bool = False  # a send to the upstream timed out: its connection was dropped
+    stopping: bool = False  # the proxy shuts down: nothing more goes upstream but cancels
+    reading: asyncio.Task[None] | None = None  # the upstream's frames to the client
+    closing: asyncio.Future[None] | None = None  # the upstream's close, shared by who asks it
 
     @property
     def meter(self) -> Meter:
@@ -157,14 +191,26 @@ class Session:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             self.leaving = True
 
-    async def to_upstream(self, data: str | bytes) -> None:
-        if self.upstream.closed:
+    async def to_upstream(self, data: str | bytes, seconds: float | None = None) -> None:
+        """Send within `seconds` (SEND_SECONDS); past it the upstream is dropped (`stalled`: a
+        frame cut short leaves its stream unusable anyway) and the relay ends."""
+        if self.upstream.closed or self.stalled:
             return
-        async with self.send_upstream:
-            if isinstance(data, str):
-                await self.upstream.send_str(data)
-            else:
-                await self.upstream.send_bytes(data)
+        try:
+            async with asyncio.timeout(SEND_SECONDS if seconds is None else seconds), self.send_upstream:
+                if isinstance(data, str):
+                    await self.upstream.send_str(data)
+                else:
+                    await self.upstream.send_bytes(data)
+        except TimeoutError:
+            log.warning("the Realtime upstream stopped reading: its socket is dropped")
+            self.stalled = True
+            self.drop_upstream()
+
+    def drop_upstream(self) -> None:
+        """Cut the upstream's connection, unsent data and all: no close handshake."""
+        if self.transport is not None:
+            self.transport.abort()
 
 
 async def relay(request: web.Request, path: str) -> web.StreamResponse:
@@ -201,8 +247,21 @@ async def relay(request: web.Request, path: str) -> web.StreamResponse:
     except BaseException:
         await upstream.close()
         raise
-    await _run(Session(app, request, ticket, client, upstream, model))  # closes the upstream
+    session = Session(app, request, ticket, client, upstream, model, transport=_transport(upstream))
+    sessions = app[RELAYS]
+    sessions.add(session)
+    try:
+        await _run(session)  # closes the upstream
+    finally:
+        sessions.discard(session)
     return client
+
+
+def _transport(upstream: aiohttp.ClientWebSocketResponse) -> asyncio.Transport | None:
+    """The upstream socket's transport: aiohttp's client WebSocket has no abort, and its close
+    (or heartbeat failure) closes the transport gracefully, which waits for unsent data."""
+    connection = upstream._conn
+    return connection.transport if connection is not None else None
 
 
 async def _connect(request: web.Request, app: web.Application, path: str, headers: Headers,
@@ -215,7 +274,7 @@ async def _connect(request: web.Request, app: web.Application, path: str, header
     try:
         return await upstream.client.ws_connect(
             url, protocols=protocols, headers=headers, autoping=True, compress=0,
-            max_msg_size=app[SETTINGS].max_request_body_bytes)
+            heartbeat=HEARTBEAT_SECONDS, max_msg_size=app[SETTINGS].max_request_body_bytes)
     except aiohttp.WSServerHandshakeError as exc:
         status = exc.status if exc.status >= 400 else 502
         raise ProxyError(status, f"The upstream API refused the WebSocket (HTTP {exc.status})",
@@ -232,7 +291,8 @@ async def _connect(request: web.Request, app: web.Application, path: str, header
 async def _run(session: Session) -> None:
     """Both directions until either side closes; the client's side is read in the handler task
     (aiohttp's rule), the upstream's in a task of its own, never left behind."""
-    from_upstream = asyncio.create_task(_from_upstream(session), name="realtime-upstream")
+    from_upstream = session.reading = asyncio.create_task(_from_upstream(session),
+                                                          name="realtime-upstream")
     code, reason = None, b""
     try:
         code, reason = await _from_client(session)
@@ -247,11 +307,9 @@ async def _end(session: Session, from_upstream: asyncio.Task[None], code: int | 
     """The client's side is over: drain what runs, close the upstream with the client's code,
     and wait for the upstream's task (cancelled only past DRAIN_SECONDS)."""
     session.leaving = True
-    if session.running and not session.upstream.closed:
-        await _drain(session, from_upstream)
-    if not session.upstream.closed:
-        with contextlib.suppress(Exception):
-            await session.upstream.close(code=_close_code(code), message=reason)
+    if session.running and not session.upstream.closed and not (session.stalled or session.stopping):
+        await _drain(session, from_upstream, DRAIN_SECONDS)
+    await _close_upstream(session, GOING_AWAY if session.stopping else _close_code(code), reason)
     if not from_upstream.done():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(from_upstream), DRAIN_SECONDS)
@@ -260,16 +318,35 @@ async def _end(session: Session, from_upstream: asyncio.Task[None], code: int | 
         await from_upstream
 
 
-async def _drain(session: Session, from_upstream: asyncio.Task[None]) -> None:
-    """The client left mid-response: cancel what runs upstream and wait (DRAIN_SECONDS at most)
-    for its `response.done`, whose usage OpenAI bills."""
+async def _close_upstream(session: Session, code: int, reason: bytes) -> None:
+    """Close the upstream once, whoever asks first (the handler, a shutdown): a second close
+    would find it closing and drop it mid-handshake."""
+    if session.closing is None:
+        session.closing = asyncio.ensure_future(_closed_upstream(session, code, reason))
+    await asyncio.shield(session.closing)
+
+
+async def _closed_upstream(session: Session, code: int, reason: bytes) -> None:
+    """Close the upstream within CLOSE_SECONDS, then drop its connection whatever is left of it
+    (nothing after a completed handshake; unsent data when the upstream stopped reading)."""
+    if not session.upstream.closed and not session.stalled:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await session.upstream.close(code=code, message=reason)
+    session.drop_upstream()
+
+
+async def _drain(session: Session, from_upstream: asyncio.Task[None], seconds: float) -> None:
+    """The client left mid-response: cancel what runs upstream and wait for its `response.done`,
+    whose usage OpenAI bills; `seconds` in all, the cancels' sends included."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
     for response_id in list(session.running):
         with contextlib.suppress(Exception):
-            await session.to_upstream(orjson.dumps(
-                {"type": "response.cancel", "response_id": response_id}).decode())
+            await session.to_upstream(_cancel_event(response_id), max(0.0, deadline - loop.time()))
     waiter = asyncio.ensure_future(session.drained.wait())
     try:
-        await asyncio.wait({from_upstream, waiter}, timeout=DRAIN_SECONDS,
+        await asyncio.wait({from_upstream, waiter}, timeout=max(0.0, deadline - loop.time()),
                            return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
@@ -281,13 +358,15 @@ async def _from_client(session: Session) -> tuple[int | None, bytes]:
     client = session.client
     while True:
         message = await client.receive()
-        if message.type is WSMsgType.TEXT:
-            data: str = message.data
-            if '"response.create"' in data and not await _response_allowed(session, data):
+        if message.type is WSMsgType.TEXT or message.type is WSMsgType.BINARY:
+            if session.stopping:
+                continue  # the socket closes in seconds: nothing new may start upstream
+            data: str | bytes = message.data
+            if _may_create(data) and not await _response_allowed(session, data):
                 continue
             await session.to_upstream(data)
-        elif message.type is WSMsgType.BINARY:
-            await session.to_upstream(message.data)
+            if session.stalled:
+                return UPSTREAM_STALLED, b""
         elif message.type is WSMsgType.CLOSE:
             return message.data, _reason(message.extra)
         elif message.type in ENDED:
@@ -298,15 +377,28 @@ def _reason(extra: Any) -> bytes:
     return extra.encode()[:MAX_REASON] if isinstance(extra, str) else b""
 
 
-async def _response_allowed(session: Session, data: str) -> bool:
-    """Ask the gate for a client's `response.create`; refused: an `error` event instead."""
+def _may_create(data: str | bytes) -> bool:
+    """Whether a client frame may be a `response.create` (then decoded): without its name in
+    plain text nor any backslash, no JSON spells that type. The test is two scans, no decode:
+    the large frames, `input_audio_buffer.append` with base64 audio, have neither. Binary frames
+    alike: one holding a UTF-8 JSON event may be read as the text one."""
+    if isinstance(data, str):
+        return "\\" in data or CREATE_TEXT in data
+    return b"\\" in data or CREATE_BYTES in data
+
+
+async def _response_allowed(session: Session, data: str | bytes) -> bool:
+    """Ask the gate for a client's `response.create`; refused: an `error` event instead. A frame
+    that may be one but is no JSON object orjson reads is asked for too (a laxer parser upstream
+    may read it as one); under the limit it goes on unchanged as any frame."""
     event = _decode(data)
-    if event is None or event.get("type") != "response.create":
+    if event is not None and event.get("type") != "response.create":
         return True
     refused = await _refusal(session)
     if refused is None:
         return True
-    await session.to_client(_error_event(str(refused), BUDGET_EXCEEDED, event.get("event_id")))
+    event_id = event.get("event_id") if event is not None else None
+    await session.to_client(_error_event(str(refused), BUDGET_EXCEEDED, event_id))
     return False
 
 
@@ -348,9 +440,19 @@ async def _from_upstream(session: Session) -> None:
         session.drained.set()
         if not session.client.closed:
             # No close code: the connection was lost, not closed (1006), sent as 1011.
-            with contextlib.suppress(Exception):
-                await session.client.close(code=_close_code(upstream.close_code or 1006),
-                                           message=reason)
+            await _close_client(session, _close_code(upstream.close_code or 1006), reason)
+
+
+async def _close_client(session: Session, code: int, reason: bytes) -> None:
+    """Close the client within CLOSE_SECONDS, else drop its connection (a client that stopped
+    reading never answers, and a graceful close would wait for its unsent data)."""
+    transport = session.request.transport
+    try:
+        async with asyncio.timeout(CLOSE_SECONDS):
+            await session.client.close(code=code, message=reason)
+    except Exception:
+        if transport is not None:
+            transport.abort()
 
 
 async def _watch(session: Session, data: str) -> None:
@@ -377,11 +479,15 @@ async def _watch(session: Session, data: str) -> None:
 
 async def _stop_if_over(session: Session, response_id: str) -> None:
     """A response started while the campaign is at its limit (the upstream's own, with server
-    VAD; the client's are asked before they are sent) is cancelled; the client is told."""
+    VAD; the client's are asked before they are sent) is cancelled; the client is told. So is
+    one started while the proxy shuts down (not told: its socket is closing)."""
+    if session.stopping:
+        await session.to_upstream(_cancel_event(response_id), CLOSE_SECONDS)
+        return
     refused = await _refusal(session)
     if refused is None:
         return
-    await session.to_upstream(orjson.dumps({"type": "response.cancel", "response_id": response_id}).decode())
+    await session.to_upstream(_cancel_event(response_id))
     await session.to_client(_error_event(f"{refused} (response {response_id} was cancelled)",
                                          BUDGET_EXCEEDED, None))
 
@@ -419,3 +525,42 @@ def _refused_span(app: web.Application, request: web.Request, campaign_id: str, 
     tracer = app[TRACER]
     if tracer is not None:
         tracer.refused(request.headers, "realtime", campaign_id, session_id, facts, received)
+
+
+def setup(app: web.Application) -> None:
+    """The open sockets' registry, and their end at shutdown (see `going_away`)."""
+    app.cleanup_ctx.append(_sessions)
+    app.on_shutdown.append(going_away)
+
+
+async def _sessions(app: web.Application) -> AsyncIterator[None]:
+    """The open sockets; any left at cleanup (a handler past the shutdown timeout) has its
+    upstream connection dropped before the upstream client is closed, which would wait for it."""
+    sessions: set[Session] = set()
+    app[RELAYS] = sessions
+    yield
+    for session in sessions:
+        session.drop_upstream()
+
+
+async def going_away(app: web.Application) -> None:
+    """At shutdown, before aiohttp waits for handlers, then cancels them, then closes the upstream
+    client: each open socket's responses cancelled and recorded, then its sides closed (1001)."""
+    sessions: list[Session] = [*app[RELAYS]] if RELAYS in app else []
+    if sessions:
+        seconds = min(SHUTDOWN_DRAIN_SECONDS, app[SETTINGS].shutdown_timeout_seconds)
+        await asyncio.gather(*(_go_away(session, seconds) for session in sessions),
+                             return_exceptions=True)
+
+
+async def _go_away(session: Session, seconds: float) -> None:
+    """One socket at shutdown: what runs is cancelled and its `response.done` (billed) waited for,
+    `seconds` at most, and recorded as it comes; then the client, then the upstream, closed with
+    1001. The client is closed first: it learns at once, and its handler stops relaying."""
+    session.stopping = True
+    reading = session.reading
+    if session.running and reading is not None and not session.upstream.closed and not session.stalled:
+        await _drain(session, reading, seconds)
+    if not session.client.closed:
+        await _close_client(session, GOING_AWAY, b"server shutting down")
+    await _close_upstream(session, GOING_AWAY, b"")

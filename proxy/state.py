@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +21,9 @@ from proxy.keys import ClientKeys
 from proxy.metrics import Metrics
 from proxy.peers import WorkerSlot
 from tracing.recorder import Tracer
+
+if TYPE_CHECKING:
+    from proxy.realtime import Session  # imports this module
 
 
 @dataclass(slots=True)
@@ -47,4 +51,6 @@ SPOOL = web.AppKey("spool", Spool)
 # None when tracing is off (no OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT): the request path then
 # skips it with one test.
 TRACER: web.AppKey[Tracer | None] = web.AppKey("tracer")
+# The open Realtime sockets, closed at shutdown (proxy/realtime.py: setup).
+RELAYS: web.AppKey[set[Session]] = web.AppKey("realtime_sessions")
 WORKER = web.AppKey("worker", WorkerSlot)  # set only under `serve --workers N`

@@ -76,6 +76,8 @@ class Behaviour:
     realtime_deltas: int = 3
     realtime_hold: asyncio.Event | None = None
     realtime_protocol: str | None = "realtime"  # the subprotocol chosen, when the client offers it
+    # Set: after session.created the fake stops reading its socket (a hung upstream) until it is set.
+    realtime_stall: asyncio.Event | None = None
 
 
 def realtime_usage(text_in: int = 20, audio_in: int = 30, cached_text: int = 5, cached_audio: int = 10,
@@ -211,6 +213,10 @@ class FakeUpstream:
         await self._rt_send(ws, {"type": "session.created", "event_id": "event_1",
                                  "session": {"id": "sess_1", "object": "realtime.session",
                                              "type": "realtime", "model": model}})
+        if b.realtime_stall is not None and request.transport is not None:
+            request.transport.pause_reading()
+            await b.realtime_stall.wait()
+            request.transport.resume_reading()
         closed: tuple[int | None, str] = (None, "")
         try:
             while True:

@@ -9,17 +9,22 @@ client keys kept from the upstream, and both sides' closes passed on without lea
 from __future__ import annotations
 
 import asyncio
+import time
 from decimal import Decimal
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from conftest import Proxy, free_port, make_settings
 from fakeupstream import realtime_usage
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
+from prometheus_client import CollectorRegistry
 
+from costing.db import create_engine
 from costing.money import to_units
 from costing.pricing import PriceTable
+from proxy import realtime
 
 HEADERS = {"X-Campaign-Id": "c1", "X-Session-Id": "s1"}
 SERVER_KEY = "sk-server-secret-0123"
@@ -174,6 +179,49 @@ async def test_past_the_limit_mid_session_a_response_create_gets_an_error_event_
     assert len(await ledger_rows(proxy.engine)) == 1
 
 
+ESCAPED_CREATES: list[str | bytes] = [
+    '{"type":"response\\u002ecreate","event_id":"evt_dot"}',
+    '{"type":"\\u0072esponse.create","event_id":"evt_r"}',
+    '{"type":"response.creat\\u0065","event_id":"evt_e","response":{"instructions":"a\\/b"}}',
+    '{"\\u0074ype":"response.create","event_id":"evt_key"}',
+    b'{"type":"response.create","event_id":"evt_binary"}',
+    b'{"type":"response\\u002ecreate","event_id":"evt_binary_escaped"}',
+    '\ufeff{"type":"response\\u002ecreate"}',  # no JSON orjson reads: a laxer parser might
+]
+
+
+async def test_at_the_limit_a_response_create_in_any_encoding_is_refused(proxy, fake):
+    """JSON escapes spell `response.create` without its plain text, and a binary frame may hold
+    the same event: each is refused at the limit, and never reaches the upstream."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(socket_url(proxy), headers=HEADERS) as ws:
+        await events_until(ws, "session.created")
+        put = await http.put(f"{proxy.url}/costs/campaigns/c1/budget",
+                             json={"warning_usd": "0", "limit_usd": "0"})
+        assert put.status == 200
+        for frame in ESCAPED_CREATES:
+            await (ws.send_str(frame) if isinstance(frame, str) else ws.send_bytes(frame))
+        # Escapes in other events cost a decode, nothing more: relayed unchanged.
+        update = '{"type":"session.update","session":{"instructions":"line\\none \\u00e9"}}'
+        await ws.send_str(update)
+        events = await events_until(ws, "session.updated")
+    errors = [e["error"] for e in events if e["type"] == "error"]
+    assert [e["code"] for e in errors] == ["budget_exceeded"] * len(ESCAPED_CREATES)
+    assert [e["event_id"] for e in errors] == ["evt_dot", "evt_r", "evt_e", "evt_key", "evt_binary",
+                                               "evt_binary_escaped", None]
+    assert fake.realtime_received == [update]
+    assert not [e for e in events if e["type"].startswith("response.")]
+
+
+async def test_under_the_limit_escaped_and_binary_frames_go_on_unchanged(proxy, fake):
+    async with aiohttp.ClientSession() as http, http.ws_connect(socket_url(proxy), headers=HEADERS) as ws:
+        await events_until(ws, "session.created")
+        await ws.send_str(ESCAPED_CREATES[0])
+        await events_until(ws, "response.done")
+        await ws.send_bytes(ESCAPED_CREATES[4])
+        await asyncio.wait_for(ws.receive(), 10)  # the fake echoes binary frames
+    assert fake.realtime_received == ESCAPED_CREATES[0:1] + ESCAPED_CREATES[4:5]
+
+
 async def test_a_response_the_upstream_starts_at_the_limit_is_cancelled(proxy, fake):
     """Server VAD: the upstream starts responses by itself; at the limit they are cancelled."""
     hold = fake.behaviour.realtime_hold = asyncio.Event()
@@ -261,6 +309,76 @@ async def test_the_upstream_closing_closes_the_client_with_its_code(proxy, fake)
     await no_realtime_tasks_left()
     await proxy.flush()
     assert len(await ledger_rows(proxy.engine)) == 1
+
+
+async def test_an_upstream_that_stops_reading_ends_the_relay(proxy, fake, monkeypatch):
+    """Sends to it block: past SEND_SECONDS its connection is dropped and the client closed with
+    1011, though the client, blocked too, never sends a close of its own."""
+    monkeypatch.setattr(realtime, "SEND_SECONDS", 0.5)
+    stall = fake.behaviour.realtime_stall = asyncio.Event()
+    append = orjson.dumps({"type": "input_audio_buffer.append", "audio": "A" * 256 * 1024}).decode()
+
+    async def pump(ws: aiohttp.ClientWebSocketResponse) -> None:
+        while True:
+            await ws.send_str(append)
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(socket_url(proxy), headers=HEADERS)
+            await events_until(ws, "session.created")
+            sending = asyncio.create_task(pump(ws))
+            message = await asyncio.wait_for(ws.receive(), 20)
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+            assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 1011)
+            await no_realtime_tasks_left()
+    finally:
+        stall.set()
+
+
+async def until_closed(ws: aiohttp.ClientWebSocketResponse) -> tuple[list[dict[str, Any]], aiohttp.WSMessage]:
+    """The events received, then the message that ended the socket."""
+    events = []
+    while True:
+        message = await ws.receive()
+        if message.type is not aiohttp.WSMsgType.TEXT:
+            return events, message
+        events.append(orjson.loads(message.data))
+
+
+async def test_a_shutdown_records_running_responses_and_closes_sockets_with_1001(database_url, fake):
+    """Stopping the app: the response running is cancelled and its usage recorded, both sockets
+    closed with 1001 (going away) at once, not when the shutdown timeout cuts them (1006)."""
+    settings = make_settings(database_url=database_url, upstream_base_url=fake.url,
+                             proxy_port=free_port(), shutdown_timeout_seconds=10)
+    proxy = Proxy(settings, CollectorRegistry())
+    await proxy.start()
+    fake.behaviour.realtime_hold = asyncio.Event()
+    async with aiohttp.ClientSession() as http:
+        idle = await http.ws_connect(socket_url(proxy), headers=HEADERS)
+        busy = await http.ws_connect(socket_url(proxy), headers=HEADERS)
+        await events_until(idle, "session.created")
+        await events_until(busy, "session.created")
+        await busy.send_str('{"type":"response.create"}')
+        await events_until(busy, "response.output_text.delta")
+        started = time.monotonic()
+        stopping = asyncio.create_task(proxy.stop())
+        (_, idle_end), (events, busy_end) = await asyncio.wait_for(
+            asyncio.gather(until_closed(idle), until_closed(busy)), 20)
+        elapsed = time.monotonic() - started
+        await asyncio.wait_for(stopping, 20)
+    assert (idle_end.type, idle_end.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+    assert (busy_end.type, busy_end.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+    assert elapsed < 3, elapsed  # the runner's shutdown timeout is 5 s, the settings' 10 s
+    assert events[-1]["type"] == "response.done" and events[-1]["response"]["status"] == "cancelled"
+    assert sorted(fake.realtime_closes) == [(1001, ""), (1001, "")]
+    assert not realtime_tasks()
+    engine = create_engine(settings.database)
+    try:
+        [row] = await ledger_rows(engine)
+    finally:
+        await engine.dispose()
+    assert (row.response_id, row.input_tokens, row.output_tokens) == ("resp_1", 3, 1)
 
 
 def test_realtime_usage_counts_cached_audio_once():
