@@ -123,27 +123,40 @@ def parse_usage(raw: Any) -> Usage | None:
     if not isinstance(raw, dict):
         return None
     if "input_tokens" in raw or "output_tokens" in raw:
-        input_tokens = _int(raw.get("input_tokens"))
-        output_tokens = _int(raw.get("output_tokens"))
+        inputs, outputs = raw.get("input_tokens"), raw.get("output_tokens")
         in_details = raw.get("input_tokens_details")
         out_details = raw.get("output_tokens_details")
     else:
-        input_tokens = _int(raw.get("prompt_tokens"))
-        output_tokens = _int(raw.get("completion_tokens"))
+        inputs, outputs = raw.get("prompt_tokens"), raw.get("completion_tokens")
         in_details = raw.get("prompt_tokens_details")
         out_details = raw.get("completion_tokens_details")
+    # _int's checks written out for the usual plain count: its call costs more than they do.
+    input_tokens = inputs if type(inputs) is int and 0 <= inputs <= MAX_TOKENS else _int(inputs)
+    output_tokens = outputs if type(outputs) is int and 0 <= outputs <= MAX_TOKENS else _int(outputs)
     cached = audio_in = reasoning = audio_out = 0
+    # Likewise below, and a 0 (most audio counts) skips _int. `in` first for the keys one shape
+    # or the older models lack (a miss is cheapest that way).
     if type(out_details) is dict:
-        reasoning = _int(out_details.get("reasoning_tokens"))
+        value = out_details.get("reasoning_tokens")
+        if value:
+            reasoning = value if type(value) is int and 0 < value <= MAX_TOKENS else _int(value)
         if "audio_tokens" in out_details:
-            audio_out = _int(out_details["audio_tokens"])
+            value = out_details["audio_tokens"]
+            if value:
+                audio_out = _int(value)
     if type(in_details) is dict:
-        cached = _int(in_details.get("cached_tokens"))
+        value = in_details.get("cached_tokens")
+        if value:
+            cached = value if type(value) is int and 0 < value <= MAX_TOKENS else _int(value)
         if "audio_tokens" in in_details:
-            audio_in = _int(in_details["audio_tokens"])
-        if "cache_write_tokens" in in_details:  # the newest models: apart, so others pay nothing
-            return _with_cache_writes(input_tokens, cached, output_tokens, reasoning, audio_in,
-                                      audio_out, in_details["cache_write_tokens"])
+            value = in_details["audio_tokens"]
+            if value:
+                audio_in = _int(value)
+        if "cache_write_tokens" in in_details:  # the newest models: apart, so others pay one `in`
+            value = in_details["cache_write_tokens"]
+            if value:
+                return _with_cache_writes(input_tokens, cached, output_tokens, reasoning, audio_in,
+                                          audio_out, value)
     # Positional: this runs for every response, and keyword matching costs more than the rest.
     return Usage(input_tokens, cached if cached < input_tokens else input_tokens,
                  output_tokens, reasoning if reasoning < output_tokens else output_tokens,
