@@ -94,6 +94,7 @@ class TokenCounts:
     reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     audio_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     audio_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_write_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)  # migration 0004
 
 
 class UsageRecord(TokenCounts, Base):

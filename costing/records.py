@@ -111,6 +111,7 @@ class Totals:
     reasoning_tokens: int = 0
     audio_input_tokens: int = 0
     audio_output_tokens: int = 0
+    cache_write_input_tokens: int = 0
 
     def merge(self, other: Totals) -> None:
         self.cost_usd += other.cost_usd
@@ -121,6 +122,7 @@ class Totals:
         self.reasoning_tokens += other.reasoning_tokens
         self.audio_input_tokens += other.audio_input_tokens
         self.audio_output_tokens += other.audio_output_tokens
+        self.cache_write_input_tokens += other.cache_write_input_tokens
 
     @classmethod
     def of(cls, entries: Sequence[UsageEntry]) -> Totals:
@@ -135,6 +137,7 @@ class Totals:
             reasoning_tokens=sum(u.reasoning_tokens for u in usages),
             audio_input_tokens=sum(u.audio_input_tokens for u in usages),
             audio_output_tokens=sum(u.audio_output_tokens for u in usages),
+            cache_write_input_tokens=sum(u.cache_write_input_tokens for u in usages),
         )
 
 

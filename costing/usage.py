@@ -3,7 +3,7 @@ events) and what a request may cost at most (estimates used for budget reservati
 
 Shapes handled: chat completions, legacy completions, embeddings (`prompt_tokens` /
 `completion_tokens`) and the Responses API (`input_tokens` / `output_tokens`), with cached
-input and reasoning details; streamed Responses report usage in their terminal event; Realtime
+input, cache writes and reasoning details; streamed Responses report usage in their terminal event; Realtime
 sessions in each `response.done` event (`input_token_details` / `output_token_details`).
 """
 
@@ -74,6 +74,9 @@ class Usage:
     audio_input_tokens: int = 0  # part of input_tokens
     audio_output_tokens: int = 0  # part of output_tokens
     web_search_calls: int = 0  # Responses `web_search_call` output items
+    # Part of input_tokens, as cached (read) tokens are: the prompt-cache writes that OpenAI's
+    # newest models bill at their own price (`*_tokens_details.cache_write_tokens`).
+    cache_write_input_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -120,29 +123,60 @@ def parse_usage(raw: Any) -> Usage | None:
     if not isinstance(raw, dict):
         return None
     if "input_tokens" in raw or "output_tokens" in raw:
-        input_tokens = _int(raw.get("input_tokens"))
-        output_tokens = _int(raw.get("output_tokens"))
+        inputs, outputs = raw.get("input_tokens"), raw.get("output_tokens")
         in_details = raw.get("input_tokens_details")
         out_details = raw.get("output_tokens_details")
     else:
-        input_tokens = _int(raw.get("prompt_tokens"))
-        output_tokens = _int(raw.get("completion_tokens"))
+        inputs, outputs = raw.get("prompt_tokens"), raw.get("completion_tokens")
         in_details = raw.get("prompt_tokens_details")
         out_details = raw.get("completion_tokens_details")
+    # _int's checks written out for the usual plain count: its call costs more than they do.
+    input_tokens = inputs if type(inputs) is int and 0 <= inputs <= MAX_TOKENS else _int(inputs)
+    output_tokens = outputs if type(outputs) is int and 0 <= outputs <= MAX_TOKENS else _int(outputs)
     cached = audio_in = reasoning = audio_out = 0
-    if type(in_details) is dict:
-        cached = _int(in_details.get("cached_tokens"))
-        if "audio_tokens" in in_details:
-            audio_in = _int(in_details["audio_tokens"])
+    # Likewise below, and a 0 (most audio counts) skips _int. `in` first for the keys one shape
+    # or the older models lack (a miss is cheapest that way).
     if type(out_details) is dict:
-        reasoning = _int(out_details.get("reasoning_tokens"))
+        value = out_details.get("reasoning_tokens")
+        if value:
+            reasoning = value if type(value) is int and 0 < value <= MAX_TOKENS else _int(value)
         if "audio_tokens" in out_details:
-            audio_out = _int(out_details["audio_tokens"])
+            value = out_details["audio_tokens"]
+            if value:
+                audio_out = _int(value)
+    if type(in_details) is dict:
+        value = in_details.get("cached_tokens")
+        if value:
+            cached = value if type(value) is int and 0 < value <= MAX_TOKENS else _int(value)
+        if "audio_tokens" in in_details:
+            value = in_details["audio_tokens"]
+            if value:
+                audio_in = _int(value)
+        if "cache_write_tokens" in in_details:  # the newest models: apart, so others pay one `in`
+            value = in_details["cache_write_tokens"]
+            if value:
+                return _with_cache_writes(input_tokens, cached, output_tokens, reasoning, audio_in,
+                                          audio_out, value)
     # Positional: this runs for every response, and keyword matching costs more than the rest.
     return Usage(input_tokens, cached if cached < input_tokens else input_tokens,
                  output_tokens, reasoning if reasoning < output_tokens else output_tokens,
                  audio_in if audio_in < input_tokens else input_tokens,
                  audio_out if audio_out < output_tokens else output_tokens)
+
+
+def _with_cache_writes(input_tokens: int, cached: int, output_tokens: int, reasoning: int,
+                       audio_in: int, audio_out: int, writes: Any) -> Usage:
+    """parse_usage's result for a usage that reports prompt-cache writes: written and read
+    tokens are separate parts of the input, so together never more than it."""
+    if cached > input_tokens:
+        cached = input_tokens
+    written = _int(writes)
+    if written > input_tokens - cached:
+        written = input_tokens - cached
+    return Usage(input_tokens, cached, output_tokens,
+                 reasoning if reasoning < output_tokens else output_tokens,
+                 audio_in if audio_in < input_tokens else input_tokens,
+                 audio_out if audio_out < output_tokens else output_tokens, 0, written)
 
 
 def _tier(value: Any) -> str | None:

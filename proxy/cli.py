@@ -247,6 +247,8 @@ def describe_price(table: PriceTable, model: str, tier: str | None) -> str:
 
     row("input", "input", price.input, "per 1M tokens")
     row("cached input", "cached_input", price.cached_input, "per 1M tokens")
+    row("cache writes", "cache_write_input", price.cache_write_input, "per 1M tokens",
+        "billed as input")
     row("output", "output", price.output, "per 1M tokens")
     lines.append("  reasoning      billed as output")
     row("audio input", "audio_input", price.audio_input, "per 1M tokens", "billed as input")
@@ -257,8 +259,11 @@ def describe_price(table: PriceTable, model: str, tier: str | None) -> str:
     if price.search_every_call:
         lines.append("  (every call is billed one web search)")
     for above, band in price.long_context:
+        writes = (f", cache writes ${band.cache_write_input.normalize():f}"
+                  if band.cache_write_input is not None else "")
         lines.append(f"  prompts above {above} input tokens: input ${band.input.normalize():f}, cached "
-                     f"${band.cached_input.normalize():f}, output ${band.output.normalize():f} per 1M")
+                     f"${band.cached_input.normalize():f}{writes}, output ${band.output.normalize():f} "
+                     "per 1M")
     if quote.max_output_tokens is not None:
         lines.append(f"largest answer: {quote.max_output_tokens} output tokens (reserved when a request "
                      "sets no output cap)")

@@ -38,7 +38,8 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 # report no tokens, so they are not in the GenAI histograms.
 GEN_AI_OPERATION = {"chat.completions": "chat", "completions": "text_completion",
                     "embeddings": "embeddings", "responses": "chat", "realtime": "chat"}
-TOKEN_TYPES = ("input", "cached_input", "output", "reasoning", "audio_input", "audio_output")
+TOKEN_TYPES = ("input", "cached_input", "output", "reasoning", "audio_input", "audio_output",
+               "cache_write_input")
 
 
 # Model names come from clients (any string up to 200 characters): without a cap, a client could
@@ -219,7 +220,8 @@ class Metrics:
             usage = e.usage
             for kind, count in zip(TOKEN_TYPES, (usage.input_tokens, usage.cached_input_tokens,
                                                  usage.output_tokens, usage.reasoning_tokens,
-                                                 usage.audio_input_tokens, usage.audio_output_tokens),
+                                                 usage.audio_input_tokens, usage.audio_output_tokens,
+                                                 usage.cache_write_input_tokens),
                                    strict=True):
                 if count:
                     tokens[(campaign, model, kind)] += count

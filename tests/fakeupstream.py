@@ -65,6 +65,9 @@ class Behaviour:
     audio_input_tokens: int = 0  # part of prompt_tokens / input_tokens
     audio_output_tokens: int = 0  # part of completion_tokens / output_tokens
     web_search_calls: int = 0  # Responses: this many `web_search_call` output items
+    # Prompt-cache writes (part of prompt_tokens / input_tokens), reported as the newest models
+    # do (`cache_write_tokens` in the input details); None: the field is absent, as elsewhere.
+    cache_write_tokens: int | None = None
     # Added for usage on every chunk: a stream with include_usage carries the usage so far on every
     # chunk (vLLM's `continuous_usage_stats`), then the whole in the usage-only chunk.
     running_usage: bool = False
@@ -326,12 +329,18 @@ class FakeUpstream:
         out = self._completion_tokens()
         return {"prompt_tokens": b.prompt_tokens, "completion_tokens": out,
                 "total_tokens": b.prompt_tokens + out,
-                "prompt_tokens_details": {"cached_tokens": b.cached_tokens,
-                                          "audio_tokens": b.audio_input_tokens},
+                "prompt_tokens_details": self._input_details(),
                 "completion_tokens_details": {"reasoning_tokens": b.reasoning_tokens,
                                               "audio_tokens": b.audio_output_tokens,
                                               "accepted_prediction_tokens": 0,
                                               "rejected_prediction_tokens": 0}}
+
+    def _input_details(self) -> dict[str, int]:
+        b = self.behaviour
+        details = {"cached_tokens": b.cached_tokens, "audio_tokens": b.audio_input_tokens}
+        if b.cache_write_tokens is not None:
+            details["cache_write_tokens"] = b.cache_write_tokens
+        return details
 
     def _json(self, payload: dict[str, Any]) -> web.Response:
         data = orjson.dumps(payload)
@@ -487,8 +496,7 @@ class FakeUpstream:
         b = self.behaviour
         out = self._completion_tokens()
         return {"input_tokens": b.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": b.cached_tokens,
-                                         "audio_tokens": b.audio_input_tokens},
+                "input_tokens_details": self._input_details(),
                 "output_tokens": out,
                 "output_tokens_details": {"reasoning_tokens": b.reasoning_tokens,
                                           "audio_tokens": b.audio_output_tokens},

@@ -102,6 +102,7 @@ _INPUT = _int_prefixes("gen_ai.usage.input_tokens")
 _OUTPUT = _int_prefixes("gen_ai.usage.output_tokens")
 _CACHED = _int_prefixes("gen_ai.usage.cache_read.input_tokens")
 _REASONING = _int_prefixes("gen_ai.usage.reasoning.output_tokens")
+_CACHE_WRITES = _int_prefixes("gen_ai.usage.cache_creation.input_tokens")
 _COST = _double_prefix("llm_proxy.cost.usd")
 _COST_MIRROR = _double_prefix("gen_ai.usage.cost")
 
@@ -120,6 +121,9 @@ def _varying(span: Span) -> list[bytes]:
                                 (_CACHED, usage.cached_input_tokens), (_REASONING, usage.reasoning_tokens)):
             encoded = varint(count)
             out.append(prefixes[len(encoded)] + encoded)
+        if usage.cache_write_input_tokens:
+            encoded = varint(usage.cache_write_input_tokens)
+            out.append(_CACHE_WRITES[len(encoded)] + encoded)
         cost = entry.cost_units / SCALE
     packed = _DOUBLE.pack(cost)
     out += (_COST + packed, _COST_MIRROR + packed)

@@ -278,6 +278,8 @@ def varying_attributes(span: Span) -> Attributes:
             ("gen_ai.usage.cache_read.input_tokens", usage.cached_input_tokens),
             ("gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens),
         ]
+        if usage.cache_write_input_tokens:  # the newest models only: no attribute on the others
+            attrs.append(("gen_ai.usage.cache_creation.input_tokens", usage.cache_write_input_tokens))
     cost = entry.cost_units / SCALE if entry is not None else 0.0
     attrs += [("llm_proxy.cost.usd", cost), ("gen_ai.usage.cost", cost)]
     return attrs + content_attributes(span)

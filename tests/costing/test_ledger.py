@@ -15,11 +15,13 @@ import pytest
 from conftest import make_settings
 from ledger_check import ledger_rows
 from sqlalchemy.engine import make_url
+from test_spool_file import OLD_LINE
 from test_store import entry
 
 from costing.budget import make_budget
 from costing.db import create_engine
 from costing.ledger import Ledger
+from costing.spool import Spool
 from costing.store import Store
 
 
@@ -142,3 +144,28 @@ async def test_unwritten_entries_answer_for_a_responses_tokens_until_the_databas
     assert await ledger.flush_once() == 3
     assert ledger.response_tokens("resp_1") is None
     assert await store.response_tokens("resp_1") == 100_500
+
+
+async def test_a_spool_left_before_cache_writes_is_replayed_into_the_ledger(store: Store, tmp_path) -> None:
+    """A process of the release before cache writes died with records in its spool: the next
+    start writes them (no cache writes) beside a record that has some, and the totals agree."""
+    root = tmp_path / "spool"
+    dead = Spool(root)
+    dead.open()
+    dead.append(entry("c1", "s2", input_tokens=10, output_tokens=1, cache_write_input_tokens=8))
+    dead.close()
+    assert dead.directory is not None
+    [segment] = sorted(dead.directory.glob("*.spool"))
+    segment.write_bytes(OLD_LINE + segment.read_bytes())
+    live = Spool(root)
+    live.open()
+    ledger = Ledger(store, "holder", flush_interval=30.0, batch_size=100, max_records=1000, spool=live)
+    try:
+        assert await ledger.replay() == (2, 0)
+    finally:
+        live.close()
+    rows = {row.session_id: row for row in await ledger_rows(store.engine)}
+    assert (rows["s9"].cache_write_input_tokens, rows["s2"].cache_write_input_tokens) == (0, 8)
+    assert rows["s9"].input_tokens == 50_000
+    campaign = await store.campaign("c1")
+    assert campaign is not None and campaign.totals.cache_write_input_tokens == 8

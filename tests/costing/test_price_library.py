@@ -32,6 +32,9 @@ TIERED = ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "o3", "o4-mini", "
 PLAIN = ["gpt-4.1-nano", "o1", "o3-mini", "o1-pro", "gpt-4-32k", "gpt-5-codex", "computer-use-preview",
          "gpt-4o-2024-05-13", "gpt-4o-mini-2024-07-18", "gpt-3.5-turbo", "chatgpt-4o-latest",
          "text-embedding-3-small", "gpt-5-pro", "codex-mini-latest", "gpt-4o-search-preview"]
+# The newest models bill prompt-cache writes at their own price (1.25x input).
+CACHE_WRITES = ["gpt-5.6-cyber", "gpt-5.6-luna", "gpt-5.6-sol", "gpt-5.6-terra", "gpt-6-astra",
+                "gpt-6-cyber", "gpt-6-luna", "gpt-6-rosalind", "gpt-6-sol", "gpt-6.1-sol", "gpt-6.1-terra"]
 
 
 def _cases() -> list[tuple[str, str, str | None, datetime]]:
@@ -49,16 +52,28 @@ def _cases() -> list[tuple[str, str, str | None, datetime]]:
         ("o3", "plain", None, datetime(2025, 6, 10, tzinfo=UTC)),  # its first day
         ("gpt-5", "cached", "priority", datetime(2026, 10, 1, tzinfo=UTC)),  # before tier prices
     ]
+    cases += [(m, s, None, NOW)
+              for m, s in itertools.product(CACHE_WRITES, ("cache_write", "cache_write_long"))]
+    cases += [(m, "cache_write", t, NOW) for m, t in itertools.product(
+        ("gpt-6.1-sol", "gpt-5.6-luna"), ("priority", "fast", "flex", "batch"))]
+    cases += [("gpt-5.6-sol", "cache_write", None, datetime(2026, 8, 1, tzinfo=UTC))]  # before its cut
     return cases
 
 
 EXTRA_SHAPES = {"audio": (10_000, 0, 5000, 8000, 4000, 0), "long": (300_000, 100_000, 2000, 0, 0, 0)}
+# ... and prompt-cache writes (part of the input, as reads are): the Responses call of the issue
+# (50,000 in, 48,000 written), and one above the long-context threshold with reads too.
+CACHE_WRITE_SHAPES = {"cache_write": ((50_000, 0, 1000, 0, 0, 0), 48_000),
+                      "cache_write_long": ((300_000, 100_000, 2000, 0, 0, 0), 150_000)}
 
 
 def _usage(shape: str) -> tuple[Usage, genai_prices.Usage]:
-    i, c, o, ai, ao, w = {**SHAPES, **EXTRA_SHAPES}[shape]
-    return (Usage(i, c, o, 0, ai, ao, w),
-            genai_prices.Usage(input_tokens=i, cache_read_tokens=c, output_tokens=o,
+    if shape in CACHE_WRITE_SHAPES:
+        (i, c, o, ai, ao, w), cw = CACHE_WRITE_SHAPES[shape]
+    else:
+        (i, c, o, ai, ao, w), cw = {**SHAPES, **EXTRA_SHAPES}[shape], 0
+    return (Usage(i, c, o, 0, ai, ao, w, cw),
+            genai_prices.Usage(input_tokens=i, cache_read_tokens=c, cache_write_tokens=cw, output_tokens=o,
                                input_audio_tokens=ai, output_audio_tokens=ao, web_searches=w))
 
 

@@ -359,9 +359,10 @@ def test_a_cost_is_the_decimal_formula_rounded_half_even_whatever_the_price_prec
 
 
 def test_prices_with_at_most_four_decimals_are_whole_quanta_per_token():
-    assert Price(Decimal("0.15"), Decimal("0.075"), Decimal("0.6")).units == (1500, 750, 6000, 1500, 6000, 0)
+    assert Price(Decimal("0.15"), Decimal("0.075"), Decimal("0.6")).units == (
+        1500, 750, 6000, 1500, 6000, 0, 1500)
     assert Price(Decimal("0.0375"), Decimal("0.0375"), Decimal("2.5"), Decimal(40), Decimal(80),
-                 Decimal(25)).units == (375, 375, 25000, 400_000, 800_000, 250_000_000)
+                 Decimal(25)).units == (375, 375, 25000, 400_000, 800_000, 250_000_000, 375)
     assert Price(Decimal("0.00001"), Decimal("0.1"), Decimal("0.1")).units is None  # 0.1 quantum
 
 
@@ -427,3 +428,92 @@ def test_a_prices_file_may_name_the_fast_tier(tmp_path: Path) -> None:
     table = load(path)
     assert tokens(table.quote("house-model", "fast").price)[::2] == (Decimal(3), Decimal(6))
     assert tokens(table.quote("house-model", "priority").price)[::2] == (Decimal(3), Decimal(6))
+
+
+# -- prompt-cache writes (the newest models bill them at 1.25x input) ---------------------------
+
+
+def test_cache_writes_are_billed_at_their_price_as_part_of_the_input(table: PriceTable) -> None:
+    """gpt-6.1-sol, Responses: 50,000 input of which 48,000 written to the cache, 1,000 output:
+    $2 input, $2.50 cache writes, $10 output per 1M; $0.110 when writes were billed as input."""
+    usage = Usage(50_000, 0, 1000, cache_write_input_tokens=48_000)
+    by_hand = (2000 * 2 + 48_000 * Decimal("2.50") + 1000 * 10) / MILLION
+    assert by_hand == Decimal("0.134")
+    assert cost(table.quote("gpt-6.1-sol").price, usage) == by_hand
+
+
+def test_cache_writes_read_and_audio_are_each_billed_once(table: PriceTable) -> None:
+    """Uncached text input is what is left of the input after reads, writes and audio."""
+    usage = Usage(10_000, 3000, 0, cache_write_input_tokens=4000)
+    by_hand = (3000 * 2 + 3000 * Decimal("0.10") + 4000 * Decimal("2.50")) / MILLION
+    assert cost(table.quote("gpt-6.1-sol").price, usage) == by_hand
+    assert cost(table.quote("gpt-6.1-sol").price, Usage(10, 6, 0, cache_write_input_tokens=6)) == \
+        (6 * Decimal("0.10") + 6 * Decimal("2.50")) / MILLION  # never a negative uncached part
+
+
+def test_a_model_without_a_cache_write_price_bills_writes_as_input(table: PriceTable) -> None:
+    price = table.quote("gpt-4o-mini").price
+    assert price.cache_write_input is None
+    with_writes = Usage(1000, 400, 500, cache_write_input_tokens=600)
+    assert cost(price, with_writes) == cost(price, Usage(1000, 400, 500))
+
+
+def test_cache_writes_take_the_long_context_price(table: PriceTable) -> None:
+    """Above 272k input tokens gpt-6.1-sol bills the whole call at $4 input, $0.20 cached, $5
+    cache writes and $15 output per 1M."""
+    usage = Usage(300_000, 100_000, 2000, cache_write_input_tokens=150_000)
+    by_hand = (50_000 * 4 + 100_000 * Decimal("0.20") + 150_000 * 5 + 2000 * 15) / MILLION
+    assert cost(table.quote("gpt-6.1-sol").price, usage) == by_hand
+
+
+def test_each_tier_has_its_cache_write_price(table: PriceTable) -> None:
+    writes = {tier: table.quote("gpt-6.1-sol", tier).price.cache_write_input
+              for tier in (None, "flex", "priority", "fast", "batch")}
+    assert writes == {None: Decimal("2.5"), "flex": Decimal("1.25"), "priority": Decimal(5),
+                      "fast": Decimal(5), "batch": Decimal("1.25")}
+
+
+def test_a_prices_file_sets_the_cache_write_price(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"house-model": {
+        "input": 1, "cache_write_input": "1.25", "output": 4,
+        "service_tiers": {"priority": {"input": 2, "cache_write_input": "2.5", "output": 8}},
+        "long_context": [{"above": 1000, "input": 2, "cache_write_input": "2.5"}]}}))
+    table = load(path)
+    assert table.quote("house-model").price.cache_write_input == Decimal("1.25")
+    assert table.quote("house-model", "priority").price.cache_write_input == Decimal("2.5")
+    assert table.quote("house-model", "batch").price.cache_write_input == Decimal("0.625")  # 50%
+    usage = Usage(2000, 0, 0, cache_write_input_tokens=1000)
+    assert cost(table.quote("house-model").price, usage) == (1000 * 2 + 1000 * Decimal("2.5")) / MILLION
+
+
+def test_an_input_price_without_a_cache_write_price_bills_writes_as_that_input(tmp_path: Path) -> None:
+    """As with cached input: an entry's own `input` replaces the price the library's cache-write
+    figure was made for, unless it names `cache_write_input` too."""
+    path = tmp_path / "prices.json"
+    path.write_text('{"gpt-6.1-sol": {"input": 3, "output": 12}, '
+                    '"gpt-6-sol": {"input": 3, "cache_write_input": 4, "output": 12}}')
+    table = load(path)
+    assert table.quote("gpt-6.1-sol").price.cache_write_input is None
+    assert table.quote("gpt-6-sol").price.cache_write_input == Decimal(4)
+    _, origin = table.explain("gpt-6.1-sol")
+    assert "cache_write_input" not in origin
+
+
+def test_cache_write_prices_take_the_integer_path_too() -> None:
+    price = Price(Decimal(2), Decimal("0.1"), Decimal(10), cache_write_input=Decimal("2.5"))
+    assert price.units == (20_000, 1000, 100_000, 20_000, 100_000, 0, 25_000)
+    assert Price(Decimal(2), Decimal("0.1"), Decimal(10)).units == (
+        20_000, 1000, 100_000, 20_000, 100_000, 0, 20_000)  # writes at the input price
+
+
+@settings(max_examples=1000, deadline=None)
+@given(prices=st.tuples(_per_million, _per_million, _per_million, _per_million),
+       tokens=st.tuples(_tokens, _tokens, _tokens, _tokens))
+def test_a_cost_with_cache_writes_is_the_decimal_formula_on_both_paths(prices, tokens):
+    p_in, p_cached, p_out, p_write = prices
+    price = Price(p_in, p_cached, p_out, cache_write_input=p_write)
+    input_tokens, cached, written, output = tokens
+    by_hand = ((max(input_tokens - cached - written, 0) * p_in + cached * p_cached + written * p_write
+                + output * p_out) / MILLION).quantize(QUANTUM, rounding=ROUND_HALF_EVEN)
+    assert cost(price, Usage(input_tokens, cached, output, cache_write_input_tokens=written)) == by_hand

@@ -51,6 +51,45 @@ def test_anything_but_a_whole_line_of_the_format_is_refused(line):
         decode(line)
 
 
+# A line as releases before cache writes wrote it (23 values): a spool left by one is replayed.
+OLD_LINE = (b'[1,68719476736,9,"c1","s9","responses","gpt-6.1-sol","gpt-6.1-sol-2026-09-29",50000,0,1000,'
+            b'0,1100000000,4,200,812,1764550000000000,"resp_old","0123456789ab",0,0,0,"default"]\n')
+
+
+def test_a_line_written_before_cache_writes_reads_as_none():
+    old = decode(OLD_LINE)
+    assert old == UsageEntry("c1", "s9", "responses", "gpt-6.1-sol", "gpt-6.1-sol-2026-09-29",
+                             Usage(50_000, 0, 1000, 0), 1_100_000_000, False, False, True, 200, 812,
+                             1_764_550_000_000_000, "resp_old", "0123456789ab", "default", id=(1 << 100) + 9)
+    assert old.usage.cache_write_input_tokens == 0
+    assert encode(old) == OLD_LINE  # a call without cache writes is still written as then
+
+
+def test_cache_writes_survive_their_line():
+    e = entry(3, usage=Usage(50_000, 1000, 1000, 0, cache_write_input_tokens=48_000))
+    assert decode(encode(e)) == e
+    big = entry(4, usage=Usage(50_000, 0, 1000, 0, cache_write_input_tokens=48_000), cost_units=10**30)
+    assert decode(encode(big)) == big  # the all-text form of an integer beyond 64 bits
+
+
+def test_a_dead_processs_old_lines_are_replayed_with_its_new_ones(tmp_path):
+    root = tmp_path / "spool"
+    dead = Spool(root)
+    dead.open()
+    new = entry(5, usage=Usage(10, 0, 1, 0, cache_write_input_tokens=8))
+    dead.append(new)
+    dead.close()
+    assert dead.directory is not None
+    [segment] = sorted(dead.directory.glob("*.spool"))
+    segment.write_bytes(OLD_LINE + segment.read_bytes())  # a spool that spans the upgrade
+    [orphan] = list(Spool(root).take_over())
+    [(entries, torn)] = [read_segment(p) for p in orphan.segments()]
+    assert torn == 0
+    assert [e.usage.cache_write_input_tokens for e in entries] == [0, 8]
+    assert entries[1] == new
+    orphan.remove()
+
+
 def test_reading_a_segment_skips_blank_lines_and_counts_torn_ones(tmp_path):
     path = tmp_path / "00000001.spool"
     path.write_bytes(encode(entry(1)) + PROBE + b"\n" + b'[1,"torn\n' + encode(entry(2))

@@ -195,3 +195,22 @@ def test_sqlite_statements_come_in_few_sizes(count: int) -> None:
     assert sum(sizes) == count
     assert all(size & (size - 1) == 0 and size <= 256 for size in sizes)
     assert len(set(sizes)) <= 9
+
+
+async def test_cache_writes_are_stored_summed_and_read_back(store: Store, engine: AsyncEngine) -> None:
+    at = datetime(2026, 11, 25, 12, tzinfo=UTC)
+    writes = entry(at=at, input_tokens=50_000, cached_input_tokens=1000, output_tokens=1000,
+                   cache_write_input_tokens=48_000)
+    plain = entry(session="s2", at=at, input_tokens=10, output_tokens=1)
+    await store.write_batch([writes, plain], "h")
+    rows = {row.session_id: row for row in await ledger_rows(engine)}
+    assert (rows["s1"].cache_write_input_tokens, rows["s2"].cache_write_input_tokens) == (48_000, 0)
+    await assert_aggregates_match_ledger(engine)
+    campaign = await store.campaign("c1")
+    session = await store.session("c1", "s1")
+    [day] = await store.daily("c1", at.date(), at.date())
+    assert campaign is not None and session is not None
+    assert (campaign.totals.cache_write_input_tokens, session.totals.cache_write_input_tokens,
+            day.totals.cache_write_input_tokens) == (48_000, 48_000, 48_000)
+    [remote] = await store.usage_with_totals([writes.id], max(writes.id, plain.id) + 1)
+    assert remote.entry.usage == writes.usage

@@ -88,6 +88,58 @@ def test_responses_shape_ignores_chat_field_names():
     assert parse_usage(raw) == Usage(3, 0, 2, 0)
 
 
+# -- parse_usage: prompt-cache writes (the newest models) ------------------------------------------
+
+
+def test_chat_usage_reads_cache_writes_as_part_of_the_input():
+    raw = {"prompt_tokens": 50_000, "completion_tokens": 1000, "total_tokens": 51_000,
+           "prompt_tokens_details": {"cached_tokens": 1024, "cache_write_tokens": 48_000,
+                                     "audio_tokens": 0},
+           "completion_tokens_details": {"reasoning_tokens": 200, "audio_tokens": 0}}
+    assert parse_usage(raw) == Usage(50_000, 1024, 1000, 200, cache_write_input_tokens=48_000)
+
+
+def test_responses_usage_reads_cache_writes_as_part_of_the_input():
+    raw = {"input_tokens": 50_000, "output_tokens": 1000, "total_tokens": 51_000,
+           "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 48_000},
+           "output_tokens_details": {"reasoning_tokens": 0}}
+    assert parse_usage(raw) == Usage(50_000, 0, 1000, 0, cache_write_input_tokens=48_000)
+
+
+def test_the_streams_final_usage_carries_the_cache_writes():
+    """The final chat chunk and `response.completed` carry the same usage object as a body."""
+    chunk = _chat_chunk(usage={"prompt_tokens": 10, "completion_tokens": 2,
+                               "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 8}},
+                        choices=False)
+    completed = {"type": "response.completed", "response": {
+        **_RESPONSE, "usage": {"input_tokens": 30, "output_tokens": 90,
+                               "input_tokens_details": {"cached_tokens": 10, "cache_write_tokens": 20},
+                               "output_tokens_details": {"reasoning_tokens": 64}}}}
+    assert from_event(chunk).usage == Usage(10, 0, 2, 0, cache_write_input_tokens=8)
+    assert from_event(completed).usage == Usage(30, 10, 90, 64, cache_write_input_tokens=20)
+
+
+@pytest.mark.parametrize(("details", "written"), [
+    ({"cached_tokens": 3, "cache_write_tokens": 9}, 4),  # with the read tokens, at most the input
+    ({"cached_tokens": 9, "cache_write_tokens": 9}, 0),  # cached clamped to 7 first
+    ({"cache_write_tokens": None}, 0), ({"cache_write_tokens": "5"}, 0), ({"cache_write_tokens": -5}, 0),
+    ({"cache_write_tokens": 2.7}, 2),
+])
+def test_cache_writes_are_clamped_to_the_input_not_read_from_the_cache(details, written):
+    for raw in ({"prompt_tokens": 7, "prompt_tokens_details": details},
+                {"input_tokens": 7, "input_tokens_details": details}):
+        usage = parse_usage(raw)
+        assert usage is not None
+        assert usage.cache_write_input_tokens == written
+        assert usage.cached_input_tokens + usage.cache_write_input_tokens <= usage.input_tokens
+
+
+def test_a_usage_without_cache_writes_has_none():
+    assert parse_usage({"prompt_tokens": 9, "completion_tokens": 1,
+                        "prompt_tokens_details": {"cached_tokens": 4}}) == Usage(9, 4, 1, 0)
+    assert parse_usage({"input_tokens": 9}).cache_write_input_tokens == 0  # type: ignore[union-attr]
+
+
 # -- parse_usage: missing, null and garbage fields ------------------------------------------------
 
 

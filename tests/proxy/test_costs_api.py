@@ -32,6 +32,7 @@ async def _get(http: aiohttp.ClientSession, url: str, status: int = 200) -> dict
 
 
 async def test_campaign_and_session_totals_equal_the_ledger(proxy, fake):
+    fake.behaviour.cache_write_tokens = 5
     await _traffic(proxy, {"alpha": ["s1", "s1", "s2"], "beta": ["s9"]})
     sums = await assert_aggregates_match_ledger(proxy.engine)
     rows = await ledger_rows(proxy.engine)
@@ -41,7 +42,9 @@ async def test_campaign_and_session_totals_equal_the_ledger(proxy, fake):
         assert alpha["requests"] == 3 and alpha["session_count"] == 2
         assert alpha["tokens"] == {"input": sums["alpha"][2], "cached_input": sums["alpha"][3],
                                    "output": sums["alpha"][4], "reasoning": sums["alpha"][5],
-                                   "audio_input": sums["alpha"][6], "audio_output": sums["alpha"][7]}
+                                   "audio_input": sums["alpha"][6], "audio_output": sums["alpha"][7],
+                                   "cache_write_input": sums["alpha"][8]}
+        assert alpha["tokens"]["cache_write_input"] == 15
         assert alpha["budget"]["spent_usd"] == alpha["cost_usd"] and alpha["budget"]["status"] == "ok"
         assert Decimal(alpha["budget"]["remaining_usd"]) == Decimal(5) - sums["alpha"][0]
         assert alpha["first_seen"].endswith("Z") and alpha["last_seen"].endswith("Z")

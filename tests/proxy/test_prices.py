@@ -88,6 +88,25 @@ CASES = [
          {"prompt_tokens": 1000, "completion_tokens": 1000}),
     Case("snapshot-base", "chat", False, "gpt-4o-2024-08-06", (1000 * Decimal("2.50") + 1000 * 10) / M,
          {"prompt_tokens": 1000, "completion_tokens": 1000}),
+    # gpt-6.1-sol: $2 input, $0.10 cached, $2.50 cache writes (1.25x input), $10 output per 1M;
+    # writes are part of the input. The call: $0.134 (it was billed $0.110).
+    Case("cache-writes", "responses", False, "gpt-6.1-sol",
+         (2000 * 2 + 48_000 * Decimal("2.50") + 1000 * 10) / M,
+         {"prompt_tokens": 50_000, "cache_write_tokens": 48_000, "completion_tokens": 1000}),
+    Case("cache-writes-stream", "responses", True, "gpt-6.1-sol",
+         (2000 * 2 + 48_000 * Decimal("2.50") + 1000 * 10) / M,
+         {"prompt_tokens": 50_000, "cache_write_tokens": 48_000, "completion_tokens": 1000}),
+    Case("cache-writes-chat", "chat", False, "gpt-6.1-sol",
+         (1000 * 2 + 5000 * Decimal("0.10") + 4000 * Decimal("2.50") + 300 * 10) / M,
+         {"prompt_tokens": 10_000, "cached_tokens": 5000, "cache_write_tokens": 4000,
+          "completion_tokens": 300}),
+    Case("cache-writes-chat-stream", "chat", True, "gpt-6.1-sol",
+         (1000 * 2 + 5000 * Decimal("0.10") + 4000 * Decimal("2.50") + 300 * 10) / M,
+         {"prompt_tokens": 10_000, "cached_tokens": 5000, "cache_write_tokens": 4000,
+          "completion_tokens": 300}),
+    # A model without a cache-write price (gpt-5: $1.25 in, $10 out) bills them as input.
+    Case("cache-writes-unpriced", "chat", True, "gpt-5", (1000 * Decimal("1.25") + 100 * 10) / M,
+         {"prompt_tokens": 1000, "cache_write_tokens": 800, "completion_tokens": 100}),
 ]
 
 
@@ -133,17 +152,20 @@ async def test_each_dimension_is_recorded_at_the_published_price(start_proxy, fa
     assert (row.audio_input_tokens, row.audio_output_tokens) == (
         case.behaviour.get("audio_input_tokens", 0), case.behaviour.get("audio_output_tokens", 0))
     assert row.web_search_calls == case.searches
+    assert row.cache_write_input_tokens == (case.behaviour.get("cache_write_tokens") or 0)
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{proxy.url}/costs/campaigns/p-{case.name}") as response:
             campaign = await response.json()
     assert Decimal(campaign["cost_usd"]) == case.expected
     assert campaign["tokens"]["audio_input"] == row.audio_input_tokens
     assert campaign["tokens"]["audio_output"] == row.audio_output_tokens
+    assert campaign["tokens"]["cache_write_input"] == row.cache_write_input_tokens
     samples = await _scrape(proxy)
     cost = sum(v for (n, labels), v in samples.items()
                if n == "llm_cost_usd_total" and ("campaign", f"p-{case.name}") in labels)
     assert cost == pytest.approx(float(case.expected), rel=1e-12)
-    for kind, column in (("audio_input", "audio_input_tokens"), ("audio_output", "audio_output_tokens")):
+    for kind, column in (("audio_input", "audio_input_tokens"), ("audio_output", "audio_output_tokens"),
+                         ("cache_write_input", "cache_write_input_tokens")):
         tokens = sum(v for (n, labels), v in samples.items() if n == "llm_tokens_total"
                      and ("campaign", f"p-{case.name}") in labels and ("type", kind) in labels)
         assert tokens == getattr(row, column)

@@ -84,3 +84,10 @@ def _refused(tmp_path: Path, content: str, problem: str, command: str) -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("llm-cost-proxy: PRICES_FILE: ") and problem in lines[0]
+
+
+def test_prices_shows_the_cache_write_price():
+    out = run("prices", "gpt-6.1-sol").stdout
+    assert "cache writes   $2.5 per 1M tokens  genai-prices 0.2.3" in out
+    assert "prompts above 272000 input tokens: input $4, cached $0.2, cache writes $5, output $15" in out
+    assert "cache writes   billed as input" in run("prices", "gpt-4o-mini").stdout

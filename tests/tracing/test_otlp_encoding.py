@@ -100,3 +100,22 @@ def test_captured_content_is_encoded_too():
     captured = attributes(decoded.attributes)["gen_ai.input.messages"]
     assert captured.startswith('[{"role":"user","parts":[{"type":"text","content":"xxx')
     assert len(captured) == 16 * 1024
+
+
+def test_cache_writes_are_an_attribute_of_the_spans_that_made_some():
+    """`gen_ai.usage.cache_creation.input_tokens` (the GenAI conventions' name; part of
+    `gen_ai.usage.input_tokens`) on a call that wrote the prompt cache, absent on the others."""
+    tracer = Tracer(make_sampler("always_on", None))
+    encoder = otlp.Encoder(otlp.resource_attributes("svc", []), "", ("api.openai.com", 443))
+    written, plain = _span(tracer, parent=False), _span(tracer, parent=False)
+    for span, usage in ((written, Usage(50_000, 0, 1000, cache_write_input_tokens=48_000)),
+                        (plain, Usage(10, 2, 20))):
+        span.end_ns = span.start_ns + 1
+        span.entry = UsageEntry("c1", "s1", "responses", "gpt-6.1-sol", "gpt-6.1-sol", usage, 1, False,
+                                False, False, 200, 5, 0)
+    first, second = _decode(encoder, [written, plain]).resource_spans[0].scope_spans[0].spans
+    assert attributes(first.attributes)["gen_ai.usage.cache_creation.input_tokens"] == 48_000
+    assert attributes(first.attributes)["gen_ai.usage.input_tokens"] == 50_000
+    assert "gen_ai.usage.cache_creation.input_tokens" not in attributes(second.attributes)
+    for span, message in ((written, first), (plain, second)):  # the fast path writes what spans says
+        assert attributes(message.attributes) == dict(spans.attributes(span, ("api.openai.com", 443)))
