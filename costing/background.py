@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from costing.gate import Admission
+from costing.ledger import blames_the_record
 from costing.records import UsageEntry
 from costing.tasks import uninterrupted
 
@@ -134,11 +135,12 @@ class BackgroundResponses:
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + prune_every
                     await self._prune(store, keep_seconds)
-                if not self.unsaved or failures:
+                if failures:  # backing off: new creators wait with the others
+                    await asyncio.wait({stopping}, timeout=min(2.0**failures, 30.0))
+                elif not self.unsaved:
                     woken = asyncio.ensure_future(self._wake.wait())
                     await asyncio.wait({woken, stopping}, return_when=asyncio.FIRST_COMPLETED,
-                                       timeout=min(2.0**failures, 30.0) if failures else
-                                       max(next_prune - time.monotonic(), 0.0))
+                                       timeout=max(next_prune - time.monotonic(), 0.0))
                     woken.cancel()
                 self._wake.clear()
                 failures = 0 if await self._save(store) else failures + 1
@@ -157,7 +159,9 @@ class BackgroundResponses:
             await uninterrupted(store.save_background_owners(
                 [(rid, c, s, us) for rid, (c, s, us) in batch]))
         except Exception as exc:
-            self._attempts += 1
+            # Only a refusal of the values counts towards giving up: a database that is away
+            # keeps them all (bounded by max_kept), written once it is back.
+            self._attempts += blames_the_record(exc)
             if self._attempts >= SAVE_ATTEMPTS:
                 log.error("%d creators of background responses could not be stored (%s): their "
                           "final states read through other processes go to the readers' tags",

@@ -96,7 +96,8 @@ def worst_case_units(quote: Quote, facts: RequestFacts, default_max_output: int)
     estimated prompt with the earlier context it names (see reserved_input_tokens), plus its
     output cap, or without one the model's largest answer (the default cap for models whose
     largest answer is unknown) for each choice it asks for. Output is priced at the dearer of
-    text and audio output; a model that searches on every call adds one search."""
+    text and audio output, input at the dearer of a plain input and a prompt-cache write (all of
+    it may be written to the cache); a model that searches on every call adds one search."""
     prompt = facts.prompt_tokens
     if facts.previous_response_id is not None or facts.unsized is not None:
         prompt = reserved_input_tokens(facts, quote.context_window)
@@ -106,8 +107,10 @@ def worst_case_units(quote: Quote, facts: RequestFacts, default_max_output: int)
         max_output = min(per_choice * facts.candidates, MAX_TOKENS)
     price = quote.price
     audio_dearer = price.audio_output is not None and price.audio_output > price.output
+    write_dearer = price.cache_write_input is not None and price.cache_write_input > price.input
     return cost_units(price, Usage(prompt, 0, max_output, 0, 0, max_output if audio_dearer else 0,
-                                   1 if price.search_every_call else 0))
+                                   1 if price.search_every_call else 0,
+                                   prompt if write_dearer else 0))
 
 
 def admits(spent: Decimal, outstanding: Decimal, reservation: Decimal, budget: Budget) -> bool:

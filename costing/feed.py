@@ -404,7 +404,7 @@ class MeterListener:
         feed.seen.add(entry.id, written=False)
         meter = self.meter
         spent, budget = meter.standing(entry.campaign_id)
-        session = meter.session_total_now(entry.campaign_id, entry.session_id)
+        session = meter.sessions.last_total(entry.campaign_id, entry.session_id)
         later = None if session is not None else meter.sessions.total_later(entry.campaign_id,
                                                                               entry.session_id)
         if later is None and not self.waiting:

@@ -13,7 +13,6 @@ near the limit leases shrink until every request is checked against the database
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections import OrderedDict
@@ -24,8 +23,8 @@ from decimal import Decimal
 
 from costing.budget import Budget
 from costing.errors import BudgetExceeded, LedgerUnavailable
-from costing.money import ZERO, from_units, to_units
-from costing.records import CampaignSnapshot, UsageEntry
+from costing.money import from_units, to_units
+from costing.records import UsageEntry
 from costing.store import Store
 from costing.tasks import finish, pause, uninterrupted
 
@@ -58,6 +57,7 @@ class CampaignView:
     lease_until: float = 0.0
     flushed: int = 0
     stale: bool = False
+    known: bool = True  # False: made while the database was away (spend and budget unknown)
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -113,7 +113,7 @@ class BudgetGate:
             return None
         now = self.clock()
         view.last_used = now
-        if view.total_spent >= view.budget.limit_units:
+        if view.total_spent >= view.budget.limit_units and view.known:
             raise _exceeded(campaign_id, view, reservation)
         if now < view.lease_until and view.inflight + view.pending + reservation <= view.lease:
             return self._take(view, campaign_id, reservation, verified=True)
@@ -126,7 +126,7 @@ class BudgetGate:
         if view is None:
             view = await self._load(campaign_id)
         view.last_used = self.clock()
-        if not view.stale and view.total_spent >= view.budget.limit_units:
+        if not view.stale and view.known and view.total_spent >= view.budget.limit_units:
             raise _exceeded(campaign_id, view, reservation)
         # While a lease is being regrown nothing is admitted against the old one: the new lease is
         # sized to what is held when it is asked for, and must cover everything admitted.
@@ -140,8 +140,9 @@ class BudgetGate:
 
     def _admit_unverified(self, view: CampaignView, campaign_id: str, reservation: int) -> Admission:
         """The database did not answer in time (fail-open): admitted unless what this process
-        knows already rules it out (its spend, its calls in flight and this one past the limit)."""
-        if view.total_spent + view.inflight + reservation > view.budget.limit_units:
+        knows already rules it out (its spend, its calls in flight and this one past the limit).
+        A campaign first seen during the outage is not known at all: admitted."""
+        if view.known and view.total_spent + view.inflight + reservation > view.budget.limit_units:
             raise _exceeded(campaign_id, view, reservation)
         return self._take(view, campaign_id, reservation, verified=False)
 
@@ -165,7 +166,10 @@ class BudgetGate:
                 raise LedgerUnavailable("the cost database is unavailable") from exc
             log.warning("budget of %r unknown (database unavailable or slower than %ss); admitting",
                         campaign_id, self.db_timeout)
-            snapshot = CampaignSnapshot(ZERO, self.default_budget, ZERO)
+            view = self.views.get(campaign_id)
+            if view is None:
+                view = self.views[campaign_id] = CampaignView(self.default_budget, 0, known=False)
+            return view
         # Another request may have created the view while this one waited.
         view = self.views.get(campaign_id)
         if view is None:
@@ -197,6 +201,7 @@ class BudgetGate:
         view.lease_until = self.clock() + self.lease_seconds * 0.9
         view.budget = grant.budget
         view.stale = False
+        view.known = True
         view.spent = max(view.spent, to_units(grant.spent))
         if not grant.admitted:
             raise _exceeded(campaign_id, view, reservation)
@@ -239,7 +244,7 @@ class BudgetGate:
         try:
             view = await self._load(campaign_id)
         except LedgerUnavailable:  # fail-closed and the database away: count it all the same
-            view = self.views.setdefault(campaign_id, CampaignView(self.default_budget, 0))
+            view = self.views.setdefault(campaign_id, CampaignView(self.default_budget, 0, known=False))
         view.pending += cost
 
     def view(self, campaign_id: str) -> CampaignView | None:
@@ -283,7 +288,9 @@ class BudgetGate:
         trims = self._trim(active, now)
         lease_until = {c: active[c].lease_until for c in trims}
         renew = self.wall() + timedelta(seconds=self.lease_seconds)
-        async with asyncio.timeout(self.db_timeout * 2):
+        # Under the ledger's write lock: a batch committed, its listeners not run yet, would be
+        # in the spend read and still in `pending`, counted twice until the next refresh.
+        async with asyncio.timeout(self.db_timeout * 2), self.write_lock:
             snapshots = await uninterrupted(self.store.refresh(
                 active, self.holder_id, renew_until=renew,
                 trims={c: from_units(amount) for c, amount in trims.items()}))
@@ -296,6 +303,7 @@ class BudgetGate:
         for campaign_id, snap in snapshots.items():
             view = active[campaign_id]
             view.budget = snap.budget
+            view.known = True
             spent = to_units(snap.spent)
             if view.flushed == flushed_before[campaign_id]:
                 view.spent = spent
@@ -349,8 +357,12 @@ class SessionCosts:
     headers' does), plus what this process recorded and has not flushed yet."""
 
     def __init__(self, store: Store, max_sessions: int = 50_000, reread_seconds: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 write_lock: asyncio.Lock | None = None) -> None:
         self.store = store
+        # The ledger's `writing` lock: a read never sees a batch whose listeners have not run
+        # (its cost would be in the read and in `pending`).
+        self.write_lock = write_lock if write_lock is not None else asyncio.Lock()
         self.max_sessions = max_sessions
         self.reread_seconds = reread_seconds
         self.clock = clock
@@ -372,9 +384,15 @@ class SessionCosts:
 
     def _read(self, key: tuple[str, str], entry: _SessionEntry) -> None:
         entry.read_at = self.clock()
-        task = asyncio.ensure_future(_stored_units(self.store, *key))
+        task = asyncio.ensure_future(self._stored(key, entry))
         entry.task = task
-        task.add_done_callback(functools.partial(entry.on_read, entry.flushed))
+        task.add_done_callback(_retrieve)
+
+    async def _stored(self, key: tuple[str, str], entry: _SessionEntry) -> int:
+        """The stored total, read and taken in with no batch half-told (see write_lock)."""
+        async with self.write_lock:
+            entry.stored = value = to_units(await self.store.session_cost(*key))
+        return value
 
     def add(self, campaign_id: str, session_id: str, cost: int) -> None:
         entry = self._entries.get((campaign_id, session_id))
@@ -390,10 +408,8 @@ class SessionCosts:
                 entry.pending = max(entry.pending - record.cost_units, 0)
         for record in inserted:
             entry = self._entries.get((record.campaign_id, record.session_id))
-            if entry is not None:
-                entry.flushed += record.cost_units
-                if entry.stored is not None:
-                    entry.stored += record.cost_units
+            if entry is not None and entry.stored is not None:
+                entry.stored += record.cost_units
 
     async def close(self) -> None:
         """Wait for reads still running, so none outlives the engine (shutdown)."""
@@ -407,9 +423,18 @@ class SessionCosts:
             return None
         return entry.stored + entry.pending
 
+    def last_total(self, campaign_id: str, session_id: str) -> int | None:
+        """`total_now`, or while the stored part is read again, with the last one read (the live
+        feed's: never waiting, and never counting a flush that lands meanwhile twice)."""
+        entry = self._entries.get((campaign_id, session_id))
+        if entry is None or entry.stored is None:
+            return None
+        return entry.stored + entry.pending
+
     def total_later(self, campaign_id: str, session_id: str) -> tuple[asyncio.Future[int], int] | None:
-        """When `total_now` is None because the stored part is being read: that read, and what
-        this process holds unflushed (the total as of now is the read's result plus that)."""
+        """When `last_total` is None because the stored part is being read for the first time:
+        that read, and what this process holds unflushed (the total as of now is the read's
+        result plus that)."""
         entry = self._entries.get((campaign_id, session_id))
         if entry is None or entry.task is None or entry.task.done():
             return None
@@ -435,21 +460,12 @@ class _SessionEntry:
     read_at: float = 0.0
     stored: int | None = None  # the stored total, with what this process flushed since the read
     pending: int = 0  # recorded by this process, not flushed yet
-    flushed: int = 0  # flushed by this process, ever (tells a read that overlapped a flush)
-
-    def on_read(self, flushed_before: int, task: asyncio.Future[int]) -> None:
-        # Retrieving the exception also keeps asyncio from logging it as never retrieved.
-        if task.cancelled() or task.exception() is not None:
-            return
-        value = task.result()
-        if self.stored is None or self.flushed == flushed_before:
-            self.stored = value
-        else:  # a flush of ours overlapped the read: it may be in `value` or not
-            self.stored = max(self.stored, value)
 
 
-async def _stored_units(store: Store, campaign_id: str, session_id: str) -> int:
-    return to_units(await store.session_cost(campaign_id, session_id))
+def _retrieve(task: asyncio.Future[int]) -> None:
+    # A failed read leaves the last total; retrieving its error keeps asyncio from logging it.
+    if not task.cancelled():
+        task.exception()
 
 
 def _exceeded(campaign_id: str, view: CampaignView, reservation: int) -> BudgetExceeded:

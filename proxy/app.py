@@ -186,7 +186,7 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     metrics.queue_depth.set_function(lambda: len(ledger))
     app[LEDGER] = ledger
     app[GATE] = gate
-    sessions = SessionCosts(store)
+    sessions = SessionCosts(store, write_lock=ledger.writing)
     ledger.listeners.append(sessions.on_flushed)
     meter = app[METER] = Meter(prices, gate, ledger, sessions,
                                default_max_output_tokens=settings.budget_default_max_output_tokens,

@@ -36,7 +36,7 @@ from aiohttp import WSMsgType, hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from costing.endpoints import WEBSOCKET
-from costing.errors import BudgetExceeded
+from costing.errors import BudgetExceeded, CostingError
 from costing.meter import Meter, Ticket
 from costing.settings import Settings
 from costing.tasks import uninterrupted
@@ -79,6 +79,7 @@ WATCHED_SERVER = ('"response.done"', '"response.created"', '"session.created"', 
 # A client event that may be a response.create: its name in plain text, or any JSON escape.
 CREATE_TEXT, CREATE_BYTES = '"response.create"', b'"response.create"'
 BUDGET_EXCEEDED = "budget_exceeded"
+LEDGER_UNAVAILABLE = "cost_ledger_unavailable"  # as the HTTP 503 says it
 ENDED = (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 MAX_REASON = 123  # bytes a close frame's reason may hold
 
@@ -147,8 +148,9 @@ def _cancel_event(response_id: str) -> str:
 
 def _error_event(message: str, code: str, client_event_id: Any) -> str:
     """A Realtime `error` event, as the SDKs surface it (`error.code`, `error.event_id`)."""
+    kind = "insufficient_quota" if code == BUDGET_EXCEEDED else "service_unavailable"
     return orjson.dumps({"type": "error", "event_id": f"event_proxy_{time.time_ns():x}",
-                         "error": {"type": "insufficient_quota", "code": code, "message": message,
+                         "error": {"type": kind, "code": code, "message": message,
                                    "param": None, "event_id": client_event_id}}).decode()
 
 
@@ -398,22 +400,30 @@ async def _response_allowed(session: Session, data: str | bytes) -> bool:
     if refused is None:
         return True
     event_id = event.get("event_id") if event is not None else None
-    await session.to_client(_error_event(str(refused), BUDGET_EXCEEDED, event_id))
+    await session.to_client(_error_event(str(refused), _refusal_code(refused), event_id))
     return False
 
 
-async def _refusal(session: Session) -> BudgetExceeded | None:
-    """The gate asked as for any billable call (nothing reserved; counted when refused)."""
+async def _refusal(session: Session) -> CostingError | None:
+    """The gate asked as for any billable call (nothing reserved; counted when refused). A ledger
+    that cannot take records (fail-closed during an outage, a full buffer or spool) refuses too,
+    as it does HTTP calls, rather than end the socket: the upstream is still read, so responses
+    running are recorded."""
     ticket = session.ticket
     try:
         admitted = await _admit(session.app, ticket.campaign_id, ticket.session_id, ticket.operation,
                                 ticket.facts, None)
-    except BudgetExceeded as exc:
-        _refused_span(session.app, session.request, ticket.campaign_id, ticket.session_id,
-                      RequestFacts(session.model, True, False, 0, 0), time.perf_counter())
+    except CostingError as exc:
+        if isinstance(exc, BudgetExceeded):
+            _refused_span(session.app, session.request, ticket.campaign_id, ticket.session_id,
+                          RequestFacts(session.model, True, False, 0, 0), time.perf_counter())
         return exc
     session.meter.release(admitted)
     return None
+
+
+def _refusal_code(refused: CostingError) -> str:
+    return BUDGET_EXCEEDED if isinstance(refused, BudgetExceeded) else LEDGER_UNAVAILABLE
 
 
 async def _from_upstream(session: Session) -> None:
@@ -489,7 +499,7 @@ async def _stop_if_over(session: Session, response_id: str) -> None:
         return
     await session.to_upstream(_cancel_event(response_id))
     await session.to_client(_error_event(f"{refused} (response {response_id} was cancelled)",
-                                         BUDGET_EXCEEDED, None))
+                                         _refusal_code(refused), None))
 
 
 async def _record(session: Session, response: Any) -> None:

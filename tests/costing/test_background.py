@@ -99,6 +99,23 @@ async def test_creators_are_stored_as_they_come_kept_while_the_database_is_away_
     assert [o[0] for o in store.saved] == ["resp_1", "resp_2"] and not background.unsaved
 
 
+async def test_creators_made_while_the_database_is_away_are_all_stored_once_it_is_back():
+    """An outage is no refusal of the values: however many writes fail meanwhile (and new
+    creations do not cut the back-off short), nothing is given up."""
+    background, _, _ = _tracked()
+    store, stop = FakeOwners(), asyncio.Event()
+    store.failing = True
+    saving = asyncio.create_task(background.keep_saved(store, stop))
+    for n in range(6):
+        background.remember(f"resp_{n}", "c1", "s1")
+        await asyncio.sleep(0.02)
+    assert background.lost == 0 and len(background.unsaved) == 6
+    store.failing = False
+    stop.set()
+    await asyncio.wait_for(saving, 5)
+    assert len(store.saved) == 6 and background.lost == 0
+
+
 def test_creators_waiting_to_be_stored_are_bounded():
     background, _, _ = _tracked(max_kept=2)
     for n in range(3):

@@ -176,6 +176,14 @@ def test_the_worst_case_assumes_no_cached_input():
     assert worst_case_cost(price, _facts(100_000, 0), default_max_output=0) == D(1)
 
 
+def test_the_worst_case_prices_input_as_cache_writes_where_those_are_dearer():
+    """The newest models bill prompt-cache writes at 1.25x input: all of a prompt may be one."""
+    price = Price(input=D(2), cached_input=D("0.1"), output=D(0), cache_write_input=D("2.5"))
+    assert worst_case_cost(price, _facts(100_000, 0), default_max_output=0) == D("0.25")
+    cheaper = Price(input=D(2), cached_input=D("0.1"), output=D(0), cache_write_input=D(1))
+    assert worst_case_cost(cheaper, _facts(100_000, 0), default_max_output=0) == D("0.2")
+
+
 # -- reserved_input_tokens: earlier context the request names --------------------------------------
 
 GPT_4O = Price(input=D("2.50"), cached_input=D("1.25"), output=D("10.00"))

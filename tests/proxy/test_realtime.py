@@ -437,3 +437,24 @@ async def test_refusals_at_the_upgrade_and_in_the_socket_are_spans_too(start_pro
         assert got.span.name == "chat gpt-realtime"
         assert got.attributes["http.response.status_code"] == 429
         assert got.attributes["llm_proxy.campaign.id"] == "c1"
+
+
+async def test_a_ledger_that_cannot_take_records_refuses_a_response_and_the_socket_stays(
+        start_proxy, fake):
+    """Fail-closed with a failing ledger, a `response.create` is refused with an error event, as
+    an HTTP call gets its 503; the socket is not torn down."""
+    proxy = await start_proxy(budget_fail_closed=True)
+    async with aiohttp.ClientSession() as http, http.ws_connect(socket_url(proxy), headers=HEADERS) as ws:
+        await events_until(ws, "session.created")
+        proxy.ledger.healthy = False  # as after a failed write
+        try:
+            await ws.send_str('{"type":"response.create","event_id":"evt_1"}')
+            [error] = await events_until(ws, "error")
+            assert error["error"]["code"] == "cost_ledger_unavailable"
+            assert error["error"]["event_id"] == "evt_1"
+        finally:
+            proxy.ledger.healthy = True
+        await ws.send_str('{"type":"response.create"}')  # the socket still works
+        await events_until(ws, "response.done")
+    creates = [f for f in fake.realtime_received if isinstance(f, str) and "response.create" in f]
+    assert len(creates) == 1

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -279,6 +280,26 @@ async def test_fail_closed_refuses_unknown_campaign_during_outage(owned_pg_clust
             assert fake.hits("/chat/completions") == 0  # nothing forwarded
         finally:
             await asyncio.to_thread(owned_pg_cluster.start)
+
+
+async def test_fail_open_admits_a_campaign_first_seen_during_an_outage_whatever_it_spends(
+        owned_pg_cluster, fake):
+    """Its budget cannot be read, so nothing is known of it: not even the default limit applies
+    (its own may be far larger), and every call is admitted until the database is back."""
+    async with outage_proxy(owned_pg_cluster, fake, cost_warning_threshold_usd=Decimal(0),
+                            cost_limit_threshold_usd=Decimal("0.000001")) as proxy:
+        await asyncio.to_thread(owned_pg_cluster.stop)
+        try:
+            traffic = Traffic(proxy.url, campaign="never-seen")
+            async with aiohttp.ClientSession() as http:
+                for n in range(8):  # far past the default limit in reservations and in spend
+                    call = Call(n, "never-seen", False, time.monotonic())
+                    traffic.calls.append(call)
+                    await traffic.one(http, call)
+            assert [c.status for c in traffic.calls] == [200] * 8
+        finally:
+            await asyncio.to_thread(owned_pg_cluster.start)
+        await assert_every_answer_recorded(proxy, traffic)
 
 
 async def test_buffer_full_refuses_instead_of_dropping(owned_pg_cluster, fake):
