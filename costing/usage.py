@@ -180,7 +180,7 @@ def _with_cache_writes(input_tokens: int, cached: int, output_tokens: int, reaso
 
 
 def _tier(value: Any) -> str | None:
-    return value[:MAX_TIER_LENGTH] if type(value) is str and value else None
+    return _str(value, MAX_TIER_LENGTH)  # a request's tier is the client's string (NUL: see _str)
 
 
 def web_search_calls(output: Any) -> int:
@@ -188,6 +188,11 @@ def web_search_calls(output: Any) -> int:
     if type(output) is not list:
         return 0
     return sum(1 for item in output if type(item) is dict and item.get("type") == "web_search_call")
+
+
+def model_name(value: Any) -> str | None:
+    """A model name from anywhere a client or an upstream writes one, as the ledger stores it."""
+    return _str(value, MAX_MODEL_LENGTH)
 
 
 def _str(value: Any, limit: int) -> str | None:

@@ -40,7 +40,7 @@ from costing.errors import BudgetExceeded, CostingError
 from costing.meter import Meter, Ticket
 from costing.settings import Settings
 from costing.tasks import uninterrupted
-from costing.usage import MAX_MODEL_LENGTH, RequestFacts, from_realtime_response
+from costing.usage import MAX_MODEL_LENGTH, RequestFacts, from_realtime_response, model_name
 from proxy.errors import ProxyError
 from proxy.forward import Headers, _admit, _upstream_url, upstream_headers
 from proxy.state import CLIENT_KEYS, METER, METRICS, RELAYS, SETTINGS, TRACER, UPSTREAM
@@ -228,7 +228,7 @@ async def relay(request: web.Request, path: str) -> web.StreamResponse:
     bound = keys.admit(checked) if keys is not None else None  # 401 / 403
     campaign_id = bound or tag_value(request.headers, settings.campaign_header)
     session_id = tag_value(request.headers, settings.session_header)
-    model = request.query.get("model", "")[:MAX_MODEL_LENGTH] or None
+    model = model_name(request.query.get("model"))
     authorization = checked.get(hdrs.AUTHORIZATION)
     facts = RequestFacts(model, True, False, 0, 0)  # nothing reserved: refused only at the limit
     try:
