@@ -52,12 +52,18 @@ def format_usd(amount: Decimal) -> str:
 
 def parse_usd(text: str) -> Decimal:
     """Parse a user-supplied amount; raises ValueError on anything that is not a finite number."""
+    stripped = str(text).strip()
+    if "_" in stripped:  # Decimal reads "1_000" as 1000: not how anyone writes an amount here
+        raise ValueError(f"not a decimal number: {text!r}")
     try:
-        value = Decimal(str(text).strip())
+        value = Decimal(stripped)
     except ArithmeticError as exc:
         raise ValueError(f"not a decimal number: {text!r}") from exc
     if not value.is_finite():
         raise ValueError(f"not a finite number: {text!r}")
     if abs(value) >= MAX_USD:
         raise ValueError(f"too large: {text!r} (must be below {MAX_USD:,} USD)")
-    return quantize(value)
+    value = quantize(value)
+    if abs(value) >= MAX_USD:  # rounded up to the bound itself
+        raise ValueError(f"too large: {text!r} (must be below {MAX_USD:,} USD)")
+    return value

@@ -18,7 +18,7 @@ from costing.budget import BudgetStatus
 from costing.money import MAX_USD
 from costing.reports import MAX_DAYS, SESSION_ORDERS
 
-ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+ID_PATTERN = r"^(?!\.\.?$)[A-Za-z0-9_.:-]{1,128}$"
 MONEY_PATTERN = r"^[0-9]+\.[0-9]{2,10}$"
 AMOUNT_PATTERN = r"^[0-9]+(\.[0-9]+)?$"
 DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
@@ -65,7 +65,8 @@ def _object(properties: dict[str, Any], *, required: list[str] | None = None,
 def _path_id(name: str, what: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True,
             "description": f"The {what} id, as sent in the tag header (1-128 characters of letters, "
-                           "digits and `_ . : -`). Anything else is refused with 400 `invalid_id`.",
+                           "digits and `_ . : -`, not `.` or `..` alone). Anything else is refused "
+                           "with 400 `invalid_id`.",
             "schema": {"type": "string", "pattern": ID_PATTERN, "minLength": 1, "maxLength": 128}}
 
 

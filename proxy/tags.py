@@ -8,7 +8,10 @@ from multidict import CIMultiDictProxy
 
 from proxy.errors import ProxyError
 
-TAG = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+# Not `.` or `..`: as a path segment of /costs/campaigns/{id} a browser or curl would resolve
+# it away (the cost page could never open such a campaign).
+TAG = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9_.:-]{1,128}")
+RULE = "use 1-128 characters of letters, digits and _ . : - (not . or .. alone)"
 UNTAGGED = "_untagged"
 
 
@@ -23,14 +26,13 @@ def tag_value(headers: CIMultiDictProxy[str], name: str) -> str:
     value = values[0]
     if not TAG.fullmatch(value):
         raise ProxyError(
-            400, f"Invalid {name} header: use 1-128 characters of letters, digits and _ . : - "
-                 f"(got {len(value)} characters)", code="invalid_tag", param=name)
+            400, f"Invalid {name} header: {RULE}; got {len(value)} characters", code="invalid_tag",
+            param=name)
     return value
 
 
 def validate_tag(value: str, what: str) -> str:
     """The same rule for ids in /costs paths."""
     if not TAG.fullmatch(value):
-        raise ProxyError(400, f"Invalid {what}: use 1-128 characters of letters, digits and _ . : -",
-                         code="invalid_id", param=what)
+        raise ProxyError(400, f"Invalid {what}: {RULE}", code="invalid_id", param=what)
     return value

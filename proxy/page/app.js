@@ -5,7 +5,7 @@
 "use strict";
 
 const TOKEN_KEY = "llm-cost-proxy.token";
-const state = { campaigns: new Map(), open: null, lastEventId: null, stream: null, refresh: null, days: null };
+const state = { campaigns: new Map(), open: null, lastEventId: null, stream: null, refresh: null, task: null, days: null };
 const $ = (id) => document.getElementById(id);
 
 // -- API ---------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ function renderChart(days) {
   for (const f of [0, 0.5, 1]) {
     const y = top + plotH - f * plotH;
     root.append(svg("line", { class: "axis", x1: left, y1: y, x2: W - right, y2: y, "stroke-dasharray": "2 3" }));
-    root.append(svg("text", { x: left - 4, y: y + 3, "text-anchor": "end" }, usd((max * f).toFixed(4))));
+    root.append(svg("text", { x: left - 4, y: y + 3, "text-anchor": "end" }, usd(axisAmount(max * f, max))));
   }
   days.forEach((d, i) => {
     const v = Number(d.cost_usd);
@@ -330,10 +330,22 @@ function onBudget(b) {
   if (state.open === b.campaign_id) schedule(() => loadCampaign(b.campaign_id));
 }
 
-// Bursts of events cause one reload, not one per event.
+// An axis label with as many decimals as the chart's largest day needs (a day of $0.000043 must
+// not make every line "$0.00").
+function axisAmount(value, max) {
+  const decimals = max > 0 ? Math.min(10, Math.max(2, 2 - Math.floor(Math.log10(max)))) : 2;
+  return value.toFixed(decimals);
+}
+
+// Bursts of events cause one reload, not one per event: at most one every 250 ms, however
+// steady the traffic (a timer restarted by every event would never fire while calls go on).
 function schedule(task) {
-  clearTimeout(state.refresh);
-  state.refresh = setTimeout(() => task().catch(showError), 250);
+  state.task = task;
+  if (state.refresh) return;
+  state.refresh = setTimeout(() => {
+    state.refresh = null;
+    state.task().catch(showError);
+  }, 250);
 }
 
 // -- navigation ----------------------------------------------------------------------------------

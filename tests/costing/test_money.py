@@ -141,7 +141,7 @@ def test_parse_usd_rejects_nan_and_infinity(text):
         parse_usd(text)
 
 
-@pytest.mark.parametrize("text", ["", " ", "abc", "$5", "5 USD", "1,00", "1.2.3", "0x10", "five"])
+@pytest.mark.parametrize("text", ["", " ", "abc", "$5", "5 USD", "1,00", "1.2.3", "0x10", "five", "1_000"])
 def test_parse_usd_rejects_garbage(text):
     with pytest.raises(ValueError, match="not a decimal number"):
         parse_usd(text)
@@ -150,6 +150,11 @@ def test_parse_usd_rejects_garbage(text):
 def test_parse_usd_raises_value_error_for_an_amount_too_large_to_store():
     with pytest.raises(ValueError):
         parse_usd("1e20")
+
+
+def test_an_amount_that_rounds_up_to_the_bound_is_too_large_too():
+    with pytest.raises(ValueError, match="too large"):
+        parse_usd("99999999.999999999999")
 
 
 # -- the refusal message -------------------------------------------------------------------------

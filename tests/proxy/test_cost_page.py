@@ -12,6 +12,7 @@ Screenshots go to tests/artifacts/ (gitignored). Without Chromium the tests skip
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import time
@@ -198,6 +199,33 @@ async def test_the_page_lists_opens_charts_edits_and_follows_live(proxy, fake, b
     assert widths[0] <= widths[1], widths
     await phone.shot("cost-page-phone")
     assert phone.errors == [], phone.errors
+
+
+async def test_under_steady_traffic_the_open_campaign_keeps_moving_and_long_ids_fit_a_phone(
+        proxy, fake, browser):
+    """A call every 100 ms: the figures follow while the calls go on (a reload at most every
+    250 ms, not one that every event puts off); a 128-character id wraps on a phone screen."""
+    campaign, session = "c" * 128, "s" * 128
+    await _call(proxy, campaign, session)
+    tab = await _open(browser, f"{proxy.url}/#/c/{campaign}", viewport={"width": 390, "height": 844},
+                      is_mobile=True)
+    page = tab.page
+    await page.locator("#c-requests", has_text="1").wait_for()
+    await page.locator('#live[data-state="on"]').wait_for()
+    widths = await page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], widths
+    seen: list[int] = []
+    for _ in range(25):
+        await _call(proxy, campaign, session)
+        await asyncio.sleep(0.1)
+        seen.append(int((await page.locator("#c-requests").inner_text()).replace(",", "")))
+    assert seen[-1] > 10, seen  # it moved while the traffic went on
+    await page.locator("#c-requests", has_text="26").wait_for()
+    await page.click("#home")
+    await page.locator(f'tr[data-campaign="{campaign}"]').wait_for()
+    widths = await page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], widths
+    assert tab.errors == [], tab.errors
 
 
 async def test_with_a_token_the_page_asks_for_it_and_keeps_it_in_the_tab(start_proxy, fake, browser):

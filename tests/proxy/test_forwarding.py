@@ -310,7 +310,7 @@ async def test_upstream_timeout_is_a_504(start_proxy, fake):
     assert caught.value.body["code"] == "upstream_timeout"
 
 
-@pytest.mark.parametrize("value", ["", "has space", "x" * 129, "semi;colon", "é"])
+@pytest.mark.parametrize("value", ["", "has space", "x" * 129, "semi;colon", "é", ".", ".."])
 async def test_malformed_tags_are_refused_with_400_and_nothing_is_forwarded(proxy, fake, value):
     async with aiohttp.ClientSession() as http:
         response = await http.post(f"{proxy.url}/v1/chat/completions", json={"model": "gpt-4o"},
