@@ -188,10 +188,13 @@ async def list_sessions(request: web.Request) -> web.Response:
     if order not in SESSION_ORDERS:
         raise ProxyError(400, f"Query parameter 'order' must be one of {', '.join(SESSION_ORDERS)}",
                          code="invalid_parameter", param="order")
+    limit = _int_param(request, "limit", DEFAULT_SESSIONS, 1, MAX_SESSIONS)
+    # One more than asked for tells whether the list goes on (a page that sums it must know).
     sessions = await _reports(request).sessions(
         campaign_id, include_deleted=_bool_param(request, "include_deleted"), order_by=order,
-        limit=_int_param(request, "limit", DEFAULT_SESSIONS, 1, MAX_SESSIONS))
-    return ok({"campaign_id": campaign_id, "sessions": [session_json(s) for s in sessions]})
+        limit=limit + 1)
+    return ok({"campaign_id": campaign_id, "sessions": [session_json(s) for s in sessions[:limit]],
+               "has_more": len(sessions) > limit})
 
 
 async def get_session(request: web.Request) -> web.Response:

@@ -160,6 +160,8 @@ def _schemas(max_budget: int) -> dict[str, Any]:
         "SessionList": _object({
             "campaign_id": {"type": "string", "pattern": ID_PATTERN},
             "sessions": {"type": "array", "items": _ref("Session")},
+            "has_more": {"type": "boolean",
+                         "description": "More sessions than `limit`: the list is the first of them"},
         }),
         "Day": _object({
             "date": {"type": "string", "format": "date", "pattern": DATE_PATTERN},

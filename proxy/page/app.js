@@ -129,7 +129,7 @@ async function loadCampaign(id) {
   if (state.open !== id) return;
   state.campaigns.set(id, campaign);
   renderCampaign(campaign);
-  renderSessions(sessions.sessions);
+  renderSessions(sessions.sessions, sessions.has_more);
   renderChart(daily.days);
 }
 
@@ -159,7 +159,7 @@ function renderCampaign(c) {
     ? "This campaign has its own budget." : "This campaign uses the proxy's default budget.";
 }
 
-function renderSessions(sessions) {
+function renderSessions(sessions, more) {
   const body = $("sessions").tBodies[0];
   body.replaceChildren();
   for (const s of sessions) {
@@ -172,6 +172,8 @@ function renderSessions(sessions) {
       el("td", { "data-label": "Last call", text: when(s.last_seen) })));
   }
   if (!sessions.length) body.append(el("tr", {}, el("td", { colspan: "5", class: "muted", text: "No sessions yet." })));
+  if (more) body.append(el("tr", {}, el("td", { colspan: "5", class: "muted",
+    text: "The " + count(sessions.length) + " most recent sessions; the campaign's totals above count them all." })));
 }
 
 const SVG = "http://www.w3.org/2000/svg";

@@ -264,3 +264,13 @@ async def test_a_deeply_nested_budget_body_is_a_400_not_a_server_error(proxy, fa
         async with http.put(f"{proxy.url}/costs/campaigns/deep/budget", data=b"[" * 100_000) as response:
             assert response.status == 400
             assert (await response.json())["error"]["code"] == "invalid_json"
+
+
+async def test_a_session_list_cut_at_its_limit_says_so(proxy, fake):
+    """A page that sums the list must know when it is not the whole campaign."""
+    await _traffic(proxy, {"epsilon": ["s1", "s2", "s3"]})
+    async with aiohttp.ClientSession() as http:
+        cut = await _get(http, f"{proxy.url}/costs/campaigns/epsilon/sessions?limit=2")
+        whole = await _get(http, f"{proxy.url}/costs/campaigns/epsilon/sessions?limit=3")
+    assert (len(cut["sessions"]), cut["has_more"]) == (2, True)
+    assert (len(whole["sessions"]), whole["has_more"]) == (3, False)
