@@ -78,6 +78,9 @@ class Usage:
     # Part of input_tokens, as cached (read) tokens are: the prompt-cache writes that OpenAI's
     # newest models bill at their own price (`*_tokens_details.cache_write_tokens`).
     cache_write_input_tokens: int = 0
+    # Part of cached_input_tokens: the cached audio a Realtime response reports apart
+    # (`cached_tokens_details.audio_tokens`), billed at the model's cached audio price.
+    cached_audio_input_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -241,10 +244,11 @@ def from_event(event: Any) -> Reported:
 
 def realtime_usage(raw: Any) -> Usage | None:
     """A Realtime `response.usage` (`input_token_details`, `output_token_details`), None when
-    absent. Cached tokens count text and audio alike (OpenAI prices both at the model's cached
-    input price); `audio_input_tokens` is the uncached audio, so the cost formula bills each
-    input token once: uncached text at the input price, cached at the cached price, uncached
-    audio at the audio price."""
+    absent. Cached tokens count text and audio alike, and `cached_audio_input_tokens` the audio
+    part of them (some models price cached audio above cached text: gpt-realtime-mini);
+    `audio_input_tokens` is the uncached audio, so the cost formula bills each input token once:
+    uncached text at the input price, cached text and cached audio at their cached prices,
+    uncached audio at the audio price."""
     if not isinstance(raw, dict):
         return None
     input_tokens = _int(raw.get("input_tokens"))
@@ -261,7 +265,8 @@ def realtime_usage(raw: Any) -> Usage | None:
     if type(out_details) is dict:
         audio_out = min(_int(out_details.get("audio_tokens")), output_tokens)
     return Usage(input_tokens, cached, output_tokens, 0,
-                 min(audio_in - cached_audio, input_tokens - cached), audio_out)
+                 min(audio_in - cached_audio, input_tokens - cached), audio_out,
+                 cached_audio_input_tokens=cached_audio)
 
 
 def transcription_usage(raw: Any) -> Usage | None:

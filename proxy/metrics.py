@@ -41,7 +41,7 @@ GEN_AI_OPERATION = {"chat.completions": "chat", "completions": "text_completion"
                     "embeddings": "embeddings", "responses": "chat", "realtime": "chat",
                     REALTIME_TRANSCRIPTION: REALTIME_TRANSCRIPTION}
 TOKEN_TYPES = ("input", "cached_input", "output", "reasoning", "audio_input", "audio_output",
-               "cache_write_input")
+               "cache_write_input", "cached_audio_input")
 
 
 # Model names come from clients (any string up to 200 characters): without a cap, a client could
@@ -223,7 +223,8 @@ class Metrics:
             for kind, count in zip(TOKEN_TYPES, (usage.input_tokens, usage.cached_input_tokens,
                                                  usage.output_tokens, usage.reasoning_tokens,
                                                  usage.audio_input_tokens, usage.audio_output_tokens,
-                                                 usage.cache_write_input_tokens),
+                                                 usage.cache_write_input_tokens,
+                                                 usage.cached_audio_input_tokens),
                                    strict=True):
                 if count:
                     tokens[(campaign, model, kind)] += count
