@@ -388,6 +388,7 @@ def test_realtime_usage_counts_cached_audio_once():
     assert usage is not None
     assert (usage.input_tokens, usage.cached_input_tokens, usage.audio_input_tokens) == (50, 15, 20)
     assert (usage.output_tokens, usage.audio_output_tokens) == (47, 40)
+    assert usage.cached_audio_input_tokens == 10  # part of the cached 15
     assert parse(None) is None
 
 
@@ -568,3 +569,30 @@ def test_a_transcriptions_usage_is_audio_in_and_text_out():
         124, 120, 0, 25)
     assert parse({"type": "duration", "seconds": 3.2}) == parse({})
     assert parse(None) is None
+
+
+async def test_cached_audio_is_priced_at_the_cached_audio_price(proxy, fake):
+    """gpt-realtime-mini: cached audio $0.30 per 1M, cached text $0.06; the row keeps the split
+    (cached_audio_input_tokens), so its cost is recomputed from it, as /costs and /metrics count it."""
+    import genai_prices
+
+    fake.behaviour.realtime_usage = realtime_usage(cached_audio=1000, audio_in=3000)
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            socket_url(proxy, "gpt-realtime-mini"), headers=HEADERS) as ws:
+        await events_until(ws, "session.created")
+        await ws.send_str('{"type":"response.create"}')
+        await events_until(ws, "response.done")
+    await proxy.flush()
+    [row] = await ledger_rows(proxy.engine)
+    assert (row.input_tokens, row.cached_input_tokens, row.cached_audio_input_tokens,
+            row.audio_input_tokens) == (3020, 1005, 1000, 2000)
+    library = genai_prices.calc_price(genai_prices.Usage(
+        input_tokens=3020, cache_read_tokens=1005, cache_audio_read_tokens=1000, input_audio_tokens=3000,
+        output_tokens=47, output_audio_tokens=40), "gpt-realtime-mini", provider_id="openai").total_price
+    assert row.cost_usd == library.quantize(Decimal("1e-10"))
+    price = prices().quote("gpt-realtime-mini").price
+    assert row.cost_usd == (15 * price.input + 5 * price.cached_input + 1000 * Decimal("0.30")
+                            + 2000 * price.audio_input + 7 * price.output + 40 * price.audio_output
+                            ) / Decimal(1_000_000)
+    await assert_aggregates_match_ledger(proxy.engine)
+    await _costs_and_metrics_equal_the_ledger(proxy)
