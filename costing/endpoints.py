@@ -13,7 +13,8 @@ A `POST` the list does not know is treated as billable: a budget that holds matt
 a row too many. Other methods are never refused: reading or deleting costs nothing.
 
 A WebSocket upgrade under /v1/ (the Realtime API, `GET /v1/realtime?model=...`) is billable too:
-gated when it opens, then each response it bills metered (see proxy.realtime), `WEBSOCKET`.
+gated when it opens, then each response it bills metered (see proxy.realtime), `WEBSOCKET`;
+each input audio transcription it bills is a row of its own, `REALTIME_TRANSCRIPTION`.
 
 Background responses (`{"background": true}`) are metered when their final state is read:
 `GET /v1/responses/{id}` (or its stream) and the cancel call return the response object.
@@ -79,10 +80,14 @@ FREE = (
     r"/v1/fine_tuning/checkpoints/.*",
     r"/v1/organization/.*",
 )
-# Every name `classify` gives a path it knows: the metered operations and the billable list.
-# An unknown path is named by its first segment, which the client chooses: kept in the ledger,
-# never made a metric label (see proxy.metrics).
-OPERATIONS = frozenset({*(operation.value for operation in Operation), *(name for name, _ in BILLABLE)})
+# A Realtime session's input audio transcription (`input_audio_transcription`): a row of its
+# own, billed at the transcription model's price (see proxy.realtime).
+REALTIME_TRANSCRIPTION = "realtime.transcription"
+# Every name the ledger gives a call it knows: the metered operations, the billable list and
+# Realtime transcriptions. An unknown path is named by its first segment, which the client
+# chooses: kept in the ledger, never made a metric label (see proxy.metrics).
+OPERATIONS = frozenset({*(operation.value for operation in Operation), *(name for name, _ in BILLABLE),
+                        REALTIME_TRANSCRIPTION})
 RESPONSE_OBJECT = re.compile(rf"/v1/responses/{_ID}(/cancel)?")
 _BILLABLE = tuple((name, re.compile(pattern)) for name, pattern in BILLABLE)
 _FREE = re.compile("|".join(f"(?:{pattern})" for pattern in FREE))

@@ -256,16 +256,23 @@ class Meter:
             self._submit(entry)
         return entry
 
-    async def record_part(self, ticket: Ticket, reported: Reported, *, started: float) -> UsageEntry:
+    async def record_part(self, ticket: Ticket, reported: Reported, *, started: float,
+                          operation: str | None = None) -> UsageEntry:
         """One billed part of a long-lived call (a Realtime session's `response.done`): its own
         ledger row, charged to the campaign without a reservation (the work is done and billed;
         the gate was asked when the session opened and before each part the client asked for).
         `ticket` is the session's admission, settled already; it gives tags, model and key hash.
-        Returns once the entry is spooled; awaits only when the campaign's view is not in
-        memory (the first part after a long idle)."""
-        price, by_default = self._price(reported.model, ticket, None)
+        A part with an `operation` of its own (a Realtime transcription) runs on a model of its
+        own: priced by that model alone, never by the session's. Returns once the entry is
+        spooled; awaits only when the campaign's view is not in memory (the first part after a
+        long idle)."""
+        if operation is None:
+            price, by_default = self._price(reported.model, ticket, None)
+        else:
+            quote = self.prices.quote(reported.model)
+            price, by_default = quote.price, quote.priced_by_default
         usage = reported.usage if reported.usage is not None else Usage()
-        entry = self._entry(ticket.campaign_id, ticket.session_id, ticket.operation,
+        entry = self._entry(ticket.campaign_id, ticket.session_id, operation or ticket.operation,
                             ticket.facts.model, reported, usage, price, by_default, None, False, True,
                             200, started, ticket.api_key_hash)
         if not self.gate.charge_now(ticket.campaign_id, entry.cost_units):

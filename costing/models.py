@@ -95,6 +95,7 @@ class TokenCounts:
     audio_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     audio_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cache_write_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)  # migration 0004
+    cached_audio_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)  # migration 0006
 
 
 class UsageRecord(TokenCounts, Base):

@@ -34,7 +34,7 @@ UNITS_PER_CALL = Decimal(10**QUANTUM_DIGITS) / PER_THOUSAND  # USD per 1k calls 
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
 
 TOKEN_FIELDS = ("input", "cached_input", "output", "audio_input", "audio_output",
-                "cache_write_input")  # per 1M tokens
+                "cache_write_input", "cached_audio_input")  # per 1M tokens
 CALL_FIELDS = ("web_search", "web_search_preview")  # per 1k calls
 AMOUNT_FIELDS = TOKEN_FIELDS + CALL_FIELDS
 ENTRY_KEYS = frozenset({*AMOUNT_FIELDS, "search_every_call", "max_output_tokens", "service_tiers",
@@ -57,7 +57,8 @@ _LIBRARY_CONTEXT = {"flex": {"service_tier": "flex"}, "priority": {"service_tier
 _SAME_TIER = {"fast": "priority", "priority": "fast"}
 _LIBRARY_KEYS = {"input_mtok": "input", "cache_read_mtok": "cached_input", "output_mtok": "output",
                  "input_audio_mtok": "audio_input", "output_audio_mtok": "audio_output",
-                 "web_searches_kcount": "web_search", "cache_write_mtok": "cache_write_input"}
+                 "web_searches_kcount": "web_search", "cache_write_mtok": "cache_write_input",
+                 "cache_audio_read_mtok": "cached_audio_input"}
 BATCH_DISCOUNT = Decimal("0.5")  # OpenAI: the Batch API costs 50% of the standard price
 
 LIBRARY = "genai-prices"
@@ -79,8 +80,9 @@ def service_tier_key(tier: str | None) -> str | None:
 class Price:
     """USD per 1M tokens (web_search: per 1k searches). Audio prices None: audio tokens are
     billed as text; `cache_write_input` None: prompt-cache writes are billed as plain input (the
-    models that price them apart report them). `long_context`: the price of prompts above N
-    input tokens, ascending."""
+    models that price them apart report them); `cached_audio_input` None: cached audio is billed
+    at the cached (text) input price. `long_context`: the price of prompts above N input tokens,
+    ascending."""
 
     input: Decimal
     cached_input: Decimal
@@ -91,28 +93,33 @@ class Price:
     search_every_call: bool = False  # Chat Completions search models: one search billed per call
     long_context: tuple[tuple[int, Price], ...] = ()
     cache_write_input: Decimal | None = None
+    cached_audio_input: Decimal | None = None  # Realtime: cached audio input (cached_input if None)
     # The same price for a request that used the Responses `web_search_preview` tool, where its
     # per-call fee differs from `web_search` (non-reasoning models: $25 instead of $10 per 1k).
     preview: Price | None = field(default=None, compare=False)
     # The same prices in storage quanta (1e-10 USD) per token or per search, when all are whole
     # numbers of quanta (prices with at most 4 decimals): then a cost is integer arithmetic.
-    # In token_prices' order, then web search, then cache writes (appended: older code indexes).
-    units: tuple[int, int, int, int, int, int, int] | None = field(init=False, repr=False, compare=False)
+    # In token_prices' order, then web search, then cache writes and cached audio (appended:
+    # older code indexes).
+    units: tuple[int, int, int, int, int, int, int, int] | None = field(init=False, repr=False,
+                                                                        compare=False)
 
     def __post_init__(self) -> None:
-        (p_in, p_cached, p_out, p_audio_in, p_audio_out, p_write) = self.token_prices()
+        (p_in, p_cached, p_out, p_audio_in, p_audio_out, p_write, p_cached_audio) = self.token_prices()
         amounts = [a * UNITS_PER_TOKEN for a in (p_in, p_cached, p_out, p_audio_in, p_audio_out)]
-        amounts += [self.web_search * UNITS_PER_CALL, p_write * UNITS_PER_TOKEN]
+        amounts += [self.web_search * UNITS_PER_CALL, p_write * UNITS_PER_TOKEN,
+                    p_cached_audio * UNITS_PER_TOKEN]
         exact = all(a == a.to_integral_value() for a in amounts)
         object.__setattr__(self, "units", tuple(int(a) for a in amounts) if exact else None)
 
-    def token_prices(self) -> tuple[Decimal, Decimal, Decimal, Decimal, Decimal, Decimal]:
-        """input, cached input, output, audio input, audio output, cache writes (audio as text
-        and cache writes as input when unset)."""
+    def token_prices(self) -> tuple[Decimal, Decimal, Decimal, Decimal, Decimal, Decimal, Decimal]:
+        """input, cached input, output, audio input, audio output, cache writes, cached audio
+        (audio as text, cache writes as input, cached audio as cached input when unset)."""
         return (self.input, self.cached_input, self.output,
                 self.input if self.audio_input is None else self.audio_input,
                 self.output if self.audio_output is None else self.audio_output,
-                self.input if self.cache_write_input is None else self.cache_write_input)
+                self.input if self.cache_write_input is None else self.cache_write_input,
+                self.cached_input if self.cached_audio_input is None else self.cached_audio_input)
 
     def with_tools(self, search_preview: bool) -> Price:
         """The price for a call that offered the Responses `web_search_preview` tool, or not."""
@@ -152,12 +159,18 @@ def cost(price: Price, usage: Usage) -> Decimal:
 
 
 def cost_units(price: Price, usage: Usage) -> int:
-    """Cost of a call in money units (1e-10 USD): uncached text input, cached input, prompt-cache
-    writes, text output (reasoning included), audio input and output at their prices, and web
-    searches."""
+    """Cost of a call in money units (1e-10 USD): uncached text input, cached text and audio
+    input, prompt-cache writes, text output (reasoning included), audio input and output at
+    their prices, and web searches."""
     if price.long_context:
         price = price.for_prompt(usage.input_tokens)
     input_tokens, cached = usage.input_tokens, usage.cached_input_tokens
+    cached_audio = usage.cached_audio_input_tokens  # part of cached: Realtime only
+    if cached_audio:
+        if cached_audio > cached:  # never more than the cached input (see realtime_usage)
+            cached_audio = cached
+        cached -= cached_audio  # the cached text
+        input_tokens -= cached_audio
     written = usage.cache_write_input_tokens
     audio_in = usage.audio_input_tokens
     audio_out = usage.audio_output_tokens
@@ -172,10 +185,11 @@ def cost_units(price: Price, usage: Usage) -> int:
     units = price.units
     if units is not None:  # the same value as below, without Decimal division and rounding
         return (text_in * units[0] + cached * units[1] + text_out * units[2] + audio_in * units[3]
-                + audio_out * units[4] + searches * units[5] + written * units[6])
-    p_in, p_cached, p_out, p_audio_in, p_audio_out, p_write = price.token_prices()
+                + audio_out * units[4] + searches * units[5] + written * units[6]
+                + cached_audio * units[7])
+    p_in, p_cached, p_out, p_audio_in, p_audio_out, p_write, p_cached_audio = price.token_prices()
     tokens = (text_in * p_in + cached * p_cached + text_out * p_out + audio_in * p_audio_in
-              + audio_out * p_audio_out + written * p_write)
+              + audio_out * p_audio_out + written * p_write + cached_audio * p_cached_audio)
     return to_units(tokens / PER_MILLION + searches * price.web_search / PER_THOUSAND)
 
 
@@ -296,8 +310,9 @@ def parse_price_file(raw: Any) -> PriceFile:
     n}}`, or the models object alone.
 
     An entry: `input`, `cached_input`, `output`, `audio_input`, `audio_output`,
-    `cache_write_input` (USD per 1M tokens), `web_search` and `web_search_preview` (USD per 1k
-    searches with the Responses `web_search` / `web_search_preview` tool), `search_every_call`,
+    `cache_write_input`, `cached_audio_input` (USD per 1M tokens), `web_search` and
+    `web_search_preview` (USD per 1k searches with the Responses `web_search` /
+    `web_search_preview` tool), `search_every_call`,
     `max_output_tokens`, `service_tiers` ({flex|priority|batch: {field: price}}) and
     `long_context` ([{above: N, field: price}]). Keys starting with `_` are comments; any other
     key is refused.
@@ -363,7 +378,7 @@ def _build(fields: Mapping[str, Decimal], every: bool,
         return Price(values["input"], values.get("cached_input", values["input"]), values["output"],
                      values.get("audio_input"), values.get("audio_output"),
                      values.get(search, values.get("web_search", Decimal(0))), every, long_context,
-                     values.get("cache_write_input"))
+                     values.get("cache_write_input"), values.get("cached_audio_input"))
 
     def priced(search: str) -> Price:
         current = dict(fields)

@@ -112,6 +112,7 @@ class Totals:
     audio_input_tokens: int = 0
     audio_output_tokens: int = 0
     cache_write_input_tokens: int = 0
+    cached_audio_input_tokens: int = 0
 
     def merge(self, other: Totals) -> None:
         self.cost_usd += other.cost_usd
@@ -123,6 +124,7 @@ class Totals:
         self.audio_input_tokens += other.audio_input_tokens
         self.audio_output_tokens += other.audio_output_tokens
         self.cache_write_input_tokens += other.cache_write_input_tokens
+        self.cached_audio_input_tokens += other.cached_audio_input_tokens
 
     @classmethod
     def of(cls, entries: Sequence[UsageEntry]) -> Totals:
@@ -138,6 +140,7 @@ class Totals:
             audio_input_tokens=sum(u.audio_input_tokens for u in usages),
             audio_output_tokens=sum(u.audio_output_tokens for u in usages),
             cache_write_input_tokens=sum(u.cache_write_input_tokens for u in usages),
+            cached_audio_input_tokens=sum(u.cached_audio_input_tokens for u in usages),
         )
 
 

@@ -51,6 +51,9 @@ FIELDS = 23  # the version and 22 values, see `encode`
 # ... and a 24th, the prompt-cache writes, on a line of a call that made any: a line without
 # them is the one earlier releases wrote and read (a rollback, an older process taking over).
 FIELDS_WITH_CACHE_WRITES = 24
+# ... and a 25th, the cached audio input tokens (after the cache writes, 0 or not), on a line of a
+# Realtime response that had any: lines without are read as before, with none.
+FIELDS_WITH_CACHED_AUDIO = 25
 _LOW64 = (1 << 64) - 1
 SEGMENT_BYTES = 4 << 20  # ~15,000 records: a replay reads one segment at a time
 SUFFIX = ".spool"
@@ -73,7 +76,8 @@ def encode(e: UsageEntry) -> bytes:
     campaign, session, operation, request model, response model, input, cached input, output,
     reasoning tokens, cost units, flags (priced by default 1, estimated 2, streamed 4), status,
     latency ms, created us, response id, key hash, audio input, audio output tokens, web
-    searches, service tier(, cache-write input tokens: only when there are any)]."""
+    searches, service tier(, cache-write input tokens(, cached audio input tokens): only when
+    there are any)]."""
     u = e.usage
     values: tuple[object, ...] = (
         FORMAT_VERSION, e.id >> 64, e.id & _LOW64, e.campaign_id, e.session_id, e.operation,
@@ -81,7 +85,9 @@ def encode(e: UsageEntry) -> bytes:
         u.reasoning_tokens, e.cost_units, e.priced_by_default | e.estimated << 1 | e.streamed << 2,
         e.status_code, e.latency_ms, e.created_us, e.response_id, e.api_key_hash,
         u.audio_input_tokens, u.audio_output_tokens, u.web_search_calls, e.service_tier)
-    if u.cache_write_input_tokens:
+    if u.cached_audio_input_tokens:
+        values += (u.cache_write_input_tokens, u.cached_audio_input_tokens)
+    elif u.cache_write_input_tokens:
         values += (u.cache_write_input_tokens,)
     try:
         return orjson.dumps(values, option=_APPEND)
@@ -96,7 +102,7 @@ def decode(line: bytes) -> UsageEntry:
         v = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"not a spool line: {exc}") from None
-    if (not isinstance(v, list) or (len(v) != FIELDS and len(v) != FIELDS_WITH_CACHE_WRITES)
+    if (not isinstance(v, list) or not FIELDS <= len(v) <= FIELDS_WITH_CACHED_AUDIO
             or v[0] != FORMAT_VERSION):
         raise ValueError("not a spool line of format version 1")
     flags = int(v[13])
@@ -104,7 +110,8 @@ def decode(line: bytes) -> UsageEntry:
         return UsageEntry(
             _text(v[3]), _text(v[4]), _text(v[5]), _optional(v[6]), _optional(v[7]),
             Usage(int(v[8]), int(v[9]), int(v[10]), int(v[11]), int(v[19]), int(v[20]),
-                  int(v[21]), int(v[23]) if len(v) == FIELDS_WITH_CACHE_WRITES else 0),
+                  int(v[21]), int(v[23]) if len(v) >= FIELDS_WITH_CACHE_WRITES else 0,
+                  int(v[24]) if len(v) == FIELDS_WITH_CACHED_AUDIO else 0),
             int(v[12]), bool(flags & 1), bool(flags & 2), bool(flags & 4),
             int(v[14]), int(v[15]), int(v[16]), _optional(v[17]), _optional(v[18]),
             _optional(v[22]), int(v[1]) << 64 | int(v[2]))

@@ -56,7 +56,7 @@ BACKGROUND: Table = BackgroundResponse.__table__  # type: ignore[assignment]
 
 TOTAL_COLUMNS = ("cost_usd", "requests", "input_tokens", "cached_input_tokens", "output_tokens",
                  "reasoning_tokens", "audio_input_tokens", "audio_output_tokens",
-                 "cache_write_input_tokens")
+                 "cache_write_input_tokens", "cached_audio_input_tokens")
 
 
 def _totals(row: Any) -> Totals:
@@ -70,6 +70,7 @@ def _totals(row: Any) -> Totals:
         audio_input_tokens=int(row.audio_input_tokens or 0),
         audio_output_tokens=int(row.audio_output_tokens or 0),
         cache_write_input_tokens=int(row.cache_write_input_tokens or 0),
+        cached_audio_input_tokens=int(row.cached_audio_input_tokens or 0),
     )
 
 
@@ -500,7 +501,8 @@ class Store:
                 row.response_model,
                 Usage(row.input_tokens, row.cached_input_tokens, row.output_tokens,
                       row.reasoning_tokens, row.audio_input_tokens, row.audio_output_tokens,
-                      row.web_search_calls, row.cache_write_input_tokens),
+                      row.web_search_calls, row.cache_write_input_tokens,
+                      row.cached_audio_input_tokens),
                 to_units(row.cost_usd), row.priced_by_default, row.estimated, row.streamed,
                 row.status_code, row.latency_ms, epoch_us(row.created_at), row.response_id,
                 row.api_key_hash, row.service_tier, id=row.id.int)
@@ -535,12 +537,12 @@ RECORD_COLUMNS = (
     "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "cost_usd",
     "priced_by_default", "estimated", "streamed", "status_code", "latency_ms", "response_id",
     "api_key_hash", "service_tier", "audio_input_tokens", "audio_output_tokens", "web_search_calls",
-    "cache_write_input_tokens",
+    "cache_write_input_tokens", "cached_audio_input_tokens",
 )
 _PG_ARRAY_TYPES = (
     "uuid", "timestamptz", "varchar", "varchar", "varchar", "varchar", "varchar", "bigint", "bigint",
     "bigint", "bigint", "numeric", "bool", "bool", "bool", "int", "int", "varchar", "varchar",
-    "varchar", "bigint", "bigint", "int", "bigint",
+    "varchar", "bigint", "bigint", "int", "bigint", "bigint",
 )
 _PG_INSERT = (
     f"INSERT INTO usage_records ({', '.join(RECORD_COLUMNS)}) SELECT * FROM unnest("
@@ -578,7 +580,7 @@ def _record_tuple(e: UsageEntry) -> tuple[Any, ...]:
             u.output_tokens, u.reasoning_tokens, from_units(e.cost_units), e.priced_by_default,
             e.estimated, e.streamed, e.status_code, e.latency_ms, e.response_id, e.api_key_hash,
             e.service_tier, u.audio_input_tokens, u.audio_output_tokens, u.web_search_calls,
-            u.cache_write_input_tokens)
+            u.cache_write_input_tokens, u.cached_audio_input_tokens)
 
 
 async def _insert_records_postgresql(conn: AsyncConnection, entries: Sequence[UsageEntry],
@@ -632,7 +634,7 @@ async def _insert_records_sqlite(conn: AsyncConnection, entries: Sequence[UsageE
                        1 if e.priced_by_default else 0, 1 if e.estimated else 0,
                        1 if e.streamed else 0, e.status_code, e.latency_ms, e.response_id,
                        e.api_key_hash, e.service_tier, u.audio_input_tokens, u.audio_output_tokens,
-                       u.web_search_calls, u.cache_write_input_tokens)
+                       u.web_search_calls, u.cache_write_input_tokens, u.cached_audio_input_tokens)
         start += size
         result = await conn.exec_driver_sql(_sqlite_insert(size, returning), tuple(params))
         if returning:

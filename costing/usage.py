@@ -4,7 +4,8 @@ events) and what a request may cost at most (estimates used for budget reservati
 Shapes handled: chat completions, legacy completions, embeddings (`prompt_tokens` /
 `completion_tokens`) and the Responses API (`input_tokens` / `output_tokens`), with cached
 input, cache writes and reasoning details; streamed Responses report usage in their terminal event; Realtime
-sessions in each `response.done` event (`input_token_details` / `output_token_details`).
+sessions in each `response.done` event (`input_token_details` / `output_token_details`) and each
+input audio transcription's `completed` event.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class Usage:
     # Part of input_tokens, as cached (read) tokens are: the prompt-cache writes that OpenAI's
     # newest models bill at their own price (`*_tokens_details.cache_write_tokens`).
     cache_write_input_tokens: int = 0
+    # Part of cached_input_tokens: the cached audio a Realtime response reports apart
+    # (`cached_tokens_details.audio_tokens`), billed at the model's cached audio price.
+    cached_audio_input_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -240,10 +244,11 @@ def from_event(event: Any) -> Reported:
 
 def realtime_usage(raw: Any) -> Usage | None:
     """A Realtime `response.usage` (`input_token_details`, `output_token_details`), None when
-    absent. Cached tokens count text and audio alike (OpenAI prices both at the model's cached
-    input price); `audio_input_tokens` is the uncached audio, so the cost formula bills each
-    input token once: uncached text at the input price, cached at the cached price, uncached
-    audio at the audio price."""
+    absent. Cached tokens count text and audio alike, and `cached_audio_input_tokens` the audio
+    part of them (some models price cached audio above cached text: gpt-realtime-mini);
+    `audio_input_tokens` is the uncached audio, so the cost formula bills each input token once:
+    uncached text at the input price, cached text and cached audio at their cached prices,
+    uncached audio at the audio price."""
     if not isinstance(raw, dict):
         return None
     input_tokens = _int(raw.get("input_tokens"))
@@ -260,7 +265,31 @@ def realtime_usage(raw: Any) -> Usage | None:
     if type(out_details) is dict:
         audio_out = min(_int(out_details.get("audio_tokens")), output_tokens)
     return Usage(input_tokens, cached, output_tokens, 0,
-                 min(audio_in - cached_audio, input_tokens - cached), audio_out)
+                 min(audio_in - cached_audio, input_tokens - cached), audio_out,
+                 cached_audio_input_tokens=cached_audio)
+
+
+def transcription_usage(raw: Any) -> Usage | None:
+    """The `usage` of a Realtime `conversation.item.input_audio_transcription.completed`, None
+    when absent. Tokens (gpt-4o-transcribe family): the input's audio part at the model's audio
+    price, the text out at its output price. A duration (whisper-1, `{"type": "duration",
+    "seconds": ..}`) has no tokens: billed per minute, which no token price covers."""
+    if not isinstance(raw, dict):
+        return None
+    input_tokens = _int(raw.get("input_tokens"))
+    details = raw.get("input_token_details")
+    audio = min(_int(details.get("audio_tokens")), input_tokens) if type(details) is dict else 0
+    return Usage(input_tokens, 0, _int(raw.get("output_tokens")), 0, audio)
+
+
+def from_transcription(event: Any, model: str | None) -> Reported:
+    """What a Realtime `...input_audio_transcription.completed` event tells: its usage and item
+    id (the row's response id); the model is the session's transcription model (the event does
+    not name it)."""
+    if not isinstance(event, dict):
+        return Reported(None, model, None)
+    return Reported(transcription_usage(event.get("usage")), model,
+                    _str(event.get("item_id"), MAX_ID_LENGTH))
 
 
 def from_realtime_response(response: Any, model: str | None) -> Reported:

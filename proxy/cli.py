@@ -252,6 +252,8 @@ def describe_price(table: PriceTable, model: str, tier: str | None) -> str:
     row("output", "output", price.output, "per 1M tokens")
     lines.append("  reasoning      billed as output")
     row("audio input", "audio_input", price.audio_input, "per 1M tokens", "billed as input")
+    row("cached audio", "cached_audio_input", price.cached_audio_input, "per 1M tokens",
+        "billed as cached input")
     row("audio output", "audio_output", price.audio_output, "per 1M tokens", "billed as output")
     row("web search", "web_search", price.web_search, "per 1k calls")
     if price.preview is not None:

@@ -48,7 +48,8 @@ def tokens_json(t: Totals) -> dict[str, int]:
     return {"input": t.input_tokens, "cached_input": t.cached_input_tokens,
             "output": t.output_tokens, "reasoning": t.reasoning_tokens,
             "audio_input": t.audio_input_tokens, "audio_output": t.audio_output_tokens,
-            "cache_write_input": t.cache_write_input_tokens}
+            "cache_write_input": t.cache_write_input_tokens,
+            "cached_audio_input": t.cached_audio_input_tokens}
 
 
 def campaign_json(c: CampaignTotals) -> dict[str, Any]:

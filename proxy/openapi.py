@@ -102,9 +102,12 @@ def _schemas(max_budget: int) -> dict[str, Any]:
                   "examples": ["0.000054", "5.00"]},
         "Tokens": _object(
             {"input": count, "cached_input": count, "output": count, "reasoning": count,
-             "audio_input": count, "audio_output": count, "cache_write_input": count},
+             "audio_input": count, "audio_output": count, "cache_write_input": count,
+             "cached_audio_input": count},
             description="`input` includes cached, cache-write and audio input, `output` includes "
-                        "reasoning and audio output (as OpenAI counts them)."),
+                        "reasoning and audio output (as OpenAI counts them); `cached_audio_input` "
+                        "is the audio part of `cached_input` (Realtime), `audio_input` the "
+                        "uncached audio."),
         "Budget": _object({
             "warning_usd": _ref("Money"),
             "limit_usd": _ref("Money"),

@@ -7,8 +7,10 @@ any billable call) and before each `response.create` the client sends (refused w
 `error` event, code `budget_exceeded`; the socket stays open, so the conversation survives a
 budget raise). A response the upstream starts on its own (server VAD) while the campaign is at
 its limit is cancelled. Every `response.done` is a ledger row of its own, spooled before the
-event is relayed. A client that leaves mid-response has its responses cancelled upstream and
-their `response.done` (OpenAI bills the part generated) waited for, briefly, and recorded.
+event is relayed; so is every input audio transcription's `completed` event (its own usage, at
+the session's transcription model's price, operation `realtime.transcription`). A client that
+leaves mid-response has its responses cancelled upstream and their `response.done` (OpenAI
+bills the part generated) waited for, briefly, and recorded.
 So does a shutdown, for every open socket (`going_away`, before aiohttp waits for handlers and
 closes the upstream client), which then closes both sides with 1001.
 
@@ -35,12 +37,20 @@ import orjson
 from aiohttp import WSMsgType, hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from costing.endpoints import WEBSOCKET
+from costing.endpoints import REALTIME_TRANSCRIPTION, WEBSOCKET
 from costing.errors import BudgetExceeded, CostingError
 from costing.meter import Meter, Ticket
+from costing.records import UsageEntry
 from costing.settings import Settings
 from costing.tasks import uninterrupted
-from costing.usage import MAX_MODEL_LENGTH, RequestFacts, from_realtime_response, model_name
+from costing.usage import (
+    MAX_MODEL_LENGTH,
+    Reported,
+    RequestFacts,
+    from_realtime_response,
+    from_transcription,
+    model_name,
+)
 from proxy.errors import ProxyError
 from proxy.forward import Headers, _admit, _upstream_url, upstream_headers
 from proxy.state import CLIENT_KEYS, METER, METRICS, RELAYS, SETTINGS, TRACER, UPSTREAM
@@ -75,9 +85,16 @@ SHUTDOWN_TIMEOUT_SECONDS): short, since the process is waited for, yet enough fo
 # Close codes a close frame may not carry (RFC 6455 7.4.1): what is sent instead.
 UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
 # Events decoded: a cheap substring test first (audio deltas are most of the traffic).
-WATCHED_SERVER = ('"response.done"', '"response.created"', '"session.created"', '"session.updated"')
+TRANSCRIBED = "conversation.item.input_audio_transcription.completed"
+COMMITTED = "input_audio_buffer.committed"  # a transcription starts (its span's start)
+WATCHED_SERVER = ('"response.done"', '"response.created"', '"session.created"', '"session.updated"',
+                  f'"{TRANSCRIBED}"', f'"{COMMITTED}"')
 # A client event that may be a response.create: its name in plain text, or any JSON escape.
 CREATE_TEXT, CREATE_BYTES = '"response.create"', b'"response.create"'
+# A client event that may name the session's transcription model (plain text only: an escaped
+# name is missed, and the server's `session.updated` names it anyway).
+UPDATE_TEXT, UPDATE_BYTES = '"session.update"', b'"session.update"'
+MAX_COMMITTED = 64  # audio items awaiting their transcription, kept for their spans' start
 BUDGET_EXCEEDED = "budget_exceeded"
 LEDGER_UNAVAILABLE = "cost_ledger_unavailable"  # as the HTTP 503 says it
 ENDED = (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
@@ -165,6 +182,8 @@ class Session:
     upstream: aiohttp.ClientWebSocketResponse
     model: str | None
     running: dict[str, float] = field(default_factory=dict)  # response id -> started
+    transcription: str | None = None  # `input_audio_transcription.model`, when the session has it
+    committed: dict[str, float] = field(default_factory=dict)  # audio item id -> committed
     send_upstream: asyncio.Lock = field(default_factory=asyncio.Lock)
     send_client: asyncio.Lock = field(default_factory=asyncio.Lock)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
@@ -366,6 +385,8 @@ async def _from_client(session: Session) -> tuple[int | None, bytes]:
             data: str | bytes = message.data
             if _may_create(data) and not await _response_allowed(session, data):
                 continue
+            if (UPDATE_TEXT in data) if isinstance(data, str) else (UPDATE_BYTES in data):
+                _session_update(session, data)
             await session.to_upstream(data)
             if session.stalled:
                 return UPSTREAM_STALLED, b""
@@ -377,6 +398,28 @@ async def _from_client(session: Session) -> tuple[int | None, bytes]:
 
 def _reason(extra: Any) -> bytes:
     return extra.encode()[:MAX_REASON] if isinstance(extra, str) else b""
+
+
+def _session_update(session: Session, data: str | bytes) -> None:
+    """A client's `session.update` naming a transcription model: kept unless the server's echo
+    names one (its `session.updated` may leave the setting out)."""
+    event = _decode(data)
+    if event is not None and event.get("type") == "session.update":
+        model = _transcription_model(event.get("session"))
+        if model is not None:
+            session.transcription = model
+
+
+def _transcription_model(described: Any) -> str | None:
+    """The transcription model a session object names: `input_audio_transcription.model` (the
+    beta shape) or `audio.input.transcription.model` (the GA shape)."""
+    if not isinstance(described, dict):
+        return None
+    setting = described.get("input_audio_transcription")
+    audio = described.get("audio")
+    if setting is None and isinstance(audio, dict) and isinstance(audio.get("input"), dict):
+        setting = audio["input"].get("transcription")
+    return model_name(setting.get("model")) if isinstance(setting, dict) else None
 
 
 def _may_create(data: str | bytes) -> bool:
@@ -466,7 +509,8 @@ async def _close_client(session: Session, code: int, reason: bytes) -> None:
 
 
 async def _watch(session: Session, data: str) -> None:
-    """Session model, responses started (cancelled at the limit), responses done (recorded)."""
+    """Session and transcription models, responses started (cancelled at the limit), responses
+    done and transcriptions completed (recorded)."""
     event = _decode(data)
     if event is None:
         return
@@ -476,6 +520,17 @@ async def _watch(session: Session, data: str) -> None:
         model = described.get("model") if isinstance(described, dict) else None
         if isinstance(model, str) and model:
             session.model = model[:MAX_MODEL_LENGTH]
+        transcription = _transcription_model(described)
+        if transcription is not None:
+            session.transcription = transcription
+    elif kind == TRANSCRIBED:
+        await _record_transcription(session, event)
+    elif kind == COMMITTED:
+        item_id = event.get("item_id")
+        if isinstance(item_id, str) and session.transcription is not None:
+            if len(session.committed) >= MAX_COMMITTED:  # never transcribed: the oldest goes
+                del session.committed[next(iter(session.committed))]
+            session.committed[item_id] = time.perf_counter()
     elif kind == "response.created":
         response = event.get("response")
         response_id = response.get("id") if isinstance(response, dict) else None
@@ -514,6 +569,28 @@ async def _record(session: Session, response: Any) -> None:
     entry = await uninterrupted(meter.record_part(session.ticket, reported, started=started))
     if not session.running:
         session.drained.set()
+    status = response.get("status") if isinstance(response, dict) else None
+    _observe(session, reported, entry, started, status if isinstance(status, str) else None)
+
+
+async def _record_transcription(session: Session, event: dict[str, Any]) -> None:
+    """One ledger row for one completed input audio transcription that reports usage, at the
+    session's transcription model's price, spooled before the event goes on (as `_record`)."""
+    reported = from_transcription(event, session.transcription)
+    if reported.usage is None:
+        return
+    item_id = reported.response_id
+    started = session.committed.pop(item_id, None) if item_id else None
+    if started is None:  # its commit unseen: timed from here
+        started = time.perf_counter()
+    entry = await uninterrupted(session.meter.record_part(session.ticket, reported, started=started,
+                                                          operation=REALTIME_TRANSCRIPTION))
+    _observe(session, reported, entry, started, None)
+
+
+def _observe(session: Session, reported: Reported, entry: UsageEntry, started: float,
+             status: str | None) -> None:
+    """A recorded part's span and duration metric."""
     app = session.app
     seconds = time.perf_counter() - started
     app[METRICS].observe_operation(entry.operation, session.ticket.facts.model, entry.response_model,
@@ -524,8 +601,7 @@ async def _record(session: Session, response: Any) -> None:
         span = tracer.start(session.request.headers, [], entry.operation, entry.campaign_id,
                             entry.session_id, facts, {}, started)
         if span is not None:
-            status = response.get("status") if isinstance(response, dict) else None
-            span.finish = [status] if isinstance(status, str) else None
+            span.finish = [status] if status is not None else None
             tracer.end(span, 200, None, entry, reported)
 
 

@@ -81,6 +81,19 @@ class Behaviour:
     realtime_protocol: str | None = "realtime"  # the subprotocol chosen, when the client offers it
     # Set: after session.created the fake stops reading its socket (a hung upstream) until it is set.
     realtime_stall: asyncio.Event | None = None
+    # Input audio transcription: with `input_audio_transcription` set by a session.update, each
+    # input_audio_buffer.commit is answered with input_audio_buffer.committed, then
+    # conversation.item.input_audio_transcription.completed carrying this usage (whisper-1: a
+    # duration, as OpenAI reports it). False: session.updated leaves the setting out.
+    realtime_transcription_usage: dict[str, Any] = field(default_factory=lambda: transcription_usage())
+    realtime_echo_transcription: bool = True
+
+
+def transcription_usage(text_in: int = 4, audio_in: int = 120, text_out: int = 25) -> dict[str, Any]:
+    """A Realtime transcription's `usage` (gpt-4o-transcribe family: tokens)."""
+    return {"type": "tokens", "input_tokens": text_in + audio_in, "output_tokens": text_out,
+            "total_tokens": text_in + audio_in + text_out,
+            "input_token_details": {"text_tokens": text_in, "audio_tokens": audio_in}}
 
 
 def realtime_usage(text_in: int = 20, audio_in: int = 30, cached_text: int = 5, cached_audio: int = 10,
@@ -213,6 +226,7 @@ class FakeUpstream:
         await ws.prepare(request)
         model = request.query.get("model") or b.model or "gpt-realtime"
         responding: set[asyncio.Task[None]] = set()
+        configured: dict[str, Any] = {}  # what session.update events set
         await self._rt_send(ws, {"type": "session.created", "event_id": "event_1",
                                  "session": {"id": "sess_1", "object": "realtime.session",
                                              "type": "realtime", "model": model}})
@@ -249,9 +263,14 @@ class FakeUpstream:
                     if b.realtime_hold is not None:
                         b.realtime_hold.set()
                 elif kind == "session.update":
-                    session = {"type": "realtime", "model": model, **(event.get("session") or {})}
+                    configured.update(event.get("session") or {})
+                    session = {"type": "realtime", "model": model, **configured}
+                    if not b.realtime_echo_transcription:
+                        session.pop("input_audio_transcription", None)
                     await self._rt_send(ws, {"type": "session.updated", "event_id": "event_u",
                                              "session": session})
+                elif kind == "input_audio_buffer.commit":
+                    await self._rt_transcribe(ws, configured.get("input_audio_transcription"))
                 elif kind == "fake.close":
                     await ws.close(code=event["code"], message=event["reason"].encode())
                     closed = (event["code"], "closed by the fake")
@@ -262,6 +281,20 @@ class FakeUpstream:
             self.realtime_closes.append(closed)
             self.realtime_closed.set()
         return ws
+
+    async def _rt_transcribe(self, ws: web.WebSocketResponse, setting: Any) -> None:
+        """The committed audio item, and its transcription when the session has one."""
+        self.issued += 1
+        item_id = f"item_{self.issued}"
+        await self._rt_send(ws, {"type": "input_audio_buffer.committed", "event_id": f"event_m{self.issued}",
+                                 "previous_item_id": None, "item_id": item_id})
+        if not isinstance(setting, dict):
+            return
+        usage = ({"type": "duration", "seconds": 2.4} if setting.get("model") == "whisper-1"
+                 else self.behaviour.realtime_transcription_usage)
+        await self._rt_send(ws, {"type": "conversation.item.input_audio_transcription.completed",
+                                 "event_id": f"event_t{self.issued}", "item_id": item_id,
+                                 "content_index": 0, "transcript": "Hello there.", "usage": usage})
 
     async def _rt_send(self, ws: web.WebSocketResponse, event: dict[str, Any]) -> None:
         text = orjson.dumps(event).decode()

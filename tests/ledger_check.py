@@ -13,7 +13,8 @@ from costing.models import CampaignCostAggregate, CampaignDailyCost, SessionCost
 R = UsageRecord
 SUMS = (func.sum(R.cost_usd), func.count(), func.sum(R.input_tokens), func.sum(R.cached_input_tokens),
         func.sum(R.output_tokens), func.sum(R.reasoning_tokens), func.sum(R.audio_input_tokens),
-        func.sum(R.audio_output_tokens), func.sum(R.cache_write_input_tokens))
+        func.sum(R.audio_output_tokens), func.sum(R.cache_write_input_tokens),
+        func.sum(R.cached_audio_input_tokens))
 
 
 def _norm(values: Any) -> tuple[Any, ...]:
@@ -24,7 +25,7 @@ def _norm(values: Any) -> tuple[Any, ...]:
 def _stored(row: Any) -> tuple[Any, ...]:
     return _norm((row.cost_usd, row.requests, row.input_tokens, row.cached_input_tokens,
                   row.output_tokens, row.reasoning_tokens, row.audio_input_tokens,
-                  row.audio_output_tokens, row.cache_write_input_tokens))
+                  row.audio_output_tokens, row.cache_write_input_tokens, row.cached_audio_input_tokens))
 
 
 async def ledger_rows(engine: AsyncEngine) -> list[Any]:
@@ -51,15 +52,17 @@ async def assert_aggregates_match_ledger(engine: AsyncEngine) -> dict[str, tuple
         daily_rows = list(await conn.execute(select(CampaignDailyCost)))
         records = list(await conn.execute(select(R.campaign_id, R.created_at, R.cost_usd,
                                                   R.audio_input_tokens, R.audio_output_tokens,
-                                                  R.cache_write_input_tokens)))
+                                                  R.cache_write_input_tokens,
+                                                  R.cached_audio_input_tokens)))
     assert campaigns == by_campaign
     assert sessions == by_session
-    by_day: dict[tuple[str, Any], tuple[Decimal, int, int, int]] = {}
-    for campaign_id, created, cost, audio_in, audio_out, writes in records:
+    by_day: dict[tuple[str, Any], tuple[Decimal, int, int, int, int]] = {}
+    for campaign_id, created, cost, audio_in, audio_out, writes, cached_audio in records:
         key = (campaign_id, created.date())
-        known = by_day.get(key, (Decimal(0), 0, 0, 0))
-        by_day[key] = (known[0] + cost, known[1] + audio_in, known[2] + audio_out, known[3] + writes)
+        known = by_day.get(key, (Decimal(0), 0, 0, 0, 0))
+        by_day[key] = (known[0] + cost, known[1] + audio_in, known[2] + audio_out, known[3] + writes,
+                       known[4] + cached_audio)
     assert {(r.campaign_id, r.day): (r.cost_usd, r.audio_input_tokens, r.audio_output_tokens,
-                                     r.cache_write_input_tokens)
+                                     r.cache_write_input_tokens, r.cached_audio_input_tokens)
             for r in daily_rows} == by_day
     return by_campaign

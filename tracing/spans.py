@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 
 from costing.budget import Budget
+from costing.endpoints import REALTIME_TRANSCRIPTION
 from costing.money import SCALE
 from costing.records import UsageEntry
 from costing.usage import Operation, Reported, RequestFacts
@@ -31,6 +32,8 @@ OPERATION_NAMES = {
     Operation.RESPONSES.value: ("chat", "responses"),
     # One span per response of a Realtime WebSocket session (see proxy.realtime).
     "realtime": ("chat", "realtime"),
+    # A Realtime session's input audio transcription: no GenAI name, the ledger's (see above).
+    REALTIME_TRANSCRIPTION: (REALTIME_TRANSCRIPTION, "realtime"),
 }
 
 

@@ -168,3 +168,31 @@ def test_an_unknown_tier_is_the_standard_price():
 ])
 def test_each_model_knows_its_largest_answer(model, tokens):
     assert TABLE.quote(model).max_output_tokens == tokens
+
+
+@pytest.mark.parametrize("model", ["gpt-realtime-mini", "gpt-realtime", "gpt-4o-mini-realtime-preview"])
+def test_cached_audio_is_the_library_price_to_the_last_quantum(model):
+    """A Realtime usage with cached audio (gpt-realtime-mini: $0.30 per 1M, cached text $0.06):
+    ours counts `audio_input` uncached and `cached_audio_input` apart; the library's
+    `input_audio_tokens` is all audio and `cache_audio_read_tokens` its cached part."""
+    from costing.usage import realtime_usage
+
+    raw = {"input_tokens": 1_000_000, "output_tokens": 100_000,
+           "input_token_details": {"text_tokens": 400_000, "audio_tokens": 600_000,
+                                   "cached_tokens": 500_000,
+                                   "cached_tokens_details": {"text_tokens": 200_000,
+                                                             "audio_tokens": 300_000}},
+           "output_token_details": {"text_tokens": 50_000, "audio_tokens": 50_000}}
+    ours = realtime_usage(raw)
+    assert ours is not None
+    assert (ours.cached_audio_input_tokens, ours.audio_input_tokens) == (300_000, 300_000)
+    theirs = genai_prices.Usage(input_tokens=1_000_000, cache_read_tokens=500_000,
+                                cache_audio_read_tokens=300_000, input_audio_tokens=600_000,
+                                output_tokens=100_000, output_audio_tokens=50_000)
+    library = genai_prices.calc_price(theirs, model, provider_id="openai", genai_request_timestamp=NOW)
+    price = TABLE.resolve(model, None, NOW).price
+    expected = library.total_price.quantize(QUANTUM, rounding=ROUND_HALF_EVEN)
+    assert cost(price, ours) == expected
+    if model == "gpt-realtime-mini":
+        assert price.cached_audio_input == Decimal("0.3") and price.cached_input == Decimal("0.06")
+        assert expected == Decimal("4.342")  # cached audio at the cached text price: $4.27

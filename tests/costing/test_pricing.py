@@ -360,9 +360,12 @@ def test_a_cost_is_the_decimal_formula_rounded_half_even_whatever_the_price_prec
 
 def test_prices_with_at_most_four_decimals_are_whole_quanta_per_token():
     assert Price(Decimal("0.15"), Decimal("0.075"), Decimal("0.6")).units == (
-        1500, 750, 6000, 1500, 6000, 0, 1500)
+        1500, 750, 6000, 1500, 6000, 0, 1500, 750)
     assert Price(Decimal("0.0375"), Decimal("0.0375"), Decimal("2.5"), Decimal(40), Decimal(80),
-                 Decimal(25)).units == (375, 375, 25000, 400_000, 800_000, 250_000_000, 375)
+                 Decimal(25)).units == (375, 375, 25000, 400_000, 800_000, 250_000_000, 375, 375)
+    assert Price(Decimal("0.6"), Decimal("0.06"), Decimal("2.4"), Decimal(10), Decimal(20),
+                 cached_audio_input=Decimal("0.3")).units == (6000, 600, 24000, 100_000, 200_000, 0,
+                                                              6000, 3000)
     assert Price(Decimal("0.00001"), Decimal("0.1"), Decimal("0.1")).units is None  # 0.1 quantum
 
 
@@ -502,9 +505,9 @@ def test_an_input_price_without_a_cache_write_price_bills_writes_as_that_input(t
 
 def test_cache_write_prices_take_the_integer_path_too() -> None:
     price = Price(Decimal(2), Decimal("0.1"), Decimal(10), cache_write_input=Decimal("2.5"))
-    assert price.units == (20_000, 1000, 100_000, 20_000, 100_000, 0, 25_000)
+    assert price.units == (20_000, 1000, 100_000, 20_000, 100_000, 0, 25_000, 1000)
     assert Price(Decimal(2), Decimal("0.1"), Decimal(10)).units == (
-        20_000, 1000, 100_000, 20_000, 100_000, 0, 20_000)  # writes at the input price
+        20_000, 1000, 100_000, 20_000, 100_000, 0, 20_000, 1000)  # writes at the input price
 
 
 @settings(max_examples=1000, deadline=None)

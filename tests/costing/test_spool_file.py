@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from costing.records import UsageEntry
@@ -70,6 +71,17 @@ def test_cache_writes_survive_their_line():
     assert decode(encode(e)) == e
     big = entry(4, usage=Usage(50_000, 0, 1000, 0, cache_write_input_tokens=48_000), cost_units=10**30)
     assert decode(encode(big)) == big  # the all-text form of an integer beyond 64 bits
+
+
+def test_cached_audio_survives_its_line_and_lines_without_read_as_none():
+    e = entry(6, usage=Usage(50, 15, 47, 0, 20, 40, cached_audio_input_tokens=10))
+    line = encode(e)
+    assert len(orjson.loads(line)) == 25 and decode(line) == e  # cache writes 0 before it
+    both = entry(7, usage=Usage(50, 15, 47, 0, 20, 40, 0, 5, 10))
+    assert decode(encode(both)) == both
+    assert decode(OLD_LINE).usage.cached_audio_input_tokens == 0
+    assert decode(encode(entry(8, usage=Usage(10, 0, 1, 0, cache_write_input_tokens=8)))).usage == Usage(
+        10, 0, 1, 0, cache_write_input_tokens=8)
 
 
 def test_a_dead_processs_old_lines_are_replayed_with_its_new_ones(tmp_path):

@@ -43,7 +43,8 @@ async def test_campaign_and_session_totals_equal_the_ledger(proxy, fake):
         assert alpha["tokens"] == {"input": sums["alpha"][2], "cached_input": sums["alpha"][3],
                                    "output": sums["alpha"][4], "reasoning": sums["alpha"][5],
                                    "audio_input": sums["alpha"][6], "audio_output": sums["alpha"][7],
-                                   "cache_write_input": sums["alpha"][8]}
+                                   "cache_write_input": sums["alpha"][8],
+                                   "cached_audio_input": sums["alpha"][9]}
         assert alpha["tokens"]["cache_write_input"] == 15
         assert alpha["budget"]["spent_usd"] == alpha["cost_usd"] and alpha["budget"]["status"] == "ok"
         assert Decimal(alpha["budget"]["remaining_usd"]) == Decimal(5) - sums["alpha"][0]

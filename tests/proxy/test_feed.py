@@ -74,7 +74,8 @@ async def test_one_usage_event_per_call_in_order_equal_to_the_ledger(proxy, fake
                                   "output": row.output_tokens, "reasoning": row.reasoning_tokens,
                                   "audio_input": row.audio_input_tokens,
                                   "audio_output": row.audio_output_tokens,
-                                  "cache_write_input": row.cache_write_input_tokens}
+                                  "cache_write_input": row.cache_write_input_tokens,
+                                  "cached_audio_input": row.cached_audio_input_tokens}
         assert data["estimated"] is row.estimated is False
         assert data["at"] == row.created_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         campaign_sums[campaign] = campaign_sums.get(campaign, Decimal(0)) + row.cost_usd

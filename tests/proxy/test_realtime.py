@@ -388,6 +388,7 @@ def test_realtime_usage_counts_cached_audio_once():
     assert usage is not None
     assert (usage.input_tokens, usage.cached_input_tokens, usage.audio_input_tokens) == (50, 15, 20)
     assert (usage.output_tokens, usage.audio_output_tokens) == (47, 40)
+    assert usage.cached_audio_input_tokens == 10  # part of the cached 15
     assert parse(None) is None
 
 
@@ -458,3 +459,140 @@ async def test_a_ledger_that_cannot_take_records_refuses_a_response_and_the_sock
         await events_until(ws, "response.done")
     creates = [f for f in fake.realtime_received if isinstance(f, str) and "response.create" in f]
     assert len(creates) == 1
+
+
+async def _costs_and_metrics_equal_the_ledger(proxy: Any, campaign: str = "c1") -> None:
+    """/costs and /metrics of the campaign: its cost and token kinds, as the ledger sums them."""
+    from test_metrics import _scrape
+
+    rows = [r for r in await ledger_rows(proxy.engine) if r.campaign_id == campaign]
+    url = f"{proxy.url}/costs/campaigns/{campaign}"
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        body = await response.json()
+    assert Decimal(body["cost_usd"]) == sum(r.cost_usd for r in rows)
+    samples = await _scrape(proxy)
+    cost = sum(v for (n, labels), v in samples.items()
+               if n == "llm_cost_usd_total" and ("campaign", campaign) in labels)
+    assert cost == pytest.approx(float(sum(r.cost_usd for r in rows)), rel=1e-12)
+    for kind in body["tokens"]:
+        column = {"input": "input_tokens", "output": "output_tokens", "reasoning": "reasoning_tokens"}.get(
+            kind, f"{kind}_tokens")
+        stored = sum(getattr(r, column) for r in rows)
+        assert body["tokens"][kind] == stored, kind
+        assert sum(v for (n, labels), v in samples.items() if n == "llm_tokens_total"
+                   and ("campaign", campaign) in labels and ("type", kind) in labels) == stored, kind
+    by_operation = {op: sum(v for (n, labels), v in samples.items() if n == "llm_requests_total"
+                            and ("campaign", campaign) in labels and ("operation", op) in labels)
+                    for op in {r.operation for r in rows}}
+    assert by_operation == {op: sum(1 for r in rows if r.operation == op) for op in by_operation}
+
+
+def transcription_cost(model: str, text_in: int = 4, audio_in: int = 120, text_out: int = 25) -> Decimal:
+    """What genai-prices itself charges for a transcription's tokens (audio in, text out)."""
+    import genai_prices
+
+    usage = genai_prices.Usage(input_tokens=text_in + audio_in, input_audio_tokens=audio_in,
+                               output_tokens=text_out)
+    price = genai_prices.calc_price(usage, model, provider_id="openai").total_price
+    return price.quantize(Decimal("1e-10"))
+
+
+@pytest.mark.parametrize(("model", "echoed"), [("gpt-4o-transcribe", True), ("gpt-4o-mini-transcribe", True),
+                                               ("gpt-4o-mini-transcribe", False)])
+async def test_an_input_audio_transcription_is_a_row_at_the_transcription_models_price(proxy, fake, model,
+                                                                                       echoed):
+    """Its own usage, its own model (the server's echo of the session, else the client's
+    session.update), spooled before its event is relayed; /costs and /metrics count it."""
+    fake.behaviour.realtime_echo_transcription = echoed
+    expected = transcription_cost(model)
+    assert expected == (4 * prices().quote(model).price.input + 120 * prices().quote(model).price.audio_input
+                        + 25 * prices().quote(model).price.output) / Decimal(1_000_000)
+    async with aiohttp.ClientSession() as http, http.ws_connect(socket_url(proxy), headers=HEADERS) as ws:
+        await events_until(ws, "session.created")
+        await ws.send_str(orjson.dumps({"type": "session.update", "session": {
+            "input_audio_transcription": {"model": model}}}).decode())
+        [*_, updated] = await events_until(ws, "session.updated")
+        assert ("input_audio_transcription" in updated["session"]) is echoed
+        await ws.send_str('{"type":"input_audio_buffer.append","audio":"AAAA"}')
+        await ws.send_str('{"type":"input_audio_buffer.commit"}')
+        await events_until(ws, "conversation.item.input_audio_transcription.completed")
+        assert proxy.gate.views["c1"].total_spent == to_units(expected)  # spooled before relayed
+        await ws.send_str('{"type":"response.create"}')
+        await events_until(ws, "response.done")
+    await proxy.flush()
+    rows = await ledger_rows(proxy.engine)
+    [heard] = [r for r in rows if r.operation == "realtime.transcription"]
+    [answered] = [r for r in rows if r.operation == "realtime"]
+    assert (heard.response_model, heard.response_id, heard.campaign_id, heard.session_id) == (
+        model, "item_1", "c1", "s1")
+    assert (heard.input_tokens, heard.audio_input_tokens, heard.output_tokens) == (124, 120, 25)
+    assert heard.cost_usd == expected and not heard.priced_by_default and heard.streamed
+    assert answered.cost_usd == expected_cost("gpt-realtime")
+    await assert_aggregates_match_ledger(proxy.engine)
+    await _costs_and_metrics_equal_the_ledger(proxy)
+
+
+async def test_a_whisper_transcription_is_a_row_at_cost_0_priced_by_default(proxy, fake):
+    """whisper-1 reports a duration and is billed per minute, which no token price covers."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(socket_url(proxy), headers=HEADERS) as ws:
+        await events_until(ws, "session.created")
+        await ws.send_str(orjson.dumps({"type": "session.update", "session": {
+            "input_audio_transcription": {"model": "whisper-1"}}}).decode())
+        await events_until(ws, "session.updated")
+        await ws.send_str('{"type":"input_audio_buffer.commit"}')
+        [*_, done] = await events_until(ws, "conversation.item.input_audio_transcription.completed")
+        assert done["usage"] == {"type": "duration", "seconds": 2.4}
+    await proxy.flush()
+    [row] = await ledger_rows(proxy.engine)
+    assert (row.operation, row.response_model, row.cost_usd, row.priced_by_default) == (
+        "realtime.transcription", "whisper-1", 0, True)
+    assert (row.input_tokens, row.output_tokens) == (0, 0)
+
+
+async def test_without_transcription_a_commit_is_no_row(proxy, fake):
+    async with aiohttp.ClientSession() as http, http.ws_connect(socket_url(proxy), headers=HEADERS) as ws:
+        await events_until(ws, "session.created")
+        await ws.send_str('{"type":"input_audio_buffer.commit"}')
+        await events_until(ws, "input_audio_buffer.committed")
+    await proxy.flush()
+    assert await ledger_rows(proxy.engine) == []
+
+
+def test_a_transcriptions_usage_is_audio_in_and_text_out():
+    from fakeupstream import transcription_usage
+
+    from costing.usage import transcription_usage as parse
+
+    usage = parse(transcription_usage())
+    assert usage is not None
+    assert (usage.input_tokens, usage.audio_input_tokens, usage.cached_input_tokens, usage.output_tokens) == (
+        124, 120, 0, 25)
+    assert parse({"type": "duration", "seconds": 3.2}) == parse({})
+    assert parse(None) is None
+
+
+async def test_cached_audio_is_priced_at_the_cached_audio_price(proxy, fake):
+    """gpt-realtime-mini: cached audio $0.30 per 1M, cached text $0.06; the row keeps the split
+    (cached_audio_input_tokens), so its cost is recomputed from it, as /costs and /metrics count it."""
+    import genai_prices
+
+    fake.behaviour.realtime_usage = realtime_usage(cached_audio=1000, audio_in=3000)
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            socket_url(proxy, "gpt-realtime-mini"), headers=HEADERS) as ws:
+        await events_until(ws, "session.created")
+        await ws.send_str('{"type":"response.create"}')
+        await events_until(ws, "response.done")
+    await proxy.flush()
+    [row] = await ledger_rows(proxy.engine)
+    assert (row.input_tokens, row.cached_input_tokens, row.cached_audio_input_tokens,
+            row.audio_input_tokens) == (3020, 1005, 1000, 2000)
+    library = genai_prices.calc_price(genai_prices.Usage(
+        input_tokens=3020, cache_read_tokens=1005, cache_audio_read_tokens=1000, input_audio_tokens=3000,
+        output_tokens=47, output_audio_tokens=40), "gpt-realtime-mini", provider_id="openai").total_price
+    assert row.cost_usd == library.quantize(Decimal("1e-10"))
+    price = prices().quote("gpt-realtime-mini").price
+    assert row.cost_usd == (15 * price.input + 5 * price.cached_input + 1000 * Decimal("0.30")
+                            + 2000 * price.audio_input + 7 * price.output + 40 * price.audio_output
+                            ) / Decimal(1_000_000)
+    await assert_aggregates_match_ledger(proxy.engine)
+    await _costs_and_metrics_equal_the_ledger(proxy)
