@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from costing import records
 
 T = TypeVar("T")
-TAG = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+TAG = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9_.:-]{1,128}")  # `.` and `..` alone: path segments
 FUZZ = settings(max_examples=1500, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 METERED = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
