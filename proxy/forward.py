@@ -313,13 +313,8 @@ async def _billable(request: web.Request, app: web.Application, headers: Headers
     tracer = app[TRACER]
     span = (tracer.start(request.headers, headers, endpoint.operation, campaign_id, session_id,
                          UNPRICED, {}, timing.started) if tracer is not None else None)
-    try:
-        ticket = await _admit(app, campaign_id, session_id, endpoint.operation, UNPRICED,
-                              request.headers.get("Authorization"))
-    except BudgetExceeded:
-        if span is not None:
-            span.tracer.end(span, 429, "budget_exceeded", None, None)
-        raise
+    ticket = await _admit(app, campaign_id, session_id, endpoint.operation, UNPRICED,
+                          request.headers.get("Authorization"), span)
     outcome = Outcome()
     entry: UsageEntry | None = None
     try:
@@ -339,14 +334,17 @@ async def _billable(request: web.Request, app: web.Application, headers: Headers
 
 
 async def _admit(app: web.Application, campaign_id: str, session_id: str, operation: str,
-                 facts: RequestFacts, authorization: str | None) -> Ticket:
-    """The budget gate: a ticket, or BudgetExceeded (counted) / LedgerUnavailable."""
+                 facts: RequestFacts, authorization: str | None, span: Span | None = None) -> Ticket:
+    """The budget gate: a ticket, or BudgetExceeded (counted; the call's span, when it has one,
+    ended as refused) / LedgerUnavailable."""
     meter = app[METER]
     try:
         return (meter.admit_now(campaign_id, session_id, operation, facts, authorization)
                 or await meter.admit(campaign_id, session_id, operation, facts, authorization))
     except BudgetExceeded:
         app[METRICS].on_blocked(campaign_id)
+        if span is not None:
+            span.tracer.end(span, 429, "budget_exceeded", None, None)
         raise
 
 
@@ -532,13 +530,8 @@ async def _metered(request: web.Request, app: web.Application, headers: Headers,
     tracer = app[TRACER]
     span = (tracer.start(request.headers, headers, endpoint.operation, campaign_id, session_id, facts,
                          parsed, timing.started) if tracer is not None else None)
-    try:
-        ticket = await _admit(app, campaign_id, session_id, endpoint.operation, facts,
-                              request.headers.get("Authorization"))
-    except BudgetExceeded:
-        if span is not None:
-            span.tracer.end(span, 429, "budget_exceeded", None, None)
-        raise
+    ticket = await _admit(app, campaign_id, session_id, endpoint.operation, facts,
+                          request.headers.get("Authorization"), span)
     outcome = Outcome()
     entry: UsageEntry | None = None
     reported: Reported | None = None
