@@ -283,6 +283,16 @@ async def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequ
 
 
 @pytest.fixture
+async def empty_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A database with no tables yet: the migration tests upgrade it step by step."""
+    if backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+        return
+    async with pg_database(request.getfixturevalue("pg_cluster")) as url:
+        yield url
+
+
+@pytest.fixture
 async def fake() -> AsyncIterator[FakeUpstream]:
     async with FakeUpstream() as upstream:
         yield upstream

@@ -3,26 +3,14 @@ what they were priced as (no audio, no searches, tier unknown); totals still equ
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
-from pathlib import Path
 
-import pytest
-from conftest import make_settings, pg_database
+from conftest import make_settings
 from ledger_check import assert_aggregates_match_ledger, ledger_rows
 from sqlalchemy import text
 
 from costing import schema
 from costing.db import create_engine
-
-
-@pytest.fixture
-async def empty_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-        return
-    async with pg_database(request.getfixturevalue("pg_cluster")) as url:
-        yield url
 
 
 async def test_rows_written_before_0003_survive_it(empty_url):
