@@ -284,31 +284,22 @@ class BudgetGate:
         active = {c: v for c, v in self.views.items() if v.busy or now - v.last_used < self.lease_seconds}
         if not active:
             return
-        flushed_before = {c: v.flushed for c, v in active.items()}
-        trims = self._trim(active, now)
-        lease_until = {c: active[c].lease_until for c in trims}
         renew = self.wall() + timedelta(seconds=self.lease_seconds)
-        # Under the ledger's write lock: a batch committed, its listeners not run yet, would be
-        # in the spend read and still in `pending`, counted twice until the next refresh.
+        # Under the ledger's write lock, which lease requests take too: no batch commits (its
+        # cost would be in the spend read and still in `pending`, counted twice) and no lease is
+        # regrown (a trim landing after a new grant would leave the database holding less than
+        # this process admits against) until the refresh is over.
         async with asyncio.timeout(self.db_timeout * 2), self.write_lock:
+            trims = self._trim(active, now)
             snapshots = await uninterrupted(self.store.refresh(
                 active, self.holder_id, renew_until=renew,
                 trims={c: from_units(amount) for c, amount in trims.items()}))
-        for campaign_id, until in lease_until.items():
-            if active[campaign_id].lease_until != until:
-                # Regrown meanwhile: the trim may have landed after the new grant, so the next
-                # admission asks again rather than trust a lease the database may not hold.
-                active[campaign_id].lease_until = 0.0
         renewed_until = now + self.lease_seconds * 0.9
         for campaign_id, snap in snapshots.items():
             view = active[campaign_id]
             view.budget = snap.budget
             view.known = True
-            spent = to_units(snap.spent)
-            if view.flushed == flushed_before[campaign_id]:
-                view.spent = spent
-            else:
-                view.spent = max(view.spent, spent)
+            view.spent = to_units(snap.spent)
             # A lease smaller in the database than here was revoked (budget changed): follow it.
             view.lease = min(view.lease, to_units(snap.lease))
             if snap.lease > 0 and view.lease_until > now:
